@@ -1,0 +1,204 @@
+"""Typed configuration of `stoptool pretrain`, presets, and their validation.
+
+A run's config is built in three layers: the defaults below (a CPU-sized run on the bundled
+digits), then a preset or YAML file (`--config`), then the command-line flags a user gave.
+"""
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stoptool.errors import UserError
+from stoptool.masks import MaskConfig
+from stoptool.models.encoder import parse_arch
+
+PAIR_FIELDS = {
+    "target_scale", "target_aspect", "context_scale", "context_aspect", "crop_scale", "ema",
+}
+CHOICES = {
+    "pred_pos": ("sincos", "learned"),
+    "noise_on": ("masked", "context", "both"),
+    "cov": ("learned", "fixed"),
+    "mask_mode": ("multiblock", "random"),
+    "precision": ("auto", "bf16", "fp16", "fp32"),
+}
+
+
+@dataclass
+class PretrainConfig:
+    # model
+    arch: str = "vit_t4"
+    img_size: int = 32
+    sigma: float = 0.25
+    pred_depth: int = 6
+    pred_width: int = 384
+    pred_pos: str = "sincos"
+    noise_on: str = "masked"
+    cov: str = "learned"
+    a_l1: float = 0.0
+    # masks
+    num_targets: int = 4
+    target_scale: tuple[float, float] = (0.15, 0.2)
+    target_aspect: tuple[float, float] = (0.75, 1.5)
+    context_scale: tuple[float, float] = (0.85, 1.0)
+    context_aspect: tuple[float, float] = (1.0, 1.0)
+    min_keep: int | None = None
+    mask_mode: str = "multiblock"
+    # data and augmentation
+    dataset: str = "digits"
+    subset: str | None = None
+    crop_scale: tuple[float, float] = (0.3, 1.0)
+    hflip: float = 0.0
+    blur: float = 0.0
+    gray: float = 0.0
+    # optimization
+    epochs: int = 40
+    steps: int | None = None
+    batch_size: int = 128
+    lr: float = 1e-3
+    start_lr: float = 2e-4
+    final_lr: float = 1e-6
+    warmup: float = 4.0
+    wd: float = 0.04
+    final_wd: float = 0.4
+    ema: tuple[float, float] = (0.996, 1.0)
+    ipe_scale: float = 1.0
+    const_after_epoch: float | None = None
+    clip_grad: float | None = None
+    # runtime
+    out: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int | None = None
+    save_every: int = 10
+    log_every: int = 10
+    compile: bool = False
+    grad_checkpoint: bool = False
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def patch(self) -> int:
+        return parse_arch(self.arch)[1]
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch
+
+    def mask_config(self) -> MaskConfig:
+        return MaskConfig(
+            grid=self.grid,
+            num_targets=self.num_targets,
+            target_scale=self.target_scale,
+            target_aspect=self.target_aspect,
+            context_scale=self.context_scale,
+            context_aspect=self.context_aspect,
+            min_keep=self.min_keep,
+            mode=self.mask_mode,
+        )
+
+    def run_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        data = Path(self.dataset).name or "data"
+        return Path("runs") / f"{data}-{self.arch}-sigma{self.sigma:g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    def validate(self) -> "PretrainConfig":
+        spec, patch = parse_arch(self.arch)
+        if self.img_size <= 0 or self.img_size % patch:
+            raise UserError(
+                f"image size {self.img_size} is not divisible by the patch size {patch} of {self.arch}"
+            )
+        if self.sigma < 0:
+            raise UserError(f"sigma must be >= 0 (it is the noise standard deviation), got {self.sigma}")
+        for name, options in CHOICES.items():
+            if getattr(self, name) not in options:
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"{flag} must be one of {', '.join(options)}, got '{getattr(self, name)}'")
+        positive = ("epochs", "batch_size", "pred_depth", "pred_width", "save_every", "log_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.steps is not None and self.steps <= 0:
+            raise UserError(f"--steps must be positive, got {self.steps}")
+        if self.pred_width % spec.heads or self.pred_width % 4:
+            raise UserError(
+                f"pred-width {self.pred_width} must be a multiple of 4 and of the {spec.heads} heads of {self.arch}"
+            )
+        for name in ("lr", "start_lr", "final_lr", "wd", "final_wd", "warmup", "a_l1", "ipe_scale"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.ipe_scale <= 0:
+            raise UserError(f"ipe-scale must be positive, got {self.ipe_scale}")
+        lo, hi = self.crop_scale
+        if not (0 < lo <= hi <= 1):
+            raise UserError(f"crop-scale must satisfy 0 < min <= max <= 1, got {lo}, {hi}")
+        for name in ("hflip", "blur", "gray"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"--{name} is a probability in [0, 1], got {getattr(self, name)}")
+        if not (0 <= self.ema[0] <= self.ema[1] <= 1):
+            raise UserError(f"ema momentum must satisfy 0 <= start <= end <= 1, got {self.ema}")
+        self.mask_config().validate()
+        return self
+
+
+def preset_names() -> list[str]:
+    files = resources.files("stoptool.configs").iterdir()
+    return sorted(p.name[:-5] for p in files if p.name.endswith(".yaml"))
+
+
+def read_config_file(name_or_path: str) -> dict[str, Any]:
+    """Read a preset by name (see `preset_names`) or a YAML file by path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or os.sep in name_or_path:
+        if not path.is_file():
+            raise UserError(f"config file '{name_or_path}' does not exist")
+        text = path.read_text()
+    else:
+        preset = resources.files("stoptool.configs") / f"{name_or_path}.yaml"
+        if not preset.is_file():
+            raise UserError(
+                f"unknown preset '{name_or_path}': choose one of {', '.join(preset_names())} or give a YAML path"
+            )
+        text = preset.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config '{name_or_path}' is not valid YAML: {err}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise UserError(f"config '{name_or_path}' must be a mapping of option names to values")
+    return data
+
+
+def build_config(file: str | None = None, overrides: dict[str, Any] | None = None) -> PretrainConfig:
+    """Defaults, then the config file, then the overrides; validated."""
+    values: dict[str, Any] = {}
+    if file:
+        values.update(read_config_file(file))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return config_from_dict(values).validate()
+
+
+def config_from_dict(values: dict[str, Any]) -> PretrainConfig:
+    names = {f.name for f in fields(PretrainConfig)} - {"extra"}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UserError(f"unknown config key(s): {', '.join(unknown)}")
+    typed = {}
+    for k, v in values.items():
+        if k in PAIR_FIELDS:
+            if not (isinstance(v, (list, tuple)) and len(v) == 2):
+                raise UserError(f"config key '{k}' takes two numbers, got {v!r}")
+            v = (float(v[0]), float(v[1]))
+        typed[k] = v
+    return PretrainConfig(**typed)

@@ -1,0 +1,113 @@
+"""Labelled image sets behind one small interface: `len`, `load(i)` -> RGB PIL image, `labels`.
+
+Bundled and offline: scikit-learn's digits. On disk: any ImageFolder tree
+(`root/class/img.jpg`), optionally restricted by a subset file of relative paths.
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from stoptool.errors import UserError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
+
+
+class ImageDataset:
+    """Base: subclasses fill `labels`, `classes`, `name` and implement `load`."""
+
+    name: str = ""
+    classes: Sequence[str] = ()
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"name": self.name, "size": len(self), "classes": len(self.classes)}
+
+
+class ArrayDataset(ImageDataset):
+    """Images held in memory as uint8 [N, H, W, 3]."""
+
+    def __init__(self, name: str, images: np.ndarray, labels: np.ndarray, classes: Sequence[str]):
+        self.name, self.images, self.labels, self.classes = name, images, labels, list(classes)
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index])
+
+
+def digits(split: str = "train") -> ArrayDataset:
+    """scikit-learn's 1,797 handwritten digits (8×8, 17 grey levels), split 75/25 stratified."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    images = np.round(data.images * (255.0 / 16.0)).astype(np.uint8)
+    images = np.repeat(images[..., None], 3, axis=-1)
+    idx_train, idx_test = train_test_split(
+        np.arange(len(images)), test_size=0.25, random_state=0, stratify=data.target
+    )
+    idx = {"train": idx_train, "test": idx_test, "all": np.arange(len(images))}[split]
+    return ArrayDataset(f"digits/{split}", images[idx], data.target[idx], [str(d) for d in range(10)])
+
+
+class FolderDataset(ImageDataset):
+    """An ImageFolder tree: one sub-directory per class. Unreadable files are skipped."""
+
+    def __init__(self, root: str | Path, subset: str | Path | None = None):
+        root = Path(root)
+        if not root.is_dir():
+            raise UserError(f"dataset path '{root}' does not exist or is not a directory")
+        self.root = root
+        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        files: list[tuple[Path, int]] = []
+        for label, cls in enumerate(self.classes):
+            for p in sorted((root / cls).rglob("*")):
+                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+                    files.append((p, label))
+        if subset is not None:
+            files = _apply_subset(root, files, Path(subset))
+        if not files:
+            raise UserError(f"dataset path '{root}' holds no images in class sub-directories")
+        self.files = [f for f, _ in files]
+        self.labels = np.array([label for _, label in files], dtype=np.int64)
+        self.name = str(root)
+        self.skipped = 0
+
+    def load(self, index: int) -> Image.Image:
+        with Image.open(self.files[index]) as img:
+            return img.convert("RGB")
+
+
+def _apply_subset(root: Path, files: list[tuple[Path, int]], subset: Path) -> list[tuple[Path, int]]:
+    """Keep the files named in `subset`: one per line, as a relative path or a bare file name."""
+    if not subset.is_file():
+        raise UserError(f"subset file '{subset}' does not exist")
+    wanted = {line.strip() for line in subset.read_text().splitlines() if line.strip()}
+    kept = [
+        (f, label) for f, label in files
+        if f.name in wanted or f.relative_to(root).as_posix() in wanted
+    ]
+    if not kept:
+        raise UserError(f"subset file '{subset}' names no image under '{root}'")
+    return kept
+
+
+def open_dataset(name: str, split: str = "train", subset: str | None = None) -> ImageDataset:
+    """`digits`, or a path to an ImageFolder tree (its `split` sub-directory when present)."""
+    if name == "digits":
+        return digits(split)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise UserError(
+            f"unknown dataset '{name}': use 'digits' or a path to an ImageFolder directory"
+        )
+    if (path / split).is_dir():
+        path = path / split
+    return FolderDataset(path, subset)

@@ -1,0 +1,98 @@
+"""The pretraining input pipeline: augmented images plus multi-block masks, per batch.
+
+Every sample is addressed by (epoch, batch, index), and its augmentation and the batch's
+masks are seeded from those numbers. The pipeline is therefore the same with any number of
+workers, and a run resumed mid-epoch sees exactly the batches it would have seen.
+Masks are sampled in the collate function, i.e. inside the loader workers.
+"""
+
+import random
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from stoptool.data.datasets import ImageDataset
+from stoptool.data.transforms import PretrainTransform
+from stoptool.masks import MaskSampler
+
+
+def _seed(*parts: int) -> int:
+    return hash(tuple(parts)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class AugmentedImages(Dataset):
+    def __init__(self, data: ImageDataset, transform: PretrainTransform, seed: int):
+        self.data, self.transform, self.seed = data, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
+        epoch, _, index = key
+        rng = random.Random(_seed(self.seed, epoch, index))
+        skipped = 0
+        # An unreadable file is replaced by the next readable one and counted.
+        for attempt in range(len(self.data)):
+            i = (index + attempt) % len(self.data)
+            try:
+                img = self.data.load(i)
+            except (OSError, ValueError):
+                skipped += 1
+                continue
+            return self.transform(img, rng), skipped
+        raise RuntimeError("no readable image left in the data set")
+
+
+class MaskCollate:
+    def __init__(self, sampler: MaskSampler, seed: int):
+        self.sampler, self.seed = sampler, seed
+
+    def __call__(self, items: list[tuple[tuple[int, int, int], tuple[torch.Tensor, int]]]):
+        keys = [k for k, _ in items]
+        images = torch.stack([x for _, (x, _) in items])
+        skipped = sum(s for _, (_, s) in items)
+        epoch, batch, _ = keys[0]
+        gen = torch.Generator().manual_seed(_seed(self.seed, epoch, batch, -1))
+        ctx_idx, tgt_idx = self.sampler(len(items), gen)
+        return images, ctx_idx, tgt_idx, skipped
+
+
+class _Keyed(Dataset):
+    """Wraps a dataset so that items come back with their key (needed by the collate)."""
+
+    def __init__(self, inner: AugmentedImages):
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, key):
+        return key, self.inner[key]
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, start: int = 0):
+    """Batches of keys (epoch, batch, index) for one epoch, from batch `start` on (drop_last)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, epoch))).tolist()
+    for b in range(start, n // batch_size):
+        yield [(epoch, b, i) for i in perm[b * batch_size : (b + 1) * batch_size]]
+
+
+def pretrain_loader(
+    data: ImageDataset,
+    transform: PretrainTransform,
+    sampler: MaskSampler,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    start: int = 0,
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    return DataLoader(
+        _Keyed(AugmentedImages(data, transform, seed)),
+        batch_sampler=list(epoch_batches(len(data), batch_size, seed, epoch, start)),
+        collate_fn=MaskCollate(sampler, seed),
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )

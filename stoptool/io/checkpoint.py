@@ -1,0 +1,113 @@
+"""stoptool checkpoints: one safetensors file, tensors plus a JSON metadata block.
+
+Tensor names are prefixed by their part: `encoder.`, `target_encoder.`, `predictor.`,
+`opt.state.<i>.<name>` (AdamW moments) and `rng.cpu`. The metadata block holds
+`{"format": "stoptool", "meta": "<json>"}`, where the JSON names what the file holds (`kind`:
+`pretrain`, `encoder`), the arch, image size, patch, σ, ablation flags, step, epoch, config,
+data description and stoptool version. Writes go to a temporary file that is renamed over
+the target, so a reader never sees a half-written checkpoint.
+"""
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from stoptool import __version__
+from stoptool.errors import UserError
+
+FORMAT = "stoptool"
+
+
+@dataclass
+class Checkpoint:
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def part(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The state dict stored under `prefix.` (e.g. "encoder")."""
+        p = prefix + "."
+        return {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
+
+    def part_raw(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Tensors whose full name starts with `prefix`, names kept."""
+        return {k: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def has(self, prefix: str) -> bool:
+        p = prefix + "."
+        return any(k.startswith(p) for k in self.tensors)
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
+    meta = dict(ckpt.meta)
+    meta.setdefault("stoptool_version", __version__)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in ckpt.tensors.items()}
+    atomic_save_file(tensors, Path(path), {"format": FORMAT, "meta": json.dumps(meta)})
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata of a stoptool checkpoint, without reading its tensors."""
+    return _open(path, tensors=False).meta
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    return _open(path, tensors=True)
+
+
+def _open(path: str | Path, tensors: bool) -> Checkpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint '{path}' does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            if raw.get("format") != FORMAT or "meta" not in raw:
+                raise UserError(f"'{path}' is a safetensors file but not a stoptool checkpoint")
+            meta = json.loads(raw["meta"])
+            data = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(
+            f"'{path}' is not a readable stoptool checkpoint (truncated or another format): "
+            f"{str(err).splitlines()[0][:120]}"
+        ) from None
+    return Checkpoint(meta, data)
+
+
+def optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Flatten an optimizer state dict into named tensors plus JSON-able param groups."""
+    tensors = {
+        f"opt.state.{i}.{name}": torch.as_tensor(value)
+        for i, slots in state["state"].items()
+        for name, value in slots.items()
+    }
+    return tensors, state["param_groups"]
+
+
+def optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict[str, Any]:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt.state."):
+            idx, name = key[len("opt.state."):].split(".", 1)
+            state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": groups}

@@ -1,0 +1,151 @@
+"""Multi-block masks (I-JEPA) sampled for a whole batch at once.
+
+Per batch one target-block size and one context-block size are drawn (scale and aspect
+ratio share one uniform draw, as in I-JEPA); per image `num_targets` target blocks and one
+context block are placed uniformly at random, and the context block drops every target
+patch. A context that keeps `min_keep` patches or fewer is placed again (and, if that keeps
+failing, the image's targets are redrawn too), so context and targets never overlap.
+Finally every mask of one kind is cut to the batch's shortest so they stack.
+
+Indices are raster-order patch indices into the `grid × grid` patch grid.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from stoptool.errors import UserError
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    grid: int
+    num_targets: int = 4
+    target_scale: tuple[float, float] = (0.15, 0.2)
+    target_aspect: tuple[float, float] = (0.75, 1.5)
+    context_scale: tuple[float, float] = (0.85, 1.0)
+    context_aspect: tuple[float, float] = (1.0, 1.0)
+    min_keep: int | None = None
+    mode: str = "multiblock"  # or "random"
+
+    @property
+    def keep(self) -> int:
+        """min_keep: 10 patches on I-JEPA's 14×14 grid, scaled with the number of patches."""
+        if self.min_keep is not None:
+            return self.min_keep
+        return max(1, round(10 * self.grid * self.grid / 196))
+
+    def validate(self) -> "MaskConfig":
+        for name in ("target_scale", "context_scale"):
+            lo, hi = getattr(self, name)
+            if not (0 < lo <= hi <= 1):
+                raise UserError(f"{name.replace('_', '-')} must satisfy 0 < min <= max <= 1, got {lo}, {hi}")
+        for name in ("target_aspect", "context_aspect"):
+            lo, hi = getattr(self, name)
+            if not (0 < lo <= hi):
+                raise UserError(f"{name.replace('_', '-')} must satisfy 0 < min <= max, got {lo}, {hi}")
+        if self.mode not in ("multiblock", "random"):
+            raise UserError(f"mask mode must be 'multiblock' or 'random', got '{self.mode}'")
+        if self.num_targets < 1:
+            raise UserError(f"num-targets must be at least 1, got {self.num_targets}")
+        if self.grid < 2:
+            raise UserError(f"the patch grid must be at least 2×2, got {self.grid}×{self.grid}")
+        # scale and aspect share one draw, so the smallest block is found by scanning it
+        h, w = min(
+            (block_size(self.grid, self.target_scale[0] + u / 64 * (self.target_scale[1] - self.target_scale[0]), *self.target_aspect, u / 64) for u in range(65)),
+            key=lambda hw: hw[0] * hw[1],
+        )
+        if h * w <= self.keep:
+            raise UserError(
+                f"target blocks of scale {self.target_scale[0]} on a {self.grid}×{self.grid} grid "
+                f"hold {h * w} patches, not more than min-keep {self.keep}: raise the scale or "
+                "lower min-keep"
+            )
+        return self
+
+
+def block_size(grid: int, scale: float, ar_lo: float, ar_hi: float, u: float) -> tuple[int, int]:
+    """Height and width of a block from one uniform draw u (I-JEPA's rule), at most grid - 1."""
+    area = int(grid * grid * scale)
+    aspect = ar_lo + u * (ar_hi - ar_lo)
+    h = max(1, round(math.sqrt(area * aspect)))
+    w = max(1, round(math.sqrt(area / aspect)))
+    return min(h, grid - 1), min(w, grid - 1)
+
+
+def _boxes(grid: int, h: int, w: int, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Boolean [*shape, grid*grid] masks of h×w boxes at uniformly random positions."""
+    top = torch.randint(0, grid - h + 1, shape, generator=gen)
+    left = torch.randint(0, grid - w + 1, shape, generator=gen)
+    r = torch.arange(grid)
+    rows = (r >= top[..., None]) & (r < top[..., None] + h)
+    cols = (r >= left[..., None]) & (r < left[..., None] + w)
+    return (rows[..., :, None] & cols[..., None, :]).flatten(-2)
+
+
+def _first_k(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Raster-order indices of the first k True entries of each row of `mask`."""
+    order = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True)
+    return order[..., :k]
+
+
+class MaskSampler:
+    """Callable: `sampler(batch_size, gen)` -> (ctx_idx [B, Nc], tgt_idx [B, M, K])."""
+
+    def __init__(self, cfg: MaskConfig, max_tries: int = 20):
+        self.cfg = cfg.validate()
+        self.max_tries = max_tries
+
+    def __call__(self, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.mode == "random":
+            return self._random(batch, gen)
+        return self._multiblock(batch, gen)
+
+    def _sizes(self, gen: torch.Generator) -> tuple[tuple[int, int], tuple[int, int]]:
+        c = self.cfg
+        u_t, u_c = torch.rand(2, generator=gen).tolist()
+        t_scale = c.target_scale[0] + u_t * (c.target_scale[1] - c.target_scale[0])
+        c_scale = c.context_scale[0] + u_c * (c.context_scale[1] - c.context_scale[0])
+        return (
+            block_size(c.grid, t_scale, *c.target_aspect, u_t),
+            block_size(c.grid, c_scale, *c.context_aspect, u_c),
+        )
+
+    def _multiblock(self, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cfg
+        (th, tw), (ch, cw) = self._sizes(gen)
+        targets = _boxes(c.grid, th, tw, (batch, c.num_targets), gen)
+        context = _boxes(c.grid, ch, cw, (batch,), gen) & ~targets.any(1)
+        bad = context.sum(-1) <= c.keep
+        tries = 0
+        while bad.any():
+            n = int(bad.sum())
+            tries += 1
+            if tries % self.max_tries == 0:  # this context size cannot avoid these targets
+                targets[bad] = _boxes(c.grid, th, tw, (n, c.num_targets), gen)
+            context[bad] = _boxes(c.grid, ch, cw, (n,), gen) & ~targets[bad].any(1)
+            bad = context.sum(-1) <= c.keep
+            if tries > 100 * self.max_tries:
+                raise UserError(
+                    f"cannot place a context block of {ch}×{cw} that keeps more than {c.keep} "
+                    f"patches beside {c.num_targets} targets of {th}×{tw} on a {c.grid}×{c.grid} "
+                    "grid: lower the target scale or min-keep"
+                )
+        n_ctx = int(context.sum(-1).min())
+        n_tgt = th * tw  # every target block is whole, so all have this length
+        return _first_k(context, n_ctx), _first_k(targets, n_tgt)
+
+    def _random(self, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """MAE-style: targets are random patch sets of the block sizes; context is the rest."""
+        c = self.cfg
+        (th, tw), (ch, cw) = self._sizes(gen)
+        n = c.grid * c.grid
+        n_tgt = th * tw
+        perm = torch.argsort(torch.rand(batch, n, generator=gen), dim=-1)
+        tgt = perm[:, : c.num_targets * n_tgt].reshape(batch, c.num_targets, n_tgt)
+        rest = perm[:, c.num_targets * n_tgt :]
+        n_ctx = max(c.keep + 1, min(rest.size(1), round(ch * cw * rest.size(1) / n)))
+        if rest.size(1) <= c.keep:
+            raise UserError("random masking leaves too few context patches: lower the target scale")
+        return rest[:, :n_ctx].sort(-1).values, tgt.sort(-1).values

@@ -1,0 +1,108 @@
+"""The encoder f_θ: timm's VisionTransformer with no class token and fixed 2-D sine-cosine
+positions, so a stoptool encoder's state dict *is* a timm state dict.
+
+`encode` runs it on all patches (the target encoder) or on the context patches only (the
+context encoder), gathering tokens after the positions are added.
+"""
+
+import re
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from timm.models._manipulate import checkpoint_seq
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from stoptool.errors import UserError
+from stoptool.models.pos_embed import sincos_2d
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    width: int
+    depth: int
+    heads: int
+    mlp_ratio: float = 4.0
+
+
+# Widths, depths and heads of the ViT family (the size letter of the arch name).
+ARCHS: dict[str, ArchSpec] = {
+    "t": ArchSpec(192, 12, 3),
+    "s": ArchSpec(384, 12, 6),
+    "b": ArchSpec(768, 12, 12),
+    "l": ArchSpec(1024, 24, 16),
+    "h": ArchSpec(1280, 32, 16),
+    "g": ArchSpec(1408, 40, 16, 48 / 11),
+}
+
+_ARCH_RE = re.compile(r"^vit_([tsblhg])(\d+)$")
+
+
+def parse_arch(name: str) -> tuple[ArchSpec, int]:
+    """`vit_b16` -> (ViT-B shape, patch 16). Raises UserError on an unknown name."""
+    match = _ARCH_RE.match(name)
+    if not match or int(match.group(2)) < 1:
+        known = ", ".join(f"vit_{k}<patch>" for k in ARCHS)
+        raise UserError(f"unknown arch '{name}': expected one of {known} (e.g. vit_b16, vit_t4)")
+    return ARCHS[match.group(1)], int(match.group(2))
+
+
+def timm_kwargs(arch: str, img_size: int) -> dict:
+    """Keyword arguments that build the same network with timm.VisionTransformer."""
+    spec, patch = parse_arch(arch)
+    return dict(
+        img_size=img_size,
+        patch_size=patch,
+        embed_dim=spec.width,
+        depth=spec.depth,
+        num_heads=spec.heads,
+        mlp_ratio=spec.mlp_ratio,
+        qkv_bias=True,
+        class_token=False,
+        global_pool="avg",
+        fc_norm=False,
+        num_classes=0,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+    )
+
+
+def build_encoder(arch: str, img_size: int) -> VisionTransformer:
+    spec, patch = parse_arch(arch)
+    if img_size % patch:
+        raise UserError(f"image size {img_size} is not divisible by the patch size {patch} of {arch}")
+    # fix_init rescales each block's output projections by 1/sqrt(2 * layer), as I-JEPA does.
+    model = VisionTransformer(**timm_kwargs(arch, img_size), fix_init=True)
+    grid = img_size // patch
+    with torch.no_grad():
+        model.pos_embed.copy_(sincos_2d(spec.width, grid)[None])
+    model.pos_embed.requires_grad_(False)
+    return model
+
+
+def encode(
+    model: VisionTransformer, images: torch.Tensor, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Token features [B, N, D] of `images`; with `keep` [B, K] only those patches are encoded."""
+    x = model.patch_embed(images) + model.pos_embed
+    if keep is not None:
+        x = x.gather(1, keep[..., None].expand(-1, -1, x.size(-1)))
+    if model.grad_checkpointing and torch.is_grad_enabled():
+        x = checkpoint_seq(model.blocks, x)
+    else:
+        x = model.blocks(x)
+    return model.norm(x)
+
+
+def block_outputs(
+    model: VisionTransformer, images: torch.Tensor, last: int = 1
+) -> list[torch.Tensor]:
+    """Outputs of the last `last` blocks, each through the closing norm."""
+    x = model.patch_embed(images) + model.pos_embed
+    outputs = []
+    n = len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        x = block(x)
+        if i >= n - last:
+            outputs.append(model.norm(x))
+    return outputs

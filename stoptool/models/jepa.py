@@ -1,0 +1,37 @@
+"""The three networks of I-JEPA/StoP in one module: context encoder, target encoder, predictor."""
+
+import copy
+
+from torch import nn
+
+from stoptool.models.encoder import build_encoder, parse_arch
+from stoptool.models.predictor import Predictor
+
+
+class JEPA(nn.Module):
+    """`encoder` (f_θ, context), `target_encoder` (f̄_θ, EMA of f_θ), `predictor` (g_φ)."""
+
+    def __init__(self, encoder: nn.Module, predictor: nn.Module | None, target_encoder: nn.Module | None = None):
+        super().__init__()
+        self.encoder = encoder
+        self.target_encoder = target_encoder if target_encoder is not None else copy.deepcopy(encoder)
+        self.target_encoder.requires_grad_(False)
+        self.predictor = predictor
+
+
+def build_jepa(cfg) -> JEPA:
+    """Build from a PretrainConfig (or anything with the same model fields)."""
+    spec, patch = parse_arch(cfg.arch)
+    encoder = build_encoder(cfg.arch, cfg.img_size)
+    predictor = Predictor(
+        grid=cfg.img_size // patch,
+        embed_dim=spec.width,
+        pred_dim=cfg.pred_width,
+        depth=cfg.pred_depth,
+        num_heads=spec.heads,
+        sigma=cfg.sigma,
+        noise_on=cfg.noise_on,
+        cov=cfg.cov,
+        pred_pos=cfg.pred_pos,
+    )
+    return JEPA(encoder, predictor)

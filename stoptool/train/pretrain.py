@@ -1,0 +1,297 @@
+"""The pretraining engine: resume, loop, schedules, checkpoints, logs, signals.
+
+Everything a user can get wrong is checked before the run directory is touched.
+"""
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from stoptool.config import PretrainConfig
+from stoptool.data.datasets import ArrayDataset, open_dataset
+from stoptool.data.loader import pretrain_loader
+from stoptool.data.transforms import PretrainTransform
+from stoptool.errors import UserError
+from stoptool.io.checkpoint import (
+    Checkpoint,
+    atomic_save_file,
+    load_checkpoint,
+    optimizer_state,
+    optimizer_tensors,
+    save_checkpoint,
+)
+from stoptool.masks import MaskSampler
+from stoptool.models.jepa import JEPA, build_jepa
+from stoptool.train.runtime import (
+    autocast_factory,
+    default_workers,
+    resolve_device,
+    resolve_precision,
+)
+from stoptool.train.schedules import make_schedules
+from stoptool.train.step import NonFiniteLoss, StepInputs, param_groups, train_step
+
+LATEST = "latest.safetensors"
+METRICS = "metrics.jsonl"
+# Fields that may change when a run is resumed; every other field must match the saved run.
+RESUMABLE_CHANGES = {
+    "steps", "epochs", "out", "device", "precision", "workers", "log_every", "save_every",
+    "compile", "grad_checkpoint",
+}
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int, checkpoint: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at a step boundary")
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    checkpoint: Path
+    step: int
+    epoch: int
+    loss: float | None
+    seconds: float
+    images_per_second: float | None
+    already_done: bool = False
+
+
+def model_meta(cfg: PretrainConfig) -> dict:
+    return {
+        "arch": cfg.arch, "img_size": cfg.img_size, "patch": cfg.patch, "sigma": cfg.sigma,
+        "pred_depth": cfg.pred_depth, "pred_width": cfg.pred_width, "pred_pos": cfg.pred_pos,
+        "noise_on": cfg.noise_on, "cov": cfg.cov, "a_l1": cfg.a_l1,
+    }
+
+
+def model_tensors(model: JEPA) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for part in ("encoder", "target_encoder", "predictor"):
+        tensors.update({f"{part}.{k}": v for k, v in getattr(model, part).state_dict().items()})
+    return tensors
+
+
+def _check_resumable(saved: dict, cfg: PretrainConfig, path: Path) -> None:
+    now = cfg.to_dict()
+    diff = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    if diff:
+        k = diff[0]
+        raise UserError(
+            f"'{path}' holds a run with {k}={saved.get(k)!r}, not {now[k]!r}: pass --no-resume "
+            "to start over there, or --out for a new run directory"
+        )
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves, and exits."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second signal: give up at once
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class MetricsLog:
+    """JSON lines, one per logged step; on resume, rows past the resumed step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if path.exists():
+            rows = [r for r in path.read_text().splitlines() if r.strip()]
+            kept = [r for r in rows if json.loads(r).get("step", 0) <= resume_step]
+            path.write_text("".join(r + "\n" for r in kept))
+        self._file = open(path, "a")
+        self._tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(path.parent / "tb"))
+        except ImportError:
+            pass
+
+    def write(self, row: dict) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None) -> RunResult:
+    """Train per `cfg`. `progress`, if given, is called as progress(step, total, row|None)."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    data = open_dataset(cfg.dataset, "train", cfg.subset)
+    if len(data) < cfg.batch_size:
+        raise UserError(
+            f"the data set has {len(data)} images, fewer than the batch size {cfg.batch_size}"
+        )
+    ipe = len(data) // cfg.batch_size
+    sched = make_schedules(cfg, ipe)
+    last_step = cfg.epochs * ipe if cfg.steps is None else min(cfg.epochs * ipe, cfg.steps)
+    run_dir = cfg.run_dir()
+    latest = run_dir / LATEST
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output path '{run_dir}' exists and is not a directory")
+    saved = load_checkpoint(latest) if resume and latest.exists() else None
+    if saved is not None:
+        _check_resumable(saved.meta.get("config", {}), cfg, latest)
+
+    torch.manual_seed(cfg.seed)
+    model = build_jepa(cfg).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model), lr=cfg.start_lr, weight_decay=cfg.wd)
+    step = 0
+    if saved is not None:
+        for part in ("encoder", "target_encoder", "predictor"):
+            getattr(model, part).load_state_dict(saved.part(part))
+        groups = saved.meta["optimizer_groups"]
+        optimizer.load_state_dict(optimizer_state(saved.part_raw("opt."), groups))
+        step = saved.meta["step"]
+        torch.set_rng_state(saved.tensors["rng.cpu"])
+        if device.type == "cuda" and "rng.cuda" in saved.tensors:
+            torch.cuda.set_rng_state(saved.tensors["rng.cuda"], device)
+    if step >= last_step:
+        return RunResult(run_dir, latest, step, step // ipe, None, 0.0, None, already_done=True)
+
+    if cfg.grad_checkpoint:
+        model.encoder.set_grad_checkpointing(True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    log = MetricsLog(run_dir / METRICS, step)
+    autocast = autocast_factory(device, precision)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    transform = PretrainTransform(cfg.img_size, cfg.crop_scale, cfg.hflip, cfg.blur, cfg.gray)
+    sampler = MaskSampler(cfg.mask_config())
+    workers = cfg.workers if cfg.workers is not None else default_workers(device, isinstance(data, ArrayDataset))
+    meta = {
+        "kind": "pretrain", **model_meta(cfg), "config": cfg.to_dict(),
+        "data": data.describe(), "iterations_per_epoch": ipe, "precision": precision,
+    }
+
+    def save(path: Path, with_state: bool = True) -> None:
+        tensors = model_tensors(model)
+        extra = {"step": step, "epoch": step // ipe}
+        if with_state:
+            opt_tensors, groups = optimizer_tensors(optimizer.state_dict())
+            tensors.update(opt_tensors)
+            tensors["rng.cpu"] = torch.get_rng_state()
+            if device.type == "cuda":
+                tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+            extra["optimizer_groups"] = groups
+        save_checkpoint(path, Checkpoint({**meta, **extra}, tensors))
+
+    model.train()
+    start_time = time.perf_counter()
+    window = {"t": start_time, "steps": 0, "loss": 0.0}
+    first_step, loss, skipped = step, None, 0
+    if progress:
+        progress(step, last_step, None)
+    try:
+        with _StopFlag() as stop:
+            while step < last_step:
+                epoch = step // ipe
+                loader = pretrain_loader(
+                    data, transform, sampler, cfg.batch_size, cfg.seed, epoch,
+                    start=step % ipe, workers=workers, pin_memory=device.type == "cuda",
+                )
+                for images, ctx_idx, tgt_idx, n_skipped in loader:
+                    inputs = StepInputs(
+                        images.to(device, non_blocking=True),
+                        ctx_idx.to(device, non_blocking=True),
+                        tgt_idx.to(device, non_blocking=True),
+                    )
+                    lr, wd, m = sched.lr_at(step), sched.wd_at(step), sched.momentum_at(step)
+                    try:
+                        loss = train_step(
+                            model, optimizer, inputs, lr, wd, m, autocast, scaler, cfg.a_l1,
+                            cfg.clip_grad,
+                        )
+                    except NonFiniteLoss as err:
+                        raise UserError(
+                            f"training stopped at step {step}: {err}; the last good checkpoint "
+                            f"is kept in '{run_dir}' (try a lower --lr)"
+                        ) from None
+                    step += 1
+                    skipped += n_skipped
+                    window["steps"] += 1
+                    window["loss"] += loss
+                    if step % cfg.log_every == 0 or step == last_step:
+                        row = _metrics_row(model, step, ipe, window, cfg.batch_size, lr, wd, m)
+                        log.write(row)
+                        window = {"t": time.perf_counter(), "steps": 0, "loss": 0.0}
+                        if progress:
+                            progress(step, last_step, row)
+                    elif progress:
+                        progress(step, last_step, None)
+                    if stop.signum is not None:
+                        save(latest)
+                        raise Interrupted(stop.signum, latest)
+                    if step >= last_step:
+                        break
+                if step % ipe == 0:
+                    epoch_done = step // ipe
+                    if epoch_done % cfg.save_every == 0 and step < last_step:
+                        save(latest)
+                        save(run_dir / f"epoch{epoch_done:04d}.safetensors", with_state=False)
+            save(latest)
+    finally:
+        log.close()
+    seconds = time.perf_counter() - start_time
+    images = (step - first_step) * cfg.batch_size
+    summary = {
+        "step": step, "epoch": step // ipe, "loss": loss, "seconds": round(seconds, 2),
+        "images_per_second": round(images / seconds, 1) if seconds else None,
+        "skipped_images": skipped, "checkpoint": str(latest), "precision": precision,
+        "device": str(device), "workers": workers,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return RunResult(run_dir, latest, step, step // ipe, loss, seconds, summary["images_per_second"])
+
+
+def _metrics_row(model: JEPA, step, ipe, window, batch, lr, wd, m) -> dict:
+    elapsed = time.perf_counter() - window["t"]
+    n = max(1, window["steps"])
+    pred = model.predictor
+    return {
+        "step": step,
+        "epoch": round(step / ipe, 3),
+        "loss": window["loss"] / n,
+        "lr": lr,
+        "wd": wd,
+        "momentum": m,
+        "A_norm": pred.A.detach().float().norm().item(),
+        "mask_token_norm": pred.mask_token.detach().float().norm().item(),
+        "img_per_s": window["steps"] * batch / elapsed if elapsed > 0 else math.nan,
+        "time": time.time(),
+    }

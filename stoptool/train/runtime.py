@@ -1,0 +1,63 @@
+"""Device and precision choices: what 'auto' means on this machine."""
+
+import contextlib
+import functools
+import os
+
+import torch
+
+from stoptool.errors import UserError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' asked for, but no CUDA GPU is available here")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported device '{name}': use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX-512 BF16: bf16 matmuls run several times faster than fp32."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # older torch: read the CPU flags
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = f.read()
+        except OSError:
+            return False
+        return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            raise UserError("fp16 is for GPUs; use bf16 or fp32 on the CPU")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def autocast_factory(device: torch.device, precision: str):
+    """A zero-argument callable returning the autocast context for this device and precision."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device_type=device.type, dtype=DTYPES[precision])
+
+
+def default_workers(device: torch.device, in_memory: bool) -> int:
+    cpus = os.cpu_count() or 1
+    if device.type == "cuda":
+        return min(8, cpus)
+    # On a CPU the loader competes with the step for cores; in-memory sets need no workers.
+    return 0 if in_memory or cpus <= 2 else min(4, cpus // 4)

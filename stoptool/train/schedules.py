@@ -1,0 +1,54 @@
+"""Learning-rate, weight-decay and EMA-momentum schedules, as closed forms of the step.
+
+All run over `total = ipe_scale × epochs × iterations_per_epoch` steps (I-JEPA's convention);
+with `ipe_scale > 1` training stops before the schedules reach their ends.
+"""
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Schedules:
+    total: int
+    warmup: int
+    lr: float
+    start_lr: float
+    final_lr: float
+    wd: float
+    final_wd: float
+    ema: tuple[float, float]
+    freeze_at: int | None = None  # lr and wd stay at their value from this step on
+
+    def _frozen(self, step: int) -> int:
+        return step if self.freeze_at is None else min(step, self.freeze_at)
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup start_lr -> lr, then cosine lr -> final_lr."""
+        step = self._frozen(step)
+        if step < self.warmup:
+            return self.start_lr + (step / self.warmup) * (self.lr - self.start_lr)
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        cos = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return self.final_lr + (self.lr - self.final_lr) * cos
+
+    def wd_at(self, step: int) -> float:
+        """Cosine wd -> final_wd over the whole run."""
+        progress = min(self._frozen(step) / max(1, self.total), 1.0)
+        return self.final_wd + (self.wd - self.final_wd) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def momentum_at(self, step: int) -> float:
+        """EMA momentum rising linearly from ema[0] to ema[1]."""
+        start, end = self.ema
+        return start + (end - start) * min(step / max(1, self.total), 1.0)
+
+
+def make_schedules(cfg, iterations_per_epoch: int) -> Schedules:
+    ipe = iterations_per_epoch
+    freeze = None if cfg.const_after_epoch is None else int(cfg.const_after_epoch * ipe)
+    return Schedules(
+        total=max(1, int(cfg.ipe_scale * cfg.epochs * ipe)),
+        warmup=int(cfg.warmup * ipe),
+        lr=cfg.lr, start_lr=cfg.start_lr, final_lr=cfg.final_lr,
+        wd=cfg.wd, final_wd=cfg.final_wd, ema=tuple(cfg.ema), freeze_at=freeze,
+    )

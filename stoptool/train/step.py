@@ -1,0 +1,122 @@
+"""One I-JEPA/StoP training step, in the order of the paper's Algorithm 1.
+
+masks (from the loader) -> targets from the EMA encoder -> context features -> predictor with
+stochastic masked positions -> smooth-L1 loss -> optimizer step -> EMA update.
+"""
+
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from stoptool.models.encoder import encode
+from stoptool.models.jepa import JEPA
+
+
+@dataclass
+class StepInputs:
+    images: torch.Tensor  # [B, 3, H, W]
+    ctx_idx: torch.Tensor  # [B, Nc] context patch indices
+    tgt_idx: torch.Tensor  # [B, M, K] patch indices of M target blocks
+
+
+def gather_targets(tokens: torch.Tensor, tgt_idx: torch.Tensor) -> torch.Tensor:
+    """tokens [B, N, D], tgt_idx [B, M, K] -> [B, M, K, D]."""
+    batch = torch.arange(tokens.size(0), device=tokens.device)[:, None, None]
+    return tokens[batch, tgt_idx]
+
+
+def compute_targets(model: JEPA, inputs: StepInputs, autocast: Callable[[], AbstractContextManager]):
+    """f̄_θ on the whole image, layer-normed over features (no affine), gathered per block."""
+    with torch.no_grad(), autocast():
+        h = encode(model.target_encoder, inputs.images)
+    h = F.layer_norm(h.float(), h.shape[-1:])
+    return gather_targets(h, inputs.tgt_idx)
+
+
+def jepa_loss(model: JEPA, inputs: StepInputs, autocast, a_l1: float = 0.0) -> torch.Tensor:
+    targets = compute_targets(model, inputs, autocast)
+    with autocast():
+        context = encode(model.encoder, inputs.images, inputs.ctx_idx)
+        pred = model.predictor(context, inputs.ctx_idx, inputs.tgt_idx)
+    loss = F.smooth_l1_loss(pred.float(), targets, beta=1.0)
+    if a_l1:
+        loss = loss + a_l1 * model.predictor.A.float().abs().sum()
+    return loss
+
+
+@torch.no_grad()
+def ema_update(model: JEPA, momentum: float) -> None:
+    """f̄_θ <- m f̄_θ + (1 - m) f_θ, in place and in fp32."""
+    target = [p for p in model.target_encoder.parameters()]
+    online = [p.detach() for p in model.encoder.parameters()]
+    torch._foreach_mul_(target, momentum)
+    torch._foreach_add_(target, online, alpha=1.0 - momentum)
+
+
+def set_hyperparams(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if group.get("apply_wd", True):
+            group["weight_decay"] = wd
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train_step(
+    model: JEPA,
+    optimizer: torch.optim.Optimizer,
+    inputs: StepInputs,
+    lr: float,
+    wd: float,
+    momentum: float,
+    autocast,
+    scaler: torch.amp.GradScaler | None = None,
+    a_l1: float = 0.0,
+    clip_grad: float | None = None,
+) -> float:
+    """Run one step; return the loss. Raises NonFiniteLoss before touching any weight."""
+    set_hyperparams(optimizer, lr, wd)
+    loss = jepa_loss(model, inputs, autocast, a_l1)
+    value = loss.item()
+    if not math.isfinite(value):
+        raise NonFiniteLoss(f"loss is {value}")
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if clip_grad:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable(model), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(trainable(model), clip_grad)
+        optimizer.step()
+    ema_update(model, momentum)
+    return value
+
+
+def trainable(model: JEPA) -> list[torch.nn.Parameter]:
+    params = list(model.encoder.parameters()) + list(model.predictor.parameters())
+    return [p for p in params if p.requires_grad]
+
+
+def param_groups(model: JEPA) -> list[dict]:
+    """AdamW groups: biases and 1-D parameters (norm scales) carry no weight decay; everything
+    else does, the mask token included, as in the released code."""
+    decay, no_decay = [], []
+    for module in (model.encoder, model.predictor):
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                (no_decay if name.endswith("bias") or p.ndim == 1 else decay).append(p)
+    return [
+        {"params": decay, "apply_wd": True},
+        {"params": no_decay, "apply_wd": False, "weight_decay": 0.0},
+    ]
