@@ -1,0 +1,48 @@
+"""Build networks from a checkpoint file: the one loader every command uses."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+from stoptool.errors import UserError
+from stoptool.io.checkpoint import Checkpoint, load_checkpoint
+from stoptool.models.encoder import build_encoder
+from stoptool.models.jepa import JEPA, build_jepa
+
+
+@dataclass
+class Loaded:
+    model: JEPA  # predictor is None for encoder-only files
+    meta: dict
+    checkpoint: Checkpoint
+
+
+def model_from_checkpoint(ckpt: Checkpoint, source: str = "checkpoint") -> JEPA:
+    meta = ckpt.meta
+    if ckpt.has("predictor"):
+        fields = {
+            "arch": meta["arch"], "img_size": meta["img_size"], "sigma": meta.get("sigma", 0.0),
+            "pred_depth": meta["pred_depth"], "pred_width": meta["pred_width"],
+            "pred_pos": meta.get("pred_pos", "sincos"), "noise_on": meta.get("noise_on", "masked"),
+            "cov": meta.get("cov", "learned"),
+        }
+        model = build_jepa(SimpleNamespace(**fields))
+        model.predictor.load_state_dict(ckpt.part("predictor"))
+    else:
+        model = JEPA(build_encoder(meta["arch"], meta["img_size"]), None)
+    if not ckpt.has("encoder") and not ckpt.has("target_encoder"):
+        raise UserError(f"{source} holds no encoder weights")
+    encoder_part = "encoder" if ckpt.has("encoder") else "target_encoder"
+    target_part = "target_encoder" if ckpt.has("target_encoder") else "encoder"
+    model.encoder.load_state_dict(ckpt.part(encoder_part))
+    model.target_encoder.load_state_dict(ckpt.part(target_part))
+    return model
+
+
+def load_model(path: str | Path, need_predictor: bool = False) -> Loaded:
+    """Load a stoptool checkpoint into a JEPA in eval mode on the CPU."""
+    ckpt = load_checkpoint(path)
+    if need_predictor and not ckpt.has("predictor"):
+        raise UserError(f"'{path}' holds an encoder only; this command needs a predictor too")
+    model = model_from_checkpoint(ckpt, f"'{path}'").eval()
+    return Loaded(model, ckpt.meta, ckpt)
