@@ -18,7 +18,12 @@ from stoptool.masks import MaskConfig
 from stoptool.models.encoder import parse_arch
 
 PAIR_FIELDS = {
-    "target_scale", "target_aspect", "context_scale", "context_aspect", "crop_scale", "ema",
+    "target_scale",
+    "target_aspect",
+    "context_scale",
+    "context_aspect",
+    "crop_scale",
+    "ema",
 }
 CHOICES = {
     "pred_pos": ("sincos", "learned"),
@@ -133,7 +138,8 @@ class PretrainConfig:
             raise UserError(f"--steps must be positive, got {self.steps}")
         if self.pred_width % spec.heads or self.pred_width % 4:
             raise UserError(
-                f"pred-width {self.pred_width} must be a multiple of 4 and of the {spec.heads} heads of {self.arch}"
+                f"pred-width {self.pred_width} must be a multiple of 4 and of the "
+                f"{spec.heads} heads of {self.arch}"
             )
         for name in ("lr", "start_lr", "final_lr", "wd", "final_wd", "warmup", "a_l1", "ipe_scale"):
             if getattr(self, name) < 0:
@@ -168,7 +174,8 @@ def read_config_file(name_or_path: str) -> dict[str, Any]:
         preset = resources.files("stoptool.configs") / f"{name_or_path}.yaml"
         if not preset.is_file():
             raise UserError(
-                f"unknown preset '{name_or_path}': choose one of {', '.join(preset_names())} or give a YAML path"
+                f"unknown preset '{name_or_path}': choose one of "
+                f"{', '.join(preset_names())} or give a YAML path"
             )
         text = preset.read_text()
     try:

@@ -53,7 +53,15 @@ class MaskConfig:
             raise UserError(f"the patch grid must be at least 2×2, got {self.grid}×{self.grid}")
         # scale and aspect share one draw, so the smallest block is found by scanning it
         h, w = min(
-            (block_size(self.grid, self.target_scale[0] + u / 64 * (self.target_scale[1] - self.target_scale[0]), *self.target_aspect, u / 64) for u in range(65)),
+            (
+                block_size(
+                    self.grid,
+                    self.target_scale[0] + u / 64 * (self.target_scale[1] - self.target_scale[0]),
+                    *self.target_aspect,
+                    u / 64,
+                )
+                for u in range(65)
+            ),
             key=lambda hw: hw[0] * hw[1],
         )
         if h * w <= self.keep:

@@ -95,4 +95,7 @@ def pretrain_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=False,
+        # its own generator, so that creating a loader never draws from the global RNG that
+        # the predictor's noise uses (a resumed run must see the same noise)
+        generator=torch.Generator().manual_seed(_seed(seed, epoch, -2)),
     )

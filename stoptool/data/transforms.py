@@ -26,7 +26,10 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def random_resized_crop(
-    img: Image.Image, size: int, scale: tuple[float, float], rng: random.Random,
+    img: Image.Image,
+    size: int,
+    scale: tuple[float, float],
+    rng: random.Random,
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> Image.Image:
     """A crop of random area share and aspect ratio, resized to size × size (bicubic)."""

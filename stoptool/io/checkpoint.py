@@ -33,7 +33,7 @@ class Checkpoint:
     def part(self, prefix: str) -> dict[str, torch.Tensor]:
         """The state dict stored under `prefix.` (e.g. "encoder")."""
         p = prefix + "."
-        return {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
+        return {k[len(p) :]: v for k, v in self.tensors.items() if k.startswith(p)}
 
     def part_raw(self, prefix: str) -> dict[str, torch.Tensor]:
         """Tensors whose full name starts with `prefix`, names kept."""
@@ -111,6 +111,6 @@ def optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dic
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("opt.state."):
-            idx, name = key[len("opt.state."):].split(".", 1)
+            idx, name = key[len("opt.state.") :].split(".", 1)
             state.setdefault(int(idx), {})[name] = value
     return {"state": state, "param_groups": groups}

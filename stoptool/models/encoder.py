@@ -80,9 +80,7 @@ def build_encoder(arch: str, img_size: int) -> VisionTransformer:
     return model
 
 
-def encode(
-    model: VisionTransformer, images: torch.Tensor, keep: torch.Tensor | None = None
-) -> torch.Tensor:
+def encode(model: VisionTransformer, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Token features [B, N, D] of `images`; with `keep` [B, K] only those patches are encoded."""
     x = model.patch_embed(images) + model.pos_embed
     if keep is not None:
@@ -94,9 +92,7 @@ def encode(
     return model.norm(x)
 
 
-def block_outputs(
-    model: VisionTransformer, images: torch.Tensor, last: int = 1
-) -> list[torch.Tensor]:
+def block_outputs(model: VisionTransformer, images: torch.Tensor, last: int = 1) -> list[torch.Tensor]:
     """Outputs of the last `last` blocks, each through the closing norm."""
     x = model.patch_embed(images) + model.pos_embed
     outputs = []

@@ -11,7 +11,9 @@ from stoptool.models.predictor import Predictor
 class JEPA(nn.Module):
     """`encoder` (f_θ, context), `target_encoder` (f̄_θ, EMA of f_θ), `predictor` (g_φ)."""
 
-    def __init__(self, encoder: nn.Module, predictor: nn.Module | None, target_encoder: nn.Module | None = None):
+    def __init__(
+        self, encoder: nn.Module, predictor: nn.Module | None, target_encoder: nn.Module | None = None
+    ):
         super().__init__()
         self.encoder = encoder
         self.target_encoder = target_encoder if target_encoder is not None else copy.deepcopy(encoder)

@@ -54,8 +54,7 @@ class Predictor(nn.Module):
         )
         norm = partial(nn.LayerNorm, eps=1e-6)
         self.predictor_blocks = nn.ModuleList(
-            Block(pred_dim, num_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm)
-            for _ in range(depth)
+            Block(pred_dim, num_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm) for _ in range(depth)
         )
         self.predictor_norm = norm(pred_dim)
         self.predictor_proj = nn.Linear(pred_dim, embed_dim)
@@ -113,9 +112,7 @@ class Predictor(nn.Module):
                 tokens = tokens + self._noise(pos.shape, pos, self.pred_dim)
         return tokens
 
-    def forward(
-        self, context: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, context: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor) -> torch.Tensor:
         """Predict target features.
 
         context: [B, Nc, d_e] context-encoder features s; ctx_idx: [B, Nc] their patch indices;

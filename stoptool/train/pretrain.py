@@ -20,7 +20,6 @@ from stoptool.data.transforms import PretrainTransform
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import (
     Checkpoint,
-    atomic_save_file,
     load_checkpoint,
     optimizer_state,
     optimizer_tensors,
@@ -41,8 +40,16 @@ LATEST = "latest.safetensors"
 METRICS = "metrics.jsonl"
 # Fields that may change when a run is resumed; every other field must match the saved run.
 RESUMABLE_CHANGES = {
-    "steps", "epochs", "out", "device", "precision", "workers", "log_every", "save_every",
-    "compile", "grad_checkpoint",
+    "steps",
+    "epochs",
+    "out",
+    "device",
+    "precision",
+    "workers",
+    "log_every",
+    "save_every",
+    "compile",
+    "grad_checkpoint",
 }
 
 
@@ -66,9 +73,16 @@ class RunResult:
 
 def model_meta(cfg: PretrainConfig) -> dict:
     return {
-        "arch": cfg.arch, "img_size": cfg.img_size, "patch": cfg.patch, "sigma": cfg.sigma,
-        "pred_depth": cfg.pred_depth, "pred_width": cfg.pred_width, "pred_pos": cfg.pred_pos,
-        "noise_on": cfg.noise_on, "cov": cfg.cov, "a_l1": cfg.a_l1,
+        "arch": cfg.arch,
+        "img_size": cfg.img_size,
+        "patch": cfg.patch,
+        "sigma": cfg.sigma,
+        "pred_depth": cfg.pred_depth,
+        "pred_width": cfg.pred_width,
+        "pred_pos": cfg.pred_pos,
+        "noise_on": cfg.noise_on,
+        "cov": cfg.cov,
+        "a_l1": cfg.a_l1,
     }
 
 
@@ -154,9 +168,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None) -> RunResu
     precision = resolve_precision(cfg.precision, device)
     data = open_dataset(cfg.dataset, "train", cfg.subset)
     if len(data) < cfg.batch_size:
-        raise UserError(
-            f"the data set has {len(data)} images, fewer than the batch size {cfg.batch_size}"
-        )
+        raise UserError(f"the data set has {len(data)} images, fewer than the batch size {cfg.batch_size}")
     ipe = len(data) // cfg.batch_size
     sched = make_schedules(cfg, ipe)
     last_step = cfg.epochs * ipe if cfg.steps is None else min(cfg.epochs * ipe, cfg.steps)
@@ -193,10 +205,16 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None) -> RunResu
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     transform = PretrainTransform(cfg.img_size, cfg.crop_scale, cfg.hflip, cfg.blur, cfg.gray)
     sampler = MaskSampler(cfg.mask_config())
-    workers = cfg.workers if cfg.workers is not None else default_workers(device, isinstance(data, ArrayDataset))
+    workers = (
+        cfg.workers if cfg.workers is not None else default_workers(device, isinstance(data, ArrayDataset))
+    )
     meta = {
-        "kind": "pretrain", **model_meta(cfg), "config": cfg.to_dict(),
-        "data": data.describe(), "iterations_per_epoch": ipe, "precision": precision,
+        "kind": "pretrain",
+        **model_meta(cfg),
+        "config": cfg.to_dict(),
+        "data": data.describe(),
+        "iterations_per_epoch": ipe,
+        "precision": precision,
     }
 
     def save(path: Path, with_state: bool = True) -> None:
@@ -222,8 +240,15 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None) -> RunResu
             while step < last_step:
                 epoch = step // ipe
                 loader = pretrain_loader(
-                    data, transform, sampler, cfg.batch_size, cfg.seed, epoch,
-                    start=step % ipe, workers=workers, pin_memory=device.type == "cuda",
+                    data,
+                    transform,
+                    sampler,
+                    cfg.batch_size,
+                    cfg.seed,
+                    epoch,
+                    start=step % ipe,
+                    workers=workers,
+                    pin_memory=device.type == "cuda",
                 )
                 for images, ctx_idx, tgt_idx, n_skipped in loader:
                     inputs = StepInputs(
@@ -234,7 +259,15 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None) -> RunResu
                     lr, wd, m = sched.lr_at(step), sched.wd_at(step), sched.momentum_at(step)
                     try:
                         loss = train_step(
-                            model, optimizer, inputs, lr, wd, m, autocast, scaler, cfg.a_l1,
+                            model,
+                            optimizer,
+                            inputs,
+                            lr,
+                            wd,
+                            m,
+                            autocast,
+                            scaler,
+                            cfg.a_l1,
                             cfg.clip_grad,
                         )
                     except NonFiniteLoss as err:
@@ -270,10 +303,16 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None) -> RunResu
     seconds = time.perf_counter() - start_time
     images = (step - first_step) * cfg.batch_size
     summary = {
-        "step": step, "epoch": step // ipe, "loss": loss, "seconds": round(seconds, 2),
+        "step": step,
+        "epoch": step // ipe,
+        "loss": loss,
+        "seconds": round(seconds, 2),
         "images_per_second": round(images / seconds, 1) if seconds else None,
-        "skipped_images": skipped, "checkpoint": str(latest), "precision": precision,
-        "device": str(device), "workers": workers,
+        "skipped_images": skipped,
+        "checkpoint": str(latest),
+        "precision": precision,
+        "device": str(device),
+        "workers": workers,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return RunResult(run_dir, latest, step, step // ipe, loss, seconds, summary["images_per_second"])

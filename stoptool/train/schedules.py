@@ -49,6 +49,11 @@ def make_schedules(cfg, iterations_per_epoch: int) -> Schedules:
     return Schedules(
         total=max(1, int(cfg.ipe_scale * cfg.epochs * ipe)),
         warmup=int(cfg.warmup * ipe),
-        lr=cfg.lr, start_lr=cfg.start_lr, final_lr=cfg.final_lr,
-        wd=cfg.wd, final_wd=cfg.final_wd, ema=tuple(cfg.ema), freeze_at=freeze,
+        lr=cfg.lr,
+        start_lr=cfg.start_lr,
+        final_lr=cfg.final_lr,
+        wd=cfg.wd,
+        final_wd=cfg.final_wd,
+        ema=tuple(cfg.ema),
+        freeze_at=freeze,
     )

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny configs and models so the whole suite runs in minutes on 2 cores."""
+
+import pytest
+
+from stoptool.config import PretrainConfig
+
+
+def tiny_config(**kw) -> PretrainConfig:
+    """vit_t2 at 16 px (an 8×8 grid) with a one-block predictor 48 wide."""
+    base = dict(
+        arch="vit_t2",
+        img_size=16,
+        pred_width=48,
+        pred_depth=1,
+        batch_size=8,
+        epochs=2,
+        warmup=0.5,
+        precision="fp32",
+        workers=0,
+        log_every=1,
+        save_every=1,
+    )
+    base.update(kw)
+    return PretrainConfig(**base).validate()
+
+
+@pytest.fixture
+def tiny_cfg():
+    return tiny_config
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """An ImageFolder tree: 2 classes × 12 random 20×20 PNGs, plus one unreadable file."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir()
+        for i in range(12):
+            arr = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / c / f"{c}{i}.png")
+    (root / "a" / "broken.png").write_bytes(b"not a png")
+    return root

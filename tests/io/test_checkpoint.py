@@ -1,0 +1,78 @@
+"""Checkpoints: exact round trip, atomic writes, and clear rejection of foreign files."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from stoptool.errors import UserError
+from stoptool.io.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    optimizer_state,
+    optimizer_tensors,
+    read_meta,
+    save_checkpoint,
+)
+
+
+def test_round_trip_identical(tmp_path):
+    tensors = {
+        "encoder.w": torch.randn(3, 4),
+        "predictor.b": torch.arange(5),
+        "rng.cpu": torch.get_rng_state(),
+    }
+    meta = {"kind": "pretrain", "arch": "vit_t4", "sigma": 0.25, "step": 7, "config": {"lr": 1e-3}}
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, Checkpoint(meta, tensors))
+    back = load_checkpoint(path)
+    assert set(back.tensors) == set(tensors)
+    assert all(torch.equal(back.tensors[k], v) for k, v in tensors.items())
+    assert {k: back.meta[k] for k in meta} == meta
+    assert back.meta["stoptool_version"]
+    assert read_meta(path) == back.meta
+    assert back.part("encoder").keys() == {"w"}
+    assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]  # no temporary left
+
+
+def test_optimizer_state_round_trip(tiny_cfg):
+    from stoptool.models.jepa import build_jepa
+    from stoptool.train.step import param_groups
+
+    model = build_jepa(tiny_cfg())
+    opt = torch.optim.AdamW(param_groups(model), lr=1e-3)
+    model.predictor.mask_token.sum().backward()
+    opt.step()
+    tensors, groups = optimizer_tensors(opt.state_dict())
+    restored = optimizer_state(tensors, json.loads(json.dumps(groups)))  # groups go through JSON
+    opt2 = torch.optim.AdamW(param_groups(model), lr=1e-3)
+    opt2.load_state_dict(restored)
+    for k, v in opt.state_dict()["state"].items():
+        for name, t in v.items():
+            assert torch.equal(opt2.state_dict()["state"][k][name], t)
+
+
+def test_truncated_file_is_rejected(tmp_path):
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, Checkpoint({"kind": "pretrain"}, {"encoder.w": torch.randn(100, 100)}))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="not a readable stoptool checkpoint"):
+        load_checkpoint(path)
+
+
+def test_foreign_safetensors_is_rejected(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(UserError, match="not a stoptool checkpoint"):
+        load_checkpoint(path)
+
+
+def test_random_bytes_and_missing_file(tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(b"PK\x03\x04 this is a zip, not safetensors")
+    with pytest.raises(UserError, match="not a readable"):
+        load_checkpoint(path)
+    with pytest.raises(UserError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.safetensors")

@@ -1,0 +1,92 @@
+"""The pretraining engine: run directory, resume to the same weights, signals, bad loss."""
+
+import json
+import signal
+
+import pytest
+import torch
+
+from stoptool.errors import UserError
+from stoptool.io.checkpoint import load_checkpoint
+from stoptool.train import pretrain as engine
+from stoptool.train.pretrain import Interrupted, pretrain
+
+
+def _cfg(tiny_cfg, folder, out, **kw):
+    # 25 files (one unreadable) with batch 8: 3 steps per epoch
+    return tiny_cfg(dataset=str(folder), out=str(out), **kw)
+
+
+def test_run_directory_contents(tiny_cfg, image_folder, tmp_path):
+    result = pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "run"))
+    run = tmp_path / "run"
+    assert result.step == 6 and result.epoch == 2
+    names = {p.name for p in run.iterdir()}
+    assert {
+        "latest.safetensors",
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "epoch0001.safetensors",
+    } <= names
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "lr", "wd", "momentum", "A_norm", "mask_token_norm", "img_per_s"} <= rows[0].keys()
+    meta = load_checkpoint(run / "latest.safetensors").meta
+    assert meta["step"] == 6 and meta["arch"] == "vit_t2" and meta["sigma"] == 0.25
+    assert meta["config"]["dataset"] == str(image_folder)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["skipped_images"] > 0  # the broken file was skipped, not fatal
+
+
+def test_resumed_run_reaches_the_same_weights(tiny_cfg, image_folder, tmp_path):
+    full = pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "full"))
+    part = pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "part", steps=4))
+    assert part.step == 4
+    saved = load_checkpoint(tmp_path / "part" / "latest.safetensors")
+    assert saved.meta["step"] == 4 and any(k.startswith("opt.state.") for k in saved.tensors)
+    resumed = pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "part"))
+    assert resumed.step == 6
+    a = load_checkpoint(full.checkpoint).tensors
+    b = load_checkpoint(resumed.checkpoint).tensors
+    for key in a:
+        if key.startswith(("encoder.", "target_encoder.", "predictor.", "opt.")):
+            assert torch.equal(a[key], b[key]), key
+    rows = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_a_different_run(tiny_cfg, image_folder, tmp_path):
+    pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "r", steps=1))
+    with pytest.raises(UserError, match="sigma"):
+        pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "r", sigma=0.0))
+    done = pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "r", steps=1))
+    assert done.already_done
+
+
+def test_sigint_finishes_the_step_and_saves(tiny_cfg, image_folder, tmp_path):
+    def progress(step, total, row):
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(Interrupted) as info:
+        pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "r"), progress=progress)
+    assert info.value.signum == signal.SIGINT
+    assert load_checkpoint(info.value.checkpoint).meta["step"] == 2  # the step in flight finished
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, image_folder, tmp_path, monkeypatch):
+    real_step = engine.train_step
+    calls = {"n": 0}
+
+    def failing(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise engine.NonFiniteLoss("loss is nan")
+        return real_step(*args, **kw)
+
+    monkeypatch.setattr(engine, "train_step", failing)
+    with pytest.raises(UserError, match="step 4: loss is nan"):
+        pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "r"))
+    assert load_checkpoint(tmp_path / "r" / "latest.safetensors").meta["step"] == 3

@@ -1,0 +1,42 @@
+"""Schedules equal their closed forms at the start, end of warmup, middle and end."""
+
+import math
+
+import pytest
+
+from stoptool.config import PretrainConfig
+from stoptool.train.schedules import Schedules, make_schedules
+
+S = Schedules(
+    total=1000, warmup=100, lr=1e-3, start_lr=2e-4, final_lr=1e-6, wd=0.04, final_wd=0.4, ema=(0.996, 1.0)
+)
+
+
+def test_lr():
+    assert S.lr_at(0) == pytest.approx(2e-4)
+    assert S.lr_at(50) == pytest.approx(2e-4 + 0.5 * 8e-4)
+    assert S.lr_at(100) == pytest.approx(1e-3)
+    assert S.lr_at(550) == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5)
+    assert S.lr_at(1000) == pytest.approx(1e-6)
+    assert S.lr_at(1500) == pytest.approx(1e-6)
+
+
+def test_wd_cosine_over_whole_run():
+    assert S.wd_at(0) == pytest.approx(0.04)
+    assert S.wd_at(500) == pytest.approx(0.22)
+    assert S.wd_at(250) == pytest.approx(0.4 + (0.04 - 0.4) * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert S.wd_at(1000) == pytest.approx(0.4)
+
+
+def test_momentum_linear():
+    assert S.momentum_at(0) == pytest.approx(0.996)
+    assert S.momentum_at(500) == pytest.approx(0.998)
+    assert S.momentum_at(1000) == pytest.approx(1.0)
+
+
+def test_schedules_span_ipe_scale_epochs_and_freeze():
+    cfg = PretrainConfig(epochs=10, warmup=2, ipe_scale=1.25, const_after_epoch=6)
+    s = make_schedules(cfg, iterations_per_epoch=20)
+    assert s.total == 250 and s.warmup == 40 and s.freeze_at == 120
+    assert s.lr_at(200) == s.lr_at(120) and s.wd_at(199) == s.wd_at(120)
+    assert s.momentum_at(125) == pytest.approx(0.996 + 0.004 * 125 / 250)
