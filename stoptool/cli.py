@@ -4,7 +4,6 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 import yaml
@@ -37,7 +36,7 @@ def user_errors(fn):
     return wrapper
 
 
-def _pair(text: Optional[str], flag: str) -> Optional[tuple[float, float]]:
+def _pair(text: str | None, flag: str) -> tuple[float, float] | None:
     if text is None:
         return None
     try:
@@ -50,7 +49,7 @@ def _pair(text: Optional[str], flag: str) -> Optional[tuple[float, float]]:
 def print_table(title: str, rows: dict) -> None:
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")  # paths must stay whole, never cut with an ellipsis
     for k, v in rows.items():
         table.add_row(str(k), str(v))
     console.print(table)
@@ -59,47 +58,47 @@ def print_table(title: str, rows: dict) -> None:
 @app.command()
 @user_errors
 def pretrain(
-    arch: Optional[str] = typer.Option(None, help="Encoder: vit_{t,s,b,l,h,g}<patch>, e.g. vit_b16, vit_t4. [default: vit_t4]"),
-    sigma: Optional[float] = typer.Option(None, help="StoP noise standard deviation σ; 0 is plain I-JEPA. [default: 0.25]"),
-    dataset: Optional[str] = typer.Option(None, help="'digits' (bundled) or a path to an ImageFolder tree. [default: digits]"),
-    config: Optional[str] = typer.Option(None, "--config", help="A preset name (e.g. stop-vitb16-in1k) or a YAML file; flags override it."),
-    img_size: Optional[int] = typer.Option(None, help="Image side in pixels; a multiple of the patch size. [default: 32]"),
-    batch_size: Optional[int] = typer.Option(None, help="Global batch size. [default: 128]"),
-    epochs: Optional[int] = typer.Option(None, help="Epochs (schedules span ipe_scale × epochs). [default: 40]"),
-    steps: Optional[int] = typer.Option(None, help="Stop after this many steps in total (schedules unchanged)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate after warmup."),
-    start_lr: Optional[float] = typer.Option(None, help="Learning rate at step 0."),
-    final_lr: Optional[float] = typer.Option(None, help="Learning rate at the end of the cosine."),
-    warmup: Optional[float] = typer.Option(None, help="Warmup length in epochs."),
-    wd: Optional[float] = typer.Option(None, help="Weight decay at the start (cosine to --final-wd)."),
-    final_wd: Optional[float] = typer.Option(None, help="Weight decay at the end."),
-    ipe_scale: Optional[float] = typer.Option(None, help="Schedules run over ipe_scale × epochs."),
-    pred_depth: Optional[int] = typer.Option(None, help="Predictor depth. [default: 6]"),
-    pred_width: Optional[int] = typer.Option(None, help="Predictor width d_p. [default: 384]"),
-    pred_pos: Optional[str] = typer.Option(None, help="Predictor positions: sincos | learned (paper Table 6)."),
-    noise_on: Optional[str] = typer.Option(None, help="Where the noise goes: masked | context | both (Table 7)."),
-    cov: Optional[str] = typer.Option(None, help="Noise covariance: learned (σ²AAᵀ) | fixed (σ²I in predictor width)."),
-    a_l1: Optional[float] = typer.Option(None, help="λ of an l1 penalty λ‖A‖₁ on the predictor's input projection."),
-    mask_mode: Optional[str] = typer.Option(None, help="multiblock (I-JEPA) | random (MAE-style)."),
-    num_targets: Optional[int] = typer.Option(None, help="Target blocks per image. [default: 4]"),
-    target_scale: Optional[str] = typer.Option(None, help="Target block scale MIN,MAX. [default: 0.15,0.2]"),
-    target_aspect: Optional[str] = typer.Option(None, help="Target block aspect MIN,MAX. [default: 0.75,1.5]"),
-    context_scale: Optional[str] = typer.Option(None, help="Context block scale MIN,MAX. [default: 0.85,1.0]"),
-    min_keep: Optional[int] = typer.Option(None, help="A mask keeps more than this many patches. [default: 10 at 14×14, scaled]"),
-    crop_scale: Optional[str] = typer.Option(None, help="Random-resized-crop area MIN,MAX. [default: 0.3,1.0]"),
-    hflip: Optional[float] = typer.Option(None, help="Horizontal flip probability."),
-    blur: Optional[float] = typer.Option(None, help="Gaussian blur probability."),
-    gray: Optional[float] = typer.Option(None, help="Grayscale probability."),
-    subset: Optional[str] = typer.Option(None, help="File of image paths (one per line) to keep from an ImageFolder."),
-    out: Optional[str] = typer.Option(None, help="Run directory. [default: runs/<data>-<arch>-sigma<σ>]"),
-    seed: Optional[int] = typer.Option(None, help="Random seed. [default: 0]"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N. [default: auto]"),
-    precision: Optional[str] = typer.Option(None, help="auto | bf16 | fp16 | fp32 (auto: bf16 where fast). [default: auto]"),
-    workers: Optional[int] = typer.Option(None, help="Data loader workers. [default: auto]"),
-    save_every: Optional[int] = typer.Option(None, help="Write latest and a snapshot every N epochs. [default: 10]"),
-    log_every: Optional[int] = typer.Option(None, help="Log metrics every N steps. [default: 10]"),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Use torch.compile."),
-    grad_checkpoint: Optional[bool] = typer.Option(None, "--grad-checkpoint/--no-grad-checkpoint", help="Recompute activations to save memory."),
+    arch: str | None = typer.Option(None, help="Encoder: vit_{t,s,b,l,h,g}<patch>, e.g. vit_b16, vit_t4. [default: vit_t4]"),
+    sigma: float | None = typer.Option(None, help="StoP noise standard deviation σ; 0 is plain I-JEPA. [default: 0.25]"),
+    dataset: str | None = typer.Option(None, help="'digits' (bundled) or a path to an ImageFolder tree. [default: digits]"),
+    config: str | None = typer.Option(None, "--config", help="A preset name (e.g. stop-vitb16-in1k) or a YAML file; flags override it."),
+    img_size: int | None = typer.Option(None, help="Image side in pixels; a multiple of the patch size. [default: 32]"),
+    batch_size: int | None = typer.Option(None, help="Global batch size. [default: 128]"),
+    epochs: int | None = typer.Option(None, help="Epochs (schedules span ipe_scale × epochs). [default: 40]"),
+    steps: int | None = typer.Option(None, help="Stop after this many steps in total (schedules unchanged)."),
+    lr: float | None = typer.Option(None, help="Peak learning rate after warmup."),
+    start_lr: float | None = typer.Option(None, help="Learning rate at step 0."),
+    final_lr: float | None = typer.Option(None, help="Learning rate at the end of the cosine."),
+    warmup: float | None = typer.Option(None, help="Warmup length in epochs."),
+    wd: float | None = typer.Option(None, help="Weight decay at the start (cosine to --final-wd)."),
+    final_wd: float | None = typer.Option(None, help="Weight decay at the end."),
+    ipe_scale: float | None = typer.Option(None, help="Schedules run over ipe_scale × epochs."),
+    pred_depth: int | None = typer.Option(None, help="Predictor depth. [default: 6]"),
+    pred_width: int | None = typer.Option(None, help="Predictor width d_p. [default: 384]"),
+    pred_pos: str | None = typer.Option(None, help="Predictor positions: sincos | learned (paper Table 6)."),
+    noise_on: str | None = typer.Option(None, help="Where the noise goes: masked | context | both (Table 7)."),
+    cov: str | None = typer.Option(None, help="Noise covariance: learned (σ²AAᵀ) | fixed (σ²I in predictor width)."),
+    a_l1: float | None = typer.Option(None, help="λ of an l1 penalty λ‖A‖₁ on the predictor's input projection."),
+    mask_mode: str | None = typer.Option(None, help="multiblock (I-JEPA) | random (MAE-style)."),
+    num_targets: int | None = typer.Option(None, help="Target blocks per image. [default: 4]"),
+    target_scale: str | None = typer.Option(None, help="Target block scale MIN,MAX. [default: 0.15,0.2]"),
+    target_aspect: str | None = typer.Option(None, help="Target block aspect MIN,MAX. [default: 0.75,1.5]"),
+    context_scale: str | None = typer.Option(None, help="Context block scale MIN,MAX. [default: 0.85,1.0]"),
+    min_keep: int | None = typer.Option(None, help="A mask keeps more than this many patches. [default: 10 at 14×14, scaled]"),
+    crop_scale: str | None = typer.Option(None, help="Random-resized-crop area MIN,MAX. [default: 0.3,1.0]"),
+    hflip: float | None = typer.Option(None, help="Horizontal flip probability."),
+    blur: float | None = typer.Option(None, help="Gaussian blur probability."),
+    gray: float | None = typer.Option(None, help="Grayscale probability."),
+    subset: str | None = typer.Option(None, help="File of image paths (one per line) to keep from an ImageFolder."),
+    out: str | None = typer.Option(None, help="Run directory. [default: runs/<data>-<arch>-sigma<σ>]"),
+    seed: int | None = typer.Option(None, help="Random seed. [default: 0]"),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N. [default: auto]"),
+    precision: str | None = typer.Option(None, help="auto | bf16 | fp16 | fp32 (auto: bf16 where fast). [default: auto]"),
+    workers: int | None = typer.Option(None, help="Data loader workers. [default: auto]"),
+    save_every: int | None = typer.Option(None, help="Write latest and a snapshot every N epochs. [default: 10]"),
+    log_every: int | None = typer.Option(None, help="Log metrics every N steps. [default: 10]"),
+    compile: bool | None = typer.Option(None, "--compile/--no-compile", help="Use torch.compile."),
+    grad_checkpoint: bool | None = typer.Option(None, "--grad-checkpoint/--no-grad-checkpoint", help="Recompute activations to save memory."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Resume from the run directory's latest checkpoint."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as YAML and exit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -118,7 +117,8 @@ def pretrain(
     if print_config:
         sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return
-    from stoptool.train.pretrain import Interrupted, pretrain as run_pretrain
+    from stoptool.train.pretrain import Interrupted
+    from stoptool.train.pretrain import pretrain as run_pretrain
 
     with _ProgressBar(quiet) as bar:
         try:
@@ -156,7 +156,11 @@ class _ProgressBar:
     def __enter__(self):
         if not self.quiet:
             from rich.progress import (
-                BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
                 TimeRemainingColumn,
             )
 
@@ -197,15 +201,17 @@ def info(ckpt: Path = typer.Argument(..., help="A stoptool checkpoint (.safetens
          json_out: bool = typer.Option(False, "--json", help="Print the metadata as JSON.")):
     """Show what a checkpoint holds: arch, σ, step, data, config, parameter counts."""
     from stoptool.io.checkpoint import load_checkpoint
+    from stoptool.io.models import stoptool_view
 
-    ck = load_checkpoint(ckpt)
+    ck = stoptool_view(load_checkpoint(ckpt))
     meta = ck.meta
     if json_out:
         sys.stdout.write(json.dumps(meta, indent=2) + "\n")
         return
     rows = {"file": ckpt, "kind": meta.get("kind", "?"), "size": f"{ckpt.stat().st_size / 2**20:.1f} MiB"}
     for key in ("arch", "img_size", "patch", "sigma", "pred_depth", "pred_width", "pred_pos",
-                "noise_on", "cov", "a_l1", "step", "epoch", "precision", "source", "stoptool_version"):
+                "noise_on", "cov", "a_l1", "step", "epoch", "precision", "source", "method",
+                "mask_token_from", "which", "timm_model", "stoptool_version"):
         if key in meta:
             rows[key] = meta[key]
     if "data" in meta:
@@ -214,10 +220,169 @@ def info(ckpt: Path = typer.Argument(..., help="A stoptool checkpoint (.safetens
         if ck.has(part):
             n = sum(t.numel() for t in ck.part(part).values())
             rows[f"{part} params"] = f"{n:,}"
+    rows["holds"] = ", ".join(p.replace("_", " ") for p in ("encoder", "target_encoder", "predictor")
+                              if ck.has(p)) + ("" if ck.has("predictor") else " (no predictor)")
     print_table(f"checkpoint {ckpt.name}", rows)
     if "config" in meta:
         console.print("[bold]config[/]")
         console.print(yaml.safe_dump(meta["config"], sort_keys=False), highlight=False, markup=False)
+
+
+@app.command("import")
+@user_errors
+def import_cmd(
+    src: Path = typer.Argument(..., help="An official I-JEPA / StoP checkpoint (.pth.tar), or encoder weights with timm's names (.pth, .bin, .safetensors)."),
+    out: Path = typer.Argument(..., help="The stoptool checkpoint to write (.safetensors)."),
+    arch: str | None = typer.Option(None, help="Encoder arch, e.g. vit_h14. (default: inferred from the tensor shapes)"),
+    kind: str | None = typer.Option(None, help="stop | ijepa: how the predictor was trained; sets m̃ to b (StoP) or mask_token (I-JEPA). (default: read from the optimizer state or the file name)"),
+    sigma: float | None = typer.Option(None, help="StoP noise standard deviation σ to record. (default: 0.25 for StoP, 0.2 for StoP ViT-H, 0 for I-JEPA)"),
+):
+    """Convert an official I-JEPA / StoP checkpoint into a stoptool checkpoint."""
+    from stoptool.io.official import import_checkpoint
+
+    res = import_checkpoint(src, out, arch=arch, method=kind, sigma=sigma)
+    meta = res.meta
+    rows = {"checkpoint": res.out, "source": meta["source"], "arch": meta["arch"],
+            "img_size": meta["img_size"], "patch": meta["patch"]}
+    if "method" in meta:
+        rows["kind"] = f"{meta['method']} ({meta['method_from']})"
+    if "predictor" in res.parts:
+        rows.update({"sigma": meta["sigma"], "predictor": f"{meta['pred_depth']} × {meta['pred_width']}",
+                     "pred_pos": meta["pred_pos"], "m̃ from": meta["mask_token_from"]})
+    if "epoch" in meta:
+        rows["epoch"] = meta["epoch"]
+    for part, n in res.params.items():
+        rows[f"{part} params"] = f"{n:,}"
+    print_table("import", rows)
+    for note in res.notes:
+        err_console.print(f"note: {note}", highlight=False)
+
+
+@app.command()
+@user_errors
+def export(
+    ckpt: Path = typer.Argument(..., help="A stoptool checkpoint (.safetensors)."),
+    out: Path = typer.Argument(..., help="The file to write (.safetensors)."),
+    to: str = typer.Option("timm", "--to", help="Target format (timm)."),
+    which: str = typer.Option("target", help="Which encoder: target (the EMA one the paper evaluates) | context."),
+):
+    """Write an encoder as a safetensors file that timm loads, and print the Python that loads it."""
+    if to != "timm":
+        raise UserError(f"--to must be timm, got '{to}'")
+    from stoptool.io.export import export_timm
+
+    res = export_timm(ckpt, out, which=which)
+    print_table("export", {"file": res.out, "encoder": res.meta["which"], "arch": res.meta["arch"],
+                           "img_size": res.meta["img_size"], "params": f"{res.params:,}",
+                           "timm model": res.meta["timm_model"]})
+    console.print("load it with:", highlight=False)
+    sys.stdout.write(res.line + "\n")
+
+
+viz_app = typer.Typer(
+    help="Draw the paper's figures: positional similarity (Fig. 5), predicted-token heatmaps "
+    "(Fig. 6), multi-block masks, training curves (Fig. 4). PNG by default; .svg/.pdf by the "
+    "--out extension. Each figure gets a JSON file of its numbers beside it.",
+    no_args_is_help=True,
+)
+app.add_typer(viz_app, name="viz")
+
+_OUT_HELP = ("Figure file; .png, .svg or .pdf (the numbers go to the same name with .json). "
+             "[default: figures/{name}.png beside the {anchor}]")
+_DPI_HELP = "Resolution of raster output, in dots per inch."
+
+
+def _report_figure(name: str, result) -> None:
+    print_table(f"viz {name}", {**result.rows, "data": result.data})
+    console.print(f"wrote {result.figure}", highlight=False, soft_wrap=True)
+
+
+@viz_app.command("similarity")
+@user_errors
+def viz_similarity(
+    ckpt: Path = typer.Argument(..., help="A stoptool checkpoint with a predictor (.safetensors)."),
+    sigma: float | None = typer.Option(None, help="Noise standard deviation σ of the stochastic maps. [default: the checkpoint's σ; 0.25 if it was trained with σ = 0]"),
+    draws: int = typer.Option(256, help="Noise draws n averaged per query."),
+    queries: str | None = typer.Option(None, help="Query patches: N for an N×N spread over the grid, or ROW,COL;ROW,COL;... [default: 3]"),
+    seed: int = typer.Option(0, help="Seed of the noise draws."),
+    out: Path | None = typer.Option(None, help=_OUT_HELP.format(name="similarity", anchor="checkpoint")),
+    dpi: int = typer.Option(150, help=_DPI_HELP),
+):
+    """Cosine similarity of the stochastic position ψ_q + A n to every deterministic ψ (paper Fig. 5).
+
+    The similarities of each draw are averaged (the mean embedding would just be ψ_q), and
+    shown beside the deterministic σ = 0 maps on one colour scale.
+    """
+    from stoptool.viz.similarity import make_similarity
+
+    _report_figure("similarity", make_similarity(ckpt, out, sigma, draws, queries, seed, dpi))
+
+
+@viz_app.command("heatmap")
+@user_errors
+def viz_heatmap(
+    ckpt: Path = typer.Argument(..., help="A stoptool checkpoint with a predictor (.safetensors)."),
+    image: Path | None = typer.Argument(None, help="An image; its central square is used. [default: the sample photo shipped with stoptool]"),
+    patch: str | None = typer.Option(None, help="Masked patch(es) to explain, ROW,COL;ROW,COL;... each inside a target block. [default: the centre of each target block]"),
+    seed: int = typer.Option(0, help="Seed of the sampled mask (the checkpoint's mask settings)."),
+    temperature: float = typer.Option(0.1, help="Softmax temperature τ over the cosine similarities."),
+    out: Path | None = typer.Option(None, help=_OUT_HELP.format(name="heatmap", anchor="checkpoint")),
+    dpi: int = typer.Option(150, help=_DPI_HELP),
+):
+    """Where a masked patch's prediction points: softmax over tokens of cos(prediction, target) (paper Fig. 6).
+
+    The model runs in eval mode (no noise); targets are the target encoder's layer-normed
+    tokens of the whole image. Context (green) and target blocks are outlined.
+    """
+    from stoptool.viz.heatmap import make_heatmap
+
+    _report_figure("heatmap", make_heatmap(ckpt, image, out, patch, seed, temperature, dpi))
+
+
+@viz_app.command("masks")
+@user_errors
+def viz_masks(
+    image: Path | None = typer.Argument(None, help="An image; its central square is used. [default: the sample photo shipped with stoptool]"),
+    seeds: str = typer.Option("0,1,2,3", help="Comma-separated seeds, one panel each."),
+    config: str | None = typer.Option(None, "--config", help="Mask and size settings from a preset name or a YAML file (a run's config.yaml works); flags override it. [default: pretrain's defaults]"),
+    img_size: int | None = typer.Option(None, help="Image side in pixels. [default: from --config, else 32]"),
+    patch: int | None = typer.Option(None, help="Patch size in pixels. [default: the patch of the config's arch, else 4]"),
+    num_targets: int | None = typer.Option(None, help="Target blocks per image. [default: 4]"),
+    target_scale: str | None = typer.Option(None, help="Target block scale MIN,MAX. [default: 0.15,0.2]"),
+    target_aspect: str | None = typer.Option(None, help="Target block aspect MIN,MAX. [default: 0.75,1.5]"),
+    context_scale: str | None = typer.Option(None, help="Context block scale MIN,MAX. [default: 0.85,1.0]"),
+    min_keep: int | None = typer.Option(None, help="A mask keeps more than this many patches. [default: 10 at 14×14, scaled]"),
+    mask_mode: str | None = typer.Option(None, help="multiblock (I-JEPA) | random (MAE-style). [default: multiblock]"),
+    out: Path = typer.Option(Path("masks.png"), help="Figure file; .png, .svg or .pdf (the numbers go to the same name with .json)."),
+    dpi: int = typer.Option(150, help=_DPI_HELP),
+):
+    """Multi-block masks (context and target blocks) drawn on an image for a few seeds."""
+    from stoptool.viz.masks import make_masks
+
+    try:
+        seed_list = [int(s) for s in seeds.replace(" ", "").split(",") if s]
+    except ValueError:
+        raise UserError(f"--seeds takes integers separated by commas, got '{seeds}'") from None
+    overrides = {
+        "img_size": img_size, "patch": patch, "num_targets": num_targets, "min_keep": min_keep,
+        "mask_mode": mask_mode, "target_scale": _pair(target_scale, "--target-scale"),
+        "target_aspect": _pair(target_aspect, "--target-aspect"),
+        "context_scale": _pair(context_scale, "--context-scale"),
+    }
+    _report_figure("masks", make_masks(image, out, seed_list, config, overrides, dpi))
+
+
+@viz_app.command("curves")
+@user_errors
+def viz_curves(
+    run_dirs: list[Path] = typer.Argument(..., help="One or more run directories written by stoptool pretrain."),
+    out: Path | None = typer.Option(None, help=_OUT_HELP.format(name="curves", anchor="first run")),
+    dpi: int = typer.Option(150, help=_DPI_HELP),
+):
+    """Loss, lr, ‖A‖ and ‖m̃‖ against step, runs overlaid with their σ (paper Fig. 4 for a σ sweep)."""
+    from stoptool.viz.curves import make_curves
+
+    _report_figure("curves", make_curves(run_dirs, out, dpi))
 
 
 def main() -> None:

@@ -1,0 +1,135 @@
+"""The command line: a tiny default-like pretrain, presets, and one-line errors with exit 2."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from stoptool.cli import app
+
+runner = CliRunner(env={"COLUMNS": "400"})
+TINY = [
+    "--arch",
+    "vit_t2",
+    "--img-size",
+    "16",
+    "--pred-width",
+    "48",
+    "--pred-depth",
+    "1",
+    "--batch-size",
+    "8",
+    "--precision",
+    "fp32",
+    "-q",
+]
+
+
+def test_tiny_pretrain_writes_the_run_directory(tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", *TINY, "--steps", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert {"latest.safetensors", "config.yaml", "metrics.jsonl", "summary.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert str(out / "latest.safetensors") in result.output
+    info = runner.invoke(app, ["info", str(out / "latest.safetensors")])
+    assert info.exit_code == 0
+    for text in ("vit_t2", "sigma", "0.25", "step", "encoder params"):
+        assert text in info.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--arch", "vit_q16"], "unknown arch 'vit_q16'"),
+        (["--img-size", "17"], "image size 17 is not divisible by the patch size 2"),
+        (["--sigma", "-0.1"], "sigma must be >= 0"),
+        (["--target-scale", "0.1,1.5"], "target-scale must satisfy 0 < min <= max <= 1"),
+        (["--context-scale", "0,0.5"], "context-scale must satisfy"),
+        (["--dataset", "/no/such/dir"], "unknown dataset '/no/such/dir'"),
+        (["--config", "no-such-preset"], "unknown preset 'no-such-preset'"),
+        (["--noise-on", "everywhere"], "--noise-on must be one of masked, context, both"),
+    ],
+)
+def test_bad_pretrain_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, message):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", *TINY, *args, "--steps", "1", "--out", str(out)])
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output + result.stderr
+    assert not out.exists()
+
+
+def test_empty_image_folder_is_rejected(tmp_path):
+    (tmp_path / "data" / "cls").mkdir(parents=True)
+    (tmp_path / "data" / "cls" / "notes.txt").write_text("no images here")
+    result = runner.invoke(
+        app, ["pretrain", *TINY, "--dataset", str(tmp_path / "data"), "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2
+    assert "holds no images" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_info_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "x.safetensors"
+    bad.write_text("hello")
+    result = runner.invoke(app, ["info", str(bad)])
+    assert result.exit_code == 2
+    assert "not a readable stoptool checkpoint" in result.stderr
+
+
+def test_preset_then_flags_override_and_print_config():
+    result = runner.invoke(
+        app, ["pretrain", "--config", "stop-vitl16-in1k", "--sigma", "0.1", "--print-config"]
+    )
+    assert result.exit_code == 0
+    cfg = yaml.safe_load(result.stdout)
+    assert cfg["arch"] == "vit_l16" and cfg["pred_depth"] == 12 and cfg["epochs"] == 600
+    assert cfg["sigma"] == 0.1 and cfg["batch_size"] == 2048
+
+
+def test_config_file_by_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("arch: vit_s8\nimg_size: 64\nsigma: 0\n")
+    result = runner.invoke(app, ["pretrain", "--config", str(path), "--print-config"])
+    cfg = yaml.safe_load(result.stdout)
+    assert (cfg["arch"], cfg["img_size"], cfg["sigma"]) == ("vit_s8", 64, 0)
+    path.write_text("arhc: vit_s8\n")
+    result = runner.invoke(app, ["pretrain", "--config", str(path), "--print-config"])
+    assert result.exit_code == 2 and "unknown config key(s): arhc" in result.stderr
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "stoptool.cli", "pretrain", "--arch", "vit_z16", "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown arch 'vit_z16'")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "preset", ["stop-vitb16-in1k", "stop-vitl16-in1k", "stop-vith16-in1k", "ijepa-vith14-in1k"]
+)
+def test_presets_match_the_paper(preset):
+    from stoptool.config import build_config
+
+    cfg = build_config(preset)
+    expected = {
+        "stop-vitb16-in1k": ("vit_b16", 600, 8e-4, 1e-4, 15, 6, 0.25),
+        "stop-vitl16-in1k": ("vit_l16", 600, 8e-4, 1e-4, 15, 12, 0.25),
+        "stop-vith16-in1k": ("vit_h16", 300, 1e-3, 1e-6, 40, 12, 0.2),
+        "ijepa-vith14-in1k": ("vit_h14", 300, 1e-3, 1e-6, 40, 12, 0.0),
+    }[preset]
+    got = (cfg.arch, cfg.epochs, cfg.lr, cfg.final_lr, cfg.warmup, cfg.pred_depth, cfg.sigma)
+    assert got == expected
+    assert cfg.batch_size == 2048 and cfg.img_size == 224 and cfg.start_lr == 2e-4
+    assert (cfg.wd, cfg.final_wd) == (0.04, 0.4)
