@@ -1,0 +1,23 @@
+"""A tiny pretraining run shared by the figure tests (vit_t2, 16 px, 8×8 grid, 3 steps)."""
+
+import pytest
+
+from stoptool.config import PretrainConfig
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    from stoptool.train.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("vizrun") / "run"
+    cfg = PretrainConfig(
+        arch="vit_t2", img_size=16, pred_width=48, pred_depth=1, batch_size=8, steps=3,
+        sigma=0.25, precision="fp32", workers=0, log_every=1, out=str(out),
+    )
+    pretrain(cfg.validate(), resume=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_run):
+    return tiny_run / "latest.safetensors"

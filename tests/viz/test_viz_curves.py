@@ -1,0 +1,67 @@
+"""Training curves (paper Fig. 4) read from the metrics log that `pretrain` writes."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from stoptool.cli import app
+from stoptool.errors import UserError
+from stoptool.viz.curves import PANELS, draw_curves, read_run
+
+runner = CliRunner(env={"COLUMNS": "400"})
+
+
+def test_read_run_gets_every_logged_step_and_sigma(tiny_run):
+    run = read_run(tiny_run)
+    logged = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert run.sigma == 0.25
+    assert [r["step"] for r in run.rows] == [r["step"] for r in logged] == [1, 2, 3]
+    steps, a_norm = run.series("A_norm")
+    assert steps == [1, 2, 3] and a_norm == [r["A_norm"] for r in logged]
+
+
+def test_each_panel_has_one_line_per_run_with_its_data(tiny_run, tmp_path):
+    other = tmp_path / "sigma0"
+    other.mkdir()
+    rows = [{"step": s, "loss": 1.0 / s, "lr": 1e-3, "A_norm": 2.0, "mask_token_norm": 0.5}
+            for s in (10, 20)]
+    (other / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (other / "config.yaml").write_text("sigma: 0.0\n")
+    fig = draw_curves([read_run(tiny_run), read_run(other)])
+    axes = fig.axes[: len(PANELS)]
+    for ax, (key, _) in zip(axes, PANELS, strict=True):
+        assert len(ax.lines) == 2
+        first = ax.lines[0]  # sorted by σ: the σ = 0 run comes first
+        assert list(first.get_xdata()) == [10, 20]
+        assert list(first.get_ydata()) == [r[key] for r in rows]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["σ = 0 (sigma0)", "σ = 0.25 (run)"]
+
+
+def test_a_half_written_last_line_is_ignored(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')
+    run = read_run(tmp_path)
+    assert [r["step"] for r in run.rows] == [1] and run.sigma is None
+
+
+def test_a_broken_line_in_the_middle_is_an_error(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(UserError, match="line 2 is not valid JSON"):
+        read_run(tmp_path)
+
+
+def test_directory_without_metrics_fails_with_one_line(tiny_run, tmp_path):
+    result = runner.invoke(app, ["viz", "curves", str(tiny_run), str(tmp_path),
+                                 "--out", str(tmp_path / "c.png")])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert f"'{tmp_path}' has no metrics.jsonl: not a stoptool run directory" in lines[0]
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_missing_directory_fails_with_one_line(tmp_path):
+    result = runner.invoke(app, ["viz", "curves", str(tmp_path / "nope")])
+    assert result.exit_code == 2
+    assert "does not exist" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,173 @@
+"""Every `stoptool viz` command writes a real, non-blank image of the promised size, prints
+its path, and turns bad input into one line on stderr with exit code 2."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from stoptool.cli import app
+from stoptool.viz import curves, heatmap, masks, similarity
+
+runner = CliRunner(env={"COLUMNS": "400"})
+DPI = 40
+
+
+def open_image(path):
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.float64), img.size
+
+
+def assert_real_figure(path, inches):
+    pixels, size = open_image(path)
+    assert size == (round(inches[0] * DPI), round(inches[1] * DPI))
+    # a blank or single-colour canvas has (almost) no variance; a drawn figure has plenty
+    assert pixels.std() > 20
+    # no temporary file is left beside it
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]
+
+
+def invoke(*args):
+    result = runner.invoke(app, ["viz", *map(str, args)])
+    assert result.exit_code == 0, result.output + (result.stderr or "")
+    return result
+
+
+def test_similarity_writes_figure_and_numbers(tiny_ckpt, tmp_path):
+    out = tmp_path / "sim.png"
+    result = invoke("similarity", tiny_ckpt, "--out", out, "--dpi", DPI, "--draws", 16)
+    assert f"wrote {out}" in result.stdout
+    assert_real_figure(out, similarity.figure_size(9))
+    assert out.with_suffix(".json").is_file()
+
+
+def test_similarity_default_path_is_beside_the_checkpoint(tiny_ckpt):
+    result = invoke("similarity", tiny_ckpt, "--dpi", DPI, "--draws", 4, "--queries", "0,0;7,7")
+    path = tiny_ckpt.parent / "figures" / "similarity.png"
+    assert f"wrote {path}" in result.stdout
+    assert_real_figure(path, similarity.figure_size(2))
+
+
+def test_heatmap_writes_one_panel_per_target_block(tiny_ckpt, tmp_path):
+    out = tmp_path / "heat.png"
+    invoke("heatmap", tiny_ckpt, "--out", out, "--dpi", DPI, "--seed", 3)
+    data = json.loads(out.with_suffix(".json").read_text())
+    n = len(data["patches"])
+    assert 1 <= n <= 4
+    assert_real_figure(out, heatmap.figure_size(n))
+    for p in data["probs"]:
+        assert np.isclose(np.sum(p), 1.0, atol=1e-4)
+
+
+def test_heatmap_on_a_given_image_and_patch(tiny_ckpt, tmp_path):
+    img = tmp_path / "photo.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(img)
+    ctx, tgt = masks.sample_masks(heatmap.mask_config_from_meta({}, 8), [0])[0]
+    r, c = divmod(int(tgt[1, 0]), 8)
+    out = tmp_path / "heat.png"
+    invoke("heatmap", tiny_ckpt, img, "--patch", f"{r},{c}", "--out", out, "--dpi", DPI)
+    assert_real_figure(out, heatmap.figure_size(1))
+
+
+def test_masks_writes_one_panel_per_seed(tmp_path):
+    out = tmp_path / "masks.png"
+    result = invoke("masks", "--seeds", "0,1,2", "--img-size", 64, "--patch", 8, "--out", out,
+                    "--dpi", DPI)
+    assert "8×8" in result.stdout
+    assert_real_figure(out, masks.figure_size(3))
+
+
+def test_masks_take_a_preset_and_flags(tmp_path):
+    out = tmp_path / "m.png"
+    invoke("masks", "--config", "stop-vitb16-in1k", "--seeds", "5", "--num-targets", 2,
+           "--out", out, "--dpi", DPI)
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert (data["img_size"], data["patch"], data["grid"]) == (224, 16, 14)
+    assert len(data["masks"][0]["targets"]) == 2
+
+
+def test_curves_writes_figure(tiny_run, tmp_path):
+    out = tmp_path / "curves.png"
+    result = invoke("curves", tiny_run, tiny_run, "--out", out, "--dpi", DPI)
+    assert "σ = 0.25" in result.stdout
+    assert_real_figure(out, curves.FIGSIZE)
+
+
+@pytest.mark.parametrize("suffix, magic", [(".svg", b"<?xml"), (".pdf", b"%PDF")])
+def test_vector_formats_follow_the_extension(tiny_run, tmp_path, suffix, magic):
+    out = tmp_path / f"curves{suffix}"
+    invoke("curves", tiny_run, "--out", out)
+    assert out.read_bytes().startswith(magic)
+
+
+def one_line_error(args, message):
+    result = runner.invoke(app, ["viz", *map(str, args)])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output + result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--out", "fig.jpg"], "one of .png, .svg, .pdf"),
+        (["--dpi", "0"], "--dpi must be between"),
+        (["--queries", "9,9"], "outside the 8×8 patch grid"),
+        (["--queries", "a;b"], "--queries takes ROW,COL pairs"),
+        (["--sigma", "-1"], "--sigma must be >= 0"),
+        (["--draws", "0"], "--draws must be at least 1"),
+    ],
+)
+def test_similarity_bad_input(tiny_ckpt, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    out = [] if "--out" in args else ["--out", "s.png"]
+    one_line_error(["similarity", tiny_ckpt, *args, *out], message)
+    assert not list(tmp_path.iterdir())
+
+
+def test_similarity_needs_a_checkpoint(tmp_path):
+    one_line_error(["similarity", tmp_path / "nope.safetensors"], "does not exist")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--temperature", "0"], "--temperature must be positive"),
+        (["--patch", "8,0"], "outside the 8×8 patch grid"),
+    ],
+)
+def test_heatmap_bad_input(tiny_ckpt, tmp_path, args, message):
+    one_line_error(["heatmap", tiny_ckpt, *args, "--out", tmp_path / "h.png"], message)
+    assert not (tmp_path / "h.png").exists()
+
+
+def test_heatmap_patch_outside_the_targets(tiny_ckpt, tmp_path):
+    ctx, _ = masks.sample_masks(heatmap.mask_config_from_meta({}, 8), [0])[0]
+    r, c = divmod(int(ctx[0]), 8)  # a context patch is never a target
+    one_line_error(["heatmap", tiny_ckpt, "--patch", f"{r},{c}", "--out", tmp_path / "h.png"],
+                   f"--patch {r},{c} is not in a target block")
+    assert not (tmp_path / "h.png").exists()
+
+
+def test_heatmap_unreadable_image(tiny_ckpt, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    one_line_error(["heatmap", tiny_ckpt, bad, "--out", tmp_path / "h.png"], "cannot read image")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--img-size", "30", "--patch", "4"], "not a positive multiple of the patch size 4"),
+        (["--seeds", "a,b"], "--seeds takes integers"),
+        (["--target-scale", "0.3,0.1"], "target-scale must satisfy"),
+        (["--config", "no-such-preset"], "unknown preset"),
+    ],
+)
+def test_masks_bad_input(tmp_path, args, message):
+    one_line_error(["masks", *args, "--out", tmp_path / "m.png"], message)
+    assert not (tmp_path / "m.png").exists()

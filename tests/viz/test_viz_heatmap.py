@@ -1,0 +1,92 @@
+"""The heatmap probabilities (paper Fig. 6), computed apart from any drawing."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stoptool.errors import UserError
+from stoptool.masks import MaskConfig, MaskSampler
+from stoptool.models.encoder import encode
+from stoptool.models.jepa import build_jepa
+from stoptool.viz.heatmap import block_centres, heatmap_probs, locate
+
+GRID = 8
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    cfg = SimpleNamespace(arch="vit_t2", img_size=16, sigma=0.5, pred_depth=1, pred_width=48,
+                          pred_pos="sincos", noise_on="masked", cov="learned")
+    model = build_jepa(cfg).eval()
+    image = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    ctx, tgt = MaskSampler(MaskConfig(grid=GRID))(1, torch.Generator().manual_seed(0))
+    return model, image, ctx[0], tgt[0]
+
+
+def test_each_map_is_a_distribution_over_the_grid(setup):
+    model, image, ctx, tgt = setup
+    patches = [p.index for p in block_centres(tgt, GRID)]
+    probs = heatmap_probs(model, image, ctx, tgt, patches)
+    assert probs.shape == (len(patches), GRID, GRID)
+    assert (probs >= 0).all()
+    assert torch.allclose(probs.sum((1, 2)), torch.ones(len(patches)), atol=1e-5)
+
+
+@pytest.mark.parametrize("known", [0, 27, 63])
+def test_a_prediction_equal_to_a_target_token_peaks_there(setup, known):
+    """Hand-built predictor: its output is the layer-normed target token at `known`."""
+    model, image, ctx, tgt = setup
+    with torch.no_grad():
+        h = encode(model.target_encoder, image[None])
+        token = F.layer_norm(h, h.shape[-1:])[0, known]
+    saved = {k: v.clone() for k, v in model.predictor.predictor_proj.state_dict().items()}
+    try:
+        with torch.no_grad():
+            model.predictor.predictor_proj.weight.zero_()
+            model.predictor.predictor_proj.bias.copy_(token)
+        patches = tgt[:, 0].tolist()
+        probs = heatmap_probs(model, image, ctx, tgt, patches, temperature=0.05)
+    finally:
+        model.predictor.predictor_proj.load_state_dict(saved)
+    for p in probs:
+        assert int(p.argmax()) == known
+        assert float(p.flatten()[known]) > 2 * float(p.flatten().topk(2).values[1])
+
+
+def test_no_noise_even_if_the_model_is_in_train_mode(setup):
+    model, image, ctx, tgt = setup
+    patches = [int(tgt[0, 0])]
+    expected = heatmap_probs(model, image, ctx, tgt, patches)
+    model.train()
+    try:
+        again = heatmap_probs(model, image, ctx, tgt, patches)
+        assert model.training  # the caller's mode is given back
+    finally:
+        model.eval()
+    assert torch.equal(expected, again)
+
+
+def test_temperature_sharpens(setup):
+    model, image, ctx, tgt = setup
+    patches = [int(tgt[1, 0])]
+    hot = heatmap_probs(model, image, ctx, tgt, patches, temperature=1.0)
+    cold = heatmap_probs(model, image, ctx, tgt, patches, temperature=0.05)
+    assert cold.max() > hot.max()
+    assert int(cold.argmax()) == int(hot.argmax())
+
+
+def test_patch_must_be_in_a_target_block(setup):
+    model, image, ctx, tgt = setup
+    with pytest.raises(UserError, match="is not in a target block"):
+        heatmap_probs(model, image, ctx, tgt, [int(ctx[0])])
+    hit = locate(tgt, int(tgt[2, 3]), GRID)
+    assert int(tgt[hit.block, hit.position]) == int(tgt[2, 3])
+
+
+def test_block_centres_lie_inside_their_blocks(setup):
+    _, _, _, tgt = setup
+    for centre in block_centres(tgt, GRID):
+        assert centre.index in tgt[centre.block].tolist()
