@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/stoptool demo --out $(DEMO_OUT)
+	$(BIN)/stoptool pretrain --out $(DEMO_OUT)
+	@echo "demo outputs: $(DEMO_OUT) (checkpoint $(DEMO_OUT)/latest.safetensors, metrics $(DEMO_OUT)/metrics.jsonl)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -82,20 +82,31 @@ def block_size(grid: int, scale: float, ar_lo: float, ar_hi: float, u: float) ->
     return min(h, grid - 1), min(w, grid - 1)
 
 
-def _boxes(grid: int, h: int, w: int, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """Boolean [*shape, grid*grid] masks of h×w boxes at uniformly random positions."""
-    top = torch.randint(0, grid - h + 1, shape, generator=gen)
-    left = torch.randint(0, grid - w + 1, shape, generator=gen)
-    r = torch.arange(grid)
+def _corners(grid: int, h: int, w: int, shape: tuple[int, ...], gen: torch.Generator):
+    """Top-left corners of h×w boxes, uniform over every position where the box fits."""
+    top = torch.randint(0, grid - h + 1, shape, generator=gen, dtype=torch.int16)
+    left = torch.randint(0, grid - w + 1, shape, generator=gen, dtype=torch.int16)
+    return top, left
+
+
+def _box_indices(grid: int, h: int, w: int, top: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+    """Raster-order patch indices [*shape, h*w] of boxes with the given corners."""
+    offsets = (torch.arange(h)[:, None] * grid + torch.arange(w)[None, :]).flatten()
+    return (top.long() * grid + left.long())[..., None] + offsets
+
+
+def _box_masks(grid: int, h: int, w: int, top: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+    """Boolean [*shape, grid*grid] masks of boxes with the given corners."""
+    r = torch.arange(grid, dtype=torch.int16)
     rows = (r >= top[..., None]) & (r < top[..., None] + h)
     cols = (r >= left[..., None]) & (r < left[..., None] + w)
     return (rows[..., :, None] & cols[..., None, :]).flatten(-2)
 
 
 def _first_k(mask: torch.Tensor, k: int) -> torch.Tensor:
-    """Raster-order indices of the first k True entries of each row of `mask`."""
-    order = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True)
-    return order[..., :k]
+    """Raster-order indices of the first k True entries of each row (every row has >= k)."""
+    keep = mask & (mask.cumsum(-1, dtype=torch.int16) <= k)
+    return keep.nonzero()[:, -1].view(*mask.shape[:-1], k)
 
 
 class MaskSampler:
@@ -122,17 +133,27 @@ class MaskSampler:
 
     def _multiblock(self, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cfg
+        n = c.grid * c.grid
         (th, tw), (ch, cw) = self._sizes(gen)
-        targets = _boxes(c.grid, th, tw, (batch, c.num_targets), gen)
-        context = _boxes(c.grid, ch, cw, (batch,), gen) & ~targets.any(1)
+
+        def place(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """Target indices [rows, M, th*tw] and the patches they cover [rows, N]."""
+            targets = _box_indices(c.grid, th, tw, *_corners(c.grid, th, tw, (rows, c.num_targets), gen))
+            covered = torch.zeros(rows, n, dtype=torch.bool)
+            covered.scatter_(1, targets.flatten(1), True)
+            return targets, covered
+
+        targets, covered = place(batch)
+        context = _box_masks(c.grid, ch, cw, *_corners(c.grid, ch, cw, (batch,), gen)) & ~covered
         bad = context.sum(-1) <= c.keep
         tries = 0
         while bad.any():
-            n = int(bad.sum())
+            rows = int(bad.sum())
             tries += 1
             if tries % self.max_tries == 0:  # this context size cannot avoid these targets
-                targets[bad] = _boxes(c.grid, th, tw, (n, c.num_targets), gen)
-            context[bad] = _boxes(c.grid, ch, cw, (n,), gen) & ~targets[bad].any(1)
+                targets[bad], covered[bad] = place(rows)
+            box = _box_masks(c.grid, ch, cw, *_corners(c.grid, ch, cw, (rows,), gen))
+            context[bad] = box & ~covered[bad]
             bad = context.sum(-1) <= c.keep
             if tries > 100 * self.max_tries:
                 raise UserError(
@@ -141,8 +162,7 @@ class MaskSampler:
                     "grid: lower the target scale or min-keep"
                 )
         n_ctx = int(context.sum(-1).min())
-        n_tgt = th * tw  # every target block is whole, so all have this length
-        return _first_k(context, n_ctx), _first_k(targets, n_tgt)
+        return _first_k(context, n_ctx), targets
 
     def _random(self, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """MAE-style: targets are random patch sets of the block sizes; context is the rest."""

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from stoptool.models.pos_embed import sincos_2d
 
@@ -58,6 +59,7 @@ class Predictor(nn.Module):
         )
         self.predictor_norm = norm(pred_dim)
         self.predictor_proj = nn.Linear(pred_dim, embed_dim)
+        self.grad_checkpointing = False
         self._init_weights(init_std)
 
     def _init_weights(self, std: float) -> None:
@@ -125,6 +127,9 @@ class Predictor(nn.Module):
         masked = self.masked_tokens(tgt_idx.reshape(B * M, K)).to(ctx.dtype)
         x = torch.cat([ctx, masked], dim=1)
         for block in self.predictor_blocks:
-            x = block(x)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         x = self.predictor_proj(self.predictor_norm(x[:, -K:]))
         return x.reshape(B, M, K, self.embed_dim)

@@ -198,6 +198,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None) -> RunResu
 
     if cfg.grad_checkpoint:
         model.encoder.set_grad_checkpointing(True)
+        model.predictor.grad_checkpointing = True
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     log = MetricsLog(run_dir / METRICS, step)

@@ -61,3 +61,26 @@ def default_workers(device: torch.device, in_memory: bool) -> int:
         return min(8, cpus)
     # On a CPU the loader competes with the step for cores; in-memory sets need no workers.
     return 0 if in_memory or cpus <= 2 else min(4, cpus // 4)
+
+
+def compile_blocks(model) -> str | None:
+    """torch.compile every transformer block in place (state-dict keys unchanged).
+
+    Returns None on success, or the reason compilation is unavailable (the caller says so
+    and runs eagerly). Each distinct block is tried once on a small input so that a missing
+    compiler shows up here, not in the middle of training.
+    """
+    blocks = [m for m in model.modules() if type(m).__name__ == "Block"]
+    try:
+        for block in blocks:
+            block.compile(dynamic=True)
+        probe = blocks[0]
+        width = probe.norm1.normalized_shape[0]
+        param = next(probe.parameters())
+        with torch.no_grad():
+            probe(torch.zeros(1, 4, width, device=param.device, dtype=param.dtype))
+    except Exception as err:  # noqa: BLE001 - any backend failure means: run eagerly
+        for block in blocks:
+            block._compiled_call_impl = None
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:160]}" if str(err) else type(err).__name__
+    return None
