@@ -288,7 +288,7 @@ viz_app = typer.Typer(
 app.add_typer(viz_app, name="viz")
 
 _OUT_HELP = ("Figure file; .png, .svg or .pdf (the numbers go to the same name with .json). "
-             "[default: figures/{name}.png beside the {anchor}]")
+             "(default: figures/{name}.png beside the {anchor})")
 _DPI_HELP = "Resolution of raster output, in dots per inch."
 
 
@@ -301,9 +301,9 @@ def _report_figure(name: str, result) -> None:
 @user_errors
 def viz_similarity(
     ckpt: Path = typer.Argument(..., help="A stoptool checkpoint with a predictor (.safetensors)."),
-    sigma: float | None = typer.Option(None, help="Noise standard deviation σ of the stochastic maps. [default: the checkpoint's σ; 0.25 if it was trained with σ = 0]"),
+    sigma: float | None = typer.Option(None, help="Noise standard deviation σ of the stochastic maps. (default: the checkpoint's σ; 0.25 if it was trained with σ = 0)"),
     draws: int = typer.Option(256, help="Noise draws n averaged per query."),
-    queries: str | None = typer.Option(None, help="Query patches: N for an N×N spread over the grid, or ROW,COL;ROW,COL;... [default: 3]"),
+    queries: str | None = typer.Option(None, help="Query patches: N for an N×N spread over the grid, or ROW,COL;ROW,COL;... (default: 3)"),
     seed: int = typer.Option(0, help="Seed of the noise draws."),
     out: Path | None = typer.Option(None, help=_OUT_HELP.format(name="similarity", anchor="checkpoint")),
     dpi: int = typer.Option(150, help=_DPI_HELP),
@@ -322,8 +322,8 @@ def viz_similarity(
 @user_errors
 def viz_heatmap(
     ckpt: Path = typer.Argument(..., help="A stoptool checkpoint with a predictor (.safetensors)."),
-    image: Path | None = typer.Argument(None, help="An image; its central square is used. [default: the sample photo shipped with stoptool]"),
-    patch: str | None = typer.Option(None, help="Masked patch(es) to explain, ROW,COL;ROW,COL;... each inside a target block. [default: the centre of each target block]"),
+    image: Path | None = typer.Argument(None, help="An image; its central square is used. (default: the sample photo shipped with stoptool)"),
+    patch: str | None = typer.Option(None, help="Masked patch(es) to explain, ROW,COL;ROW,COL;... each inside a target block. (default: the centre of each target block)"),
     seed: int = typer.Option(0, help="Seed of the sampled mask (the checkpoint's mask settings)."),
     temperature: float = typer.Option(0.1, help="Softmax temperature τ over the cosine similarities."),
     out: Path | None = typer.Option(None, help=_OUT_HELP.format(name="heatmap", anchor="checkpoint")),
@@ -342,17 +342,17 @@ def viz_heatmap(
 @viz_app.command("masks")
 @user_errors
 def viz_masks(
-    image: Path | None = typer.Argument(None, help="An image; its central square is used. [default: the sample photo shipped with stoptool]"),
+    image: Path | None = typer.Argument(None, help="An image; its central square is used. (default: the sample photo shipped with stoptool)"),
     seeds: str = typer.Option("0,1,2,3", help="Comma-separated seeds, one panel each."),
-    config: str | None = typer.Option(None, "--config", help="Mask and size settings from a preset name or a YAML file (a run's config.yaml works); flags override it. [default: pretrain's defaults]"),
-    img_size: int | None = typer.Option(None, help="Image side in pixels. [default: from --config, else 32]"),
-    patch: int | None = typer.Option(None, help="Patch size in pixels. [default: the patch of the config's arch, else 4]"),
-    num_targets: int | None = typer.Option(None, help="Target blocks per image. [default: 4]"),
-    target_scale: str | None = typer.Option(None, help="Target block scale MIN,MAX. [default: 0.15,0.2]"),
-    target_aspect: str | None = typer.Option(None, help="Target block aspect MIN,MAX. [default: 0.75,1.5]"),
-    context_scale: str | None = typer.Option(None, help="Context block scale MIN,MAX. [default: 0.85,1.0]"),
-    min_keep: int | None = typer.Option(None, help="A mask keeps more than this many patches. [default: 10 at 14×14, scaled]"),
-    mask_mode: str | None = typer.Option(None, help="multiblock (I-JEPA) | random (MAE-style). [default: multiblock]"),
+    config: str | None = typer.Option(None, "--config", help="Mask and size settings from a preset name or a YAML file (a run's config.yaml works); flags override it. (default: pretrain's defaults)"),
+    img_size: int | None = typer.Option(None, help="Image side in pixels. (default: from --config, else 32)"),
+    patch: int | None = typer.Option(None, help="Patch size in pixels. (default: the patch of the config's arch, else 4)"),
+    num_targets: int | None = typer.Option(None, help="Target blocks per image. (default: 4)"),
+    target_scale: str | None = typer.Option(None, help="Target block scale MIN,MAX. (default: 0.15,0.2)"),
+    target_aspect: str | None = typer.Option(None, help="Target block aspect MIN,MAX. (default: 0.75,1.5)"),
+    context_scale: str | None = typer.Option(None, help="Context block scale MIN,MAX. (default: 0.85,1.0)"),
+    min_keep: int | None = typer.Option(None, help="A mask keeps more than this many patches. (default: 10 at 14×14, scaled)"),
+    mask_mode: str | None = typer.Option(None, help="multiblock (I-JEPA) | random (MAE-style). (default: multiblock)"),
     out: Path = typer.Option(Path("masks.png"), help="Figure file; .png, .svg or .pdf (the numbers go to the same name with .json)."),
     dpi: int = typer.Option(150, help=_DPI_HELP),
 ):

@@ -53,8 +53,10 @@ class Run:
 def read_run(run_dir: str | Path) -> Run:
     """The metrics log and σ of a run directory; a UserError if there is no log to read."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    if not run_dir.exists():
         raise UserError(f"run directory '{run_dir}' does not exist")
+    if not run_dir.is_dir():
+        raise UserError(f"'{run_dir}' is a file; viz curves takes run directories")
     log = run_dir / METRICS
     if not log.is_file():
         raise UserError(

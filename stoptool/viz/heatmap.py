@@ -199,10 +199,11 @@ def make_heatmap(
     sampler = MaskSampler(mask_config_from_meta(meta, grid))
     ctx, tgt = sampler(1, torch.Generator().manual_seed(seed))
     ctx_idx, tgt_idx = ctx[0], tgt[0]
-    if patch is None:  # blocks may overlap and share a centre: draw each patch once
-        patches = list(dict.fromkeys(p.index for p in block_centres(tgt_idx, grid)))
+    if patch is None:
+        patches = [p.index for p in block_centres(tgt_idx, grid)]
     else:
         patches = [r * grid + c for r, c in parse_cells(patch, grid, "--patch")]
+    patches = list(dict.fromkeys(patches))  # overlapping blocks may share a centre: draw it once
     probs = heatmap_probs(model, pixels, ctx_idx, tgt_idx, patches, temperature)
     title = (
         f"Predicted-token similarity, {ckpt.name} ({meta.get('arch', '?')}, σ = "
