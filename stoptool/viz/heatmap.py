@@ -11,6 +11,7 @@ A prediction that has learned the semantics of its region puts mass on patches t
 alike; one that has only learned position puts it on j alone.
 """
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from stoptool.errors import UserError
 from stoptool.masks import MaskConfig, MaskSampler
 from stoptool.models.encoder import encode
 from stoptool.models.jepa import JEPA
+from stoptool.train.step import StepInputs, compute_targets
 from stoptool.viz.common import (
     FigureResult,
     cells_of,
@@ -101,8 +103,10 @@ def predictions_and_targets(
     was_training = model.training
     model.eval()  # no StoP noise: the heatmap shows the deterministic prediction
     try:
-        h = encode(model.target_encoder, image[None]).float()
-        targets = F.layer_norm(h, h.shape[-1:])[0]
+        # the training targets, taken at every patch (one "block" holding the whole grid)
+        every_patch = torch.arange(model.predictor.grid**2)[None, None]
+        inputs = StepInputs(image[None], ctx_idx[None], every_patch)
+        targets = compute_targets(model, inputs, contextlib.nullcontext)[0, 0]
         context = encode(model.encoder, image[None], ctx_idx[None])
         pred = model.predictor(context, ctx_idx[None], tgt_idx[None])[0].float()
     finally:
