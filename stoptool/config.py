@@ -38,7 +38,7 @@ CHOICES = {
 class PretrainConfig:
     # model
     arch: str = "vit_t4"
-    img_size: int = 32
+    img_size: int | None = None  # 224, or 8 patches a side for patches of 4 px or less
     sigma: float = 0.25
     pred_depth: int = 6
     pred_width: int = 384
@@ -86,6 +86,11 @@ class PretrainConfig:
     compile: bool = False
     grad_checkpoint: bool = False
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.img_size is None:
+            patch = parse_arch(self.arch)[1]
+            self.img_size = 224 if patch > 4 else 8 * patch
 
     @property
     def patch(self) -> int:

@@ -133,3 +133,11 @@ def test_presets_match_the_paper(preset):
     assert got == expected
     assert cfg.batch_size == 2048 and cfg.img_size == 224 and cfg.start_lr == 2e-4
     assert (cfg.wd, cfg.final_wd) == (0.04, 0.4)
+
+
+def test_image_size_defaults_follow_the_arch():
+    sizes = {}
+    for arch in ("vit_b16", "vit_t4", "vit_s8"):
+        result = runner.invoke(app, ["pretrain", "--arch", arch, "--print-config"])
+        sizes[arch] = yaml.safe_load(result.stdout)["img_size"]
+    assert sizes == {"vit_b16": 224, "vit_t4": 32, "vit_s8": 224}

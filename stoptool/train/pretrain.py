@@ -29,6 +29,7 @@ from stoptool.masks import MaskSampler
 from stoptool.models.jepa import JEPA, build_jepa
 from stoptool.train.runtime import (
     autocast_factory,
+    compile_blocks,
     default_workers,
     resolve_device,
     resolve_precision,
@@ -161,8 +162,12 @@ class MetricsLog:
             self._tb.close()
 
 
-def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None) -> RunResult:
-    """Train per `cfg`. `progress`, if given, is called as progress(step, total, row|None)."""
+def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=None) -> RunResult:
+    """Train per `cfg`.
+
+    `progress`, if given, is called as progress(step, total, row | None); `notify(text)` gets
+    one-line notes for the user (e.g. that torch.compile is unavailable here).
+    """
     cfg.validate()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -199,6 +204,10 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None) -> RunResu
     if cfg.grad_checkpoint:
         model.encoder.set_grad_checkpointing(True)
         model.predictor.grad_checkpointing = True
+    if cfg.compile:
+        failure = compile_blocks(model)
+        if failure and notify:
+            notify(f"torch.compile is unavailable here, running eagerly ({failure})")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     log = MetricsLog(run_dir / METRICS, step)

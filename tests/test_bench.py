@@ -1,0 +1,90 @@
+"""`stoptool bench` reports consistent figures for each kind of measurement."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from stoptool.cli import app
+from stoptool.flops import encoder_flops, train_step_flops
+
+runner = CliRunner(env={"COLUMNS": "200"})
+TINY = [
+    "--arch",
+    "vit_t2",
+    "--img-size",
+    "16",
+    "--batch-size",
+    "4",
+    "--pred-width",
+    "48",
+    "--pred-depth",
+    "1",
+    "--steps",
+    "1",
+    "--warmup",
+    "1",
+    "--repeats",
+    "2",
+    "--precision",
+    "fp32",
+]
+
+
+def test_train_bench_json(tmp_path):
+    out = tmp_path / "b.json"
+    result = runner.invoke(app, ["bench", *TINY, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    assert r["img_per_s_min"] <= r["img_per_s"] <= r["img_per_s_max"]
+    expected = train_step_flops("vit_t2", 16, 48, 1, r["context_tokens"], r["target_tokens"], 4).total
+    assert r["flops_per_image"] == expected
+    assert r["achieved_flops"] == pytest.approx(expected * r["img_per_s"])
+    assert r["share_of_matmul_rate"] == pytest.approx(r["achieved_flops"] / r["matmul_flops"])
+    assert "share of matmul rate" in result.output
+
+
+def test_extract_bench_counts_a_forward(tmp_path):
+    out = tmp_path / "e.json"
+    result = runner.invoke(app, ["bench", *TINY, "--what", "extract", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["flops_per_image"] == encoder_flops("vit_t2", 16)
+
+
+def test_mask_bench(tmp_path):
+    out = tmp_path / "m.json"
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "--what",
+            "masks",
+            "--arch",
+            "vit_b16",
+            "--batch-size",
+            "32",
+            "--steps",
+            "2",
+            "--repeats",
+            "2",
+            "--json",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    assert r["grid"] == 14 and r["batches_per_s"] > 0 and r["threads"] == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--what", "everything"], "--what must be train, extract or masks"),
+        (["--attn", "flash"], "--attn must be sdpa or math"),
+        (["--arch", "vit_b16", "--img-size", "100"], "not divisible"),
+        (["--steps", "0"], "--steps must be positive"),
+    ],
+)
+def test_bad_bench_input(args, message):
+    result = runner.invoke(app, ["bench", *args])
+    assert result.exit_code == 2 and message in result.stderr
