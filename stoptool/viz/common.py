@@ -182,6 +182,18 @@ def parse_cells(text: str, grid: int, flag: str) -> list[tuple[int, int]]:
     return cells
 
 
+def checkpoint_name(ckpt: Path) -> str:
+    """`run/latest.safetensors`: the file alone says little when every run has a `latest`."""
+    return f"{ckpt.parent.name}/{ckpt.name}" if ckpt.parent.name else ckpt.name
+
+
+def checkpoint_grid(meta: dict) -> int:
+    """Patches per side of the grid a checkpoint was trained on, from its metadata alone."""
+    from stoptool.models.encoder import parse_arch
+
+    return int(meta["img_size"]) // parse_arch(meta["arch"])[1]
+
+
 def default_path(anchor: Path, name: str) -> Path:
     """`figures/<name>.png` in the run directory that holds `anchor` (a checkpoint or a run)."""
     base = anchor if anchor.is_dir() else anchor.parent

@@ -34,6 +34,8 @@ from stoptool.viz.common import (
     cells_of,
     check_dpi,
     check_out,
+    checkpoint_grid,
+    checkpoint_name,
     default_path,
     load_image,
     outline,
@@ -189,6 +191,7 @@ def make_heatmap(
     dpi: int = 150,
 ) -> FigureResult:
     """Load a checkpoint and an image, sample a mask, write the heatmaps and their numbers."""
+    from stoptool.io.checkpoint import read_meta
     from stoptool.io.models import load_model
 
     ckpt = Path(ckpt)
@@ -196,9 +199,9 @@ def make_heatmap(
     check_dpi(dpi)
     if temperature <= 0:
         raise UserError(f"--temperature must be positive, got {temperature}")
-    loaded = load_model(ckpt, need_predictor=True)
-    model, meta = loaded.model, loaded.meta
-    grid = model.predictor.grid
+    # everything the metadata can check is checked before the weights are read
+    meta = read_meta(ckpt)
+    grid = checkpoint_grid(meta)
     pixels, display = load_image(image, int(meta["img_size"]))
     sampler = MaskSampler(mask_config_from_meta(meta, grid))
     ctx, tgt = sampler(1, torch.Generator().manual_seed(seed))
@@ -208,9 +211,12 @@ def make_heatmap(
     else:
         patches = [r * grid + c for r, c in parse_cells(patch, grid, "--patch")]
     patches = list(dict.fromkeys(patches))  # overlapping blocks may share a centre: draw it once
+    for p in patches:
+        locate(tgt_idx, p, grid)
+    model = load_model(ckpt, need_predictor=True).model
     probs = heatmap_probs(model, pixels, ctx_idx, tgt_idx, patches, temperature)
     title = (
-        f"Predicted-token similarity, {ckpt.name} ({meta.get('arch', '?')}, σ = "
+        f"Predicted-token similarity, {checkpoint_name(ckpt)} ({meta.get('arch', '?')}, σ = "
         f"{float(meta.get('sigma', 0.0)):g}, step {meta.get('step', '?')}): "
         f"softmax(cos(prediction, target) / {temperature:g}), mask seed {seed}"
     )

@@ -30,6 +30,8 @@ from stoptool.viz.common import (
     FigureResult,
     check_dpi,
     check_out,
+    checkpoint_grid,
+    checkpoint_name,
     default_path,
     parse_cells,
     save_figure,
@@ -60,6 +62,13 @@ def parse_queries(text: str | None, grid: int) -> list[tuple[int, int]]:
     return parse_cells(text, grid, "--queries")
 
 
+def check_noise(sigma: float, draws: int) -> None:
+    if sigma < 0:
+        raise UserError(f"--sigma must be >= 0 (it is the noise standard deviation), got {sigma}")
+    if draws < 1:
+        raise UserError(f"--draws must be at least 1, got {draws}")
+
+
 @torch.no_grad()
 def similarity_maps(
     predictor: Predictor,
@@ -69,10 +78,7 @@ def similarity_maps(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """S_σ(q, ·) for each query (row, col): [Q, grid, grid] cosine similarities in [-1, 1]."""
-    if sigma < 0:
-        raise UserError(f"--sigma must be >= 0 (it is the noise standard deviation), got {sigma}")
-    if draws < 1:
-        raise UserError(f"--draws must be at least 1, got {draws}")
+    check_noise(sigma, draws)
     grid = predictor.grid
     psi = predictor.predictor_pos_embed[0].detach().float()  # [N, d_p]
     idx = torch.tensor([r * grid + c for r, c in queries], dtype=torch.long)
@@ -138,7 +144,7 @@ def draw_similarity(
             image = ax.imshow(m.numpy(), cmap="viridis", vmin=vmin, vmax=1.0,
                               interpolation="nearest")
             ax.plot(c, r, marker="+", color="red", markersize=8, markeredgewidth=1.5)
-            ax.set_title(f"q = ({r}, {c})  peak {float(m.max()):.2f}", fontsize=8)
+            ax.set_title(f"q = ({r}, {c})  peak {float(m.max()):.3f}", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
     bar.colorbar(image, cax=bar.add_axes((0.08, 0.12, 0.22, 0.72))).set_label("cosine similarity")
@@ -158,22 +164,25 @@ def make_similarity(
     dpi: int = 150,
 ) -> FigureResult:
     """Load a checkpoint, compute both blocks of maps, write the figure and its numbers."""
+    from stoptool.io.checkpoint import read_meta
     from stoptool.io.models import load_model
 
     ckpt = Path(ckpt)
     path = check_out(out, default_path(ckpt, "similarity"))
     check_dpi(dpi)
-    loaded = load_model(ckpt, need_predictor=True)
-    predictor, meta = loaded.model.predictor, loaded.meta
+    # everything the metadata can check is checked before the weights are read
+    meta = read_meta(ckpt)
     trained_sigma = float(meta.get("sigma", 0.0))
     if sigma is None:
         sigma = trained_sigma if trained_sigma > 0 else DEFAULT_SIGMA
-    cells = parse_queries(queries, predictor.grid)
+    check_noise(sigma, draws)
+    cells = parse_queries(queries, checkpoint_grid(meta))
+    predictor = load_model(ckpt, need_predictor=True).model.predictor
     generator = torch.Generator().manual_seed(seed)
     deterministic = similarity_maps(predictor, cells, 0.0)
     stochastic = similarity_maps(predictor, cells, sigma, draws, generator)
     title = (
-        f"Positional similarity of {ckpt.name} ({meta.get('arch', '?')}, trained σ = "
+        f"Positional similarity of {checkpoint_name(ckpt)} ({meta.get('arch', '?')}, trained σ = "
         f"{trained_sigma:g}, step {meta.get('step', '?')}): "
         r"$\cos(\psi_q + A n, \psi_k)$"
     )
