@@ -1,4 +1,9 @@
-"""Build networks from a checkpoint file: the one loader every command uses."""
+"""Build networks from a checkpoint file: the one loader every command uses.
+
+It reads pretrain checkpoints, imported ones (`stoptool import`, possibly encoder-only) and
+encoders exported for timm (`stoptool export --to timm`: timm's bare names, seen here as the
+one encoder they hold).
+"""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,12 +14,26 @@ from stoptool.io.checkpoint import Checkpoint, load_checkpoint
 from stoptool.models.encoder import build_encoder
 from stoptool.models.jepa import JEPA, build_jepa
 
+TIMM_ENCODER = "timm-encoder"  # the `kind` of an exported file
+
 
 @dataclass
 class Loaded:
     model: JEPA  # predictor is None for encoder-only files
     meta: dict
     checkpoint: Checkpoint
+
+
+def stoptool_view(ckpt: Checkpoint) -> Checkpoint:
+    """`ckpt` with its tensors under the usual part prefixes.
+
+    An exported timm file names its tensors as timm does (`blocks.0.attn.qkv.weight`); it
+    holds the target encoder, or the context encoder when exported with `--which context`.
+    """
+    if ckpt.meta.get("kind") != TIMM_ENCODER:
+        return ckpt
+    part = "encoder" if ckpt.meta.get("which") == "context" else "target_encoder"
+    return Checkpoint(ckpt.meta, {f"{part}.{k}": v for k, v in ckpt.tensors.items()})
 
 
 def model_from_checkpoint(ckpt: Checkpoint, source: str = "checkpoint") -> JEPA:
@@ -41,7 +60,7 @@ def model_from_checkpoint(ckpt: Checkpoint, source: str = "checkpoint") -> JEPA:
 
 def load_model(path: str | Path, need_predictor: bool = False) -> Loaded:
     """Load a stoptool checkpoint into a JEPA in eval mode on the CPU."""
-    ckpt = load_checkpoint(path)
+    ckpt = stoptool_view(load_checkpoint(path))
     if need_predictor and not ckpt.has("predictor"):
         raise UserError(f"'{path}' holds an encoder only; this command needs a predictor too")
     model = model_from_checkpoint(ckpt, f"'{path}'").eval()

@@ -1,0 +1,101 @@
+"""Export an encoder for timm: one safetensors file that timm's VisionTransformer loads.
+
+A stoptool encoder *is* a timm `VisionTransformer(class_token=False, global_pool="avg",
+fc_norm=False, ...)`, so the export writes its state dict under timm's names and nothing
+else. The safetensors metadata also says what the file is (`format: stoptool`, `kind:
+timm-encoder`), which timm ignores and `stoptool info` / `load_model` read.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stoptool.errors import UserError
+from stoptool.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from stoptool.io.models import TIMM_ENCODER, stoptool_view
+from stoptool.io.official import check_state, encoder_shapes
+from stoptool.models.encoder import parse_arch
+
+WHICH = {"target": "target_encoder", "context": "encoder"}
+# A registered timm name per size letter; the shape keyword arguments make it the right network.
+TIMM_NAMES = {
+    "t": "vit_tiny_patch16_224", "s": "vit_small_patch16_224", "b": "vit_base_patch16_224",
+    "l": "vit_large_patch16_224", "h": "vit_huge_patch14_224", "g": "vit_giant_patch14_224",
+}
+
+
+@dataclass
+class Exported:
+    out: Path
+    meta: dict[str, Any]
+    params: int
+    line: str  # the Python that loads it with timm.create_model
+
+
+def timm_model_args(arch: str, img_size: int) -> tuple[str, dict[str, Any]]:
+    """A registered model name and the keyword arguments that make it this encoder."""
+    spec, patch = parse_arch(arch)
+    size = {"t": "tiny", "s": "small", "b": "base", "l": "large", "h": "huge", "g": "giant"}
+    letter = arch[len("vit_")]
+    exact = f"vit_{size[letter]}_patch{patch}_{img_size}"
+    try:
+        import timm
+
+        name = exact if timm.is_model(exact) else TIMM_NAMES[letter]
+    except ImportError:
+        name = TIMM_NAMES[letter]
+    kwargs: dict[str, Any] = dict(
+        num_classes=0, class_token=False, global_pool="avg", fc_norm=False, img_size=img_size,
+        patch_size=patch, embed_dim=spec.width, depth=spec.depth, num_heads=spec.heads,
+    )
+    if spec.mlp_ratio != 4.0:
+        kwargs["mlp_ratio"] = spec.mlp_ratio
+    return name, kwargs
+
+
+def timm_line(name: str, kwargs: dict[str, Any], path: Path) -> str:
+    # num_classes=0 in the overlay too: timm then loads strictly (it turns strict off when the
+    # model's class count differs from the pretrained config's, hiding a missing key).
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    overlay = f"pretrained_cfg_overlay=dict(file={str(path)!r}, num_classes=0)"
+    return f"import timm; model = timm.create_model({name!r}, pretrained=True, {overlay}, {args})"
+
+
+def export_timm(ckpt_path: str | Path, out: str | Path, which: str = "target") -> Exported:
+    """Write the `which` encoder ("target" or "context") of `ckpt_path` to `out` for timm."""
+    ckpt_path, out = Path(ckpt_path), Path(out)
+    if which not in WHICH:
+        raise UserError(f"--which must be target or context, got '{which}'")
+    if out.exists() and (out.is_dir() or out.resolve() == ckpt_path.resolve()):
+        raise UserError(f"'{out}' is a directory or the input itself; give a new file name")
+    ckpt = stoptool_view(load_checkpoint(ckpt_path))
+    meta = ckpt.meta
+    part = WHICH[which]
+    if not ckpt.has(part):
+        held = [w for w, p in WHICH.items() if ckpt.has(p)]
+        if not held:
+            raise UserError(f"'{ckpt_path}' holds no encoder weights")
+        raise UserError(f"'{ckpt_path}' holds only the {held[0]} encoder; use --which {held[0]}")
+    if "arch" not in meta or "img_size" not in meta:
+        raise UserError(f"'{ckpt_path}' does not say its arch and image size")
+
+    # every key of timm's encoder, no other, each of its shape: never a half-filled export
+    expected = encoder_shapes(meta["arch"], meta["img_size"])
+    state = ckpt.part(part)
+    check_state(expected, state, f"{which} encoder", ckpt_path, meta["arch"])
+    tensors = {k: state[k].to(torch.float32).contiguous() for k in expected}
+
+    name, kwargs = timm_model_args(meta["arch"], meta["img_size"])
+    out_meta = {
+        "kind": TIMM_ENCODER, "which": which, "source": ckpt_path.name,
+        "arch": meta["arch"], "img_size": meta["img_size"], "patch": parse_arch(meta["arch"])[1],
+        "timm_model": name, "timm_kwargs": kwargs,
+    }
+    for key in ("sigma", "method", "step", "epoch", "data"):
+        if key in meta:
+            out_meta[key] = meta[key]
+    save_checkpoint(out, Checkpoint(out_meta, tensors))
+    line = timm_line(name, kwargs, out.resolve())
+    return Exported(out, out_meta, sum(t.numel() for t in tensors.values()), line)
