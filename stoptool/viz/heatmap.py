@@ -13,7 +13,7 @@ alike; one that has only learned position puts it on j alone.
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from stoptool.config import config_from_dict
 from stoptool.errors import UserError
 from stoptool.masks import MaskConfig, MaskSampler
 from stoptool.models.encoder import encode
@@ -58,18 +59,16 @@ class MaskedPatch:
     position: int  # its place within that block
 
 
+MASK_KEYS = ("num_targets", "target_scale", "target_aspect", "context_scale", "context_aspect",
+             "min_keep", "mask_mode")
+
+
 def mask_config_from_meta(meta: dict, grid: int) -> MaskConfig:
-    """The mask settings a checkpoint was trained with; I-JEPA's defaults where not recorded."""
-    cfg = meta.get("config") or {}
-    kwargs = {}
-    for key in ("num_targets", "target_scale", "target_aspect", "context_scale", "context_aspect",
-                "min_keep"):
-        if cfg.get(key) is not None:
-            value = cfg[key]
-            kwargs[key] = tuple(value) if isinstance(value, list) else value
-    if cfg.get("mask_mode"):
-        kwargs["mode"] = cfg["mask_mode"]
-    return MaskConfig(grid=grid, **kwargs)
+    """The mask settings a checkpoint was trained with; I-JEPA's defaults where not recorded
+    (imported checkpoints carry no config)."""
+    saved = meta.get("config") or {}
+    cfg = config_from_dict({k: saved[k] for k in MASK_KEYS if saved.get(k) is not None})
+    return replace(cfg.mask_config(), grid=grid)
 
 
 def locate(tgt_idx: torch.Tensor, patch: int, grid: int) -> MaskedPatch:
@@ -116,6 +115,11 @@ def predictions_and_targets(
     return pred, targets
 
 
+def check_temperature(temperature: float) -> None:
+    if temperature <= 0:
+        raise UserError(f"--temperature must be positive, got {temperature}")
+
+
 def heatmap_probs(
     model: JEPA,
     image: torch.Tensor,
@@ -128,8 +132,7 @@ def heatmap_probs(
 
     image: [3, H, W] normalized; ctx_idx: [Nc] context patches; tgt_idx: [M, K] target blocks.
     """
-    if temperature <= 0:
-        raise UserError(f"--temperature must be positive, got {temperature}")
+    check_temperature(temperature)
     grid = model.predictor.grid
     located = [locate(tgt_idx, int(p), grid) for p in patches]
     pred, targets = predictions_and_targets(model, image, ctx_idx, tgt_idx)
@@ -197,8 +200,7 @@ def make_heatmap(
     ckpt = Path(ckpt)
     path = check_out(out, default_path(ckpt, "heatmap"))
     check_dpi(dpi)
-    if temperature <= 0:
-        raise UserError(f"--temperature must be positive, got {temperature}")
+    check_temperature(temperature)
     # everything the metadata can check is checked before the weights are read
     meta = read_meta(ckpt)
     grid = checkpoint_grid(meta)

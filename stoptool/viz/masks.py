@@ -6,6 +6,7 @@ the same settings and generator state.
 """
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -91,12 +92,7 @@ def mask_settings(config: str | None, overrides: dict) -> tuple[int, int, MaskCo
         raise UserError(
             f"image size {img_size} is not a positive multiple of the patch size {patch}"
         )
-    mask = MaskConfig(
-        grid=img_size // patch, num_targets=cfg.num_targets, target_scale=cfg.target_scale,
-        target_aspect=cfg.target_aspect, context_scale=cfg.context_scale,
-        context_aspect=cfg.context_aspect, min_keep=cfg.min_keep, mode=cfg.mask_mode,
-    ).validate()
-    return img_size, patch, mask
+    return img_size, patch, replace(cfg.mask_config(), grid=img_size // patch).validate()
 
 
 def make_masks(
