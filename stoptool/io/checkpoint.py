@@ -52,8 +52,8 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     umask = os.umask(0)
     os.umask(umask)
     try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a checkpoint is not
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a checkpoint is not
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -86,7 +86,10 @@ def _open(path: str | Path, tensors: bool) -> Checkpoint:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
             if raw.get("format") != FORMAT or "meta" not in raw:
-                raise UserError(f"'{path}' is a safetensors file but not a stoptool checkpoint")
+                raise UserError(
+                    f"'{path}' is a safetensors file but not a stoptool checkpoint "
+                    "(for plain encoder weights, run 'stoptool import' first)"
+                )
             meta = json.loads(raw["meta"])
             data = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except (SafetensorError, OSError, ValueError) as err:

@@ -76,3 +76,13 @@ def test_random_bytes_and_missing_file(tmp_path):
         load_checkpoint(path)
     with pytest.raises(UserError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, Checkpoint({"kind": "pretrain"}, {"encoder.w": torch.zeros(2)}))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
