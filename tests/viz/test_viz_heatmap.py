@@ -8,7 +8,7 @@ from stoptool.errors import UserError
 from stoptool.masks import MaskConfig, MaskSampler
 from stoptool.models.encoder import encode
 from stoptool.models.jepa import build_jepa
-from stoptool.viz.heatmap import block_centres, heatmap_probs, locate
+from stoptool.viz.heatmap import block_centres, heatmap_probs, locate, predictions_and_targets
 
 GRID = 8
 
@@ -90,3 +90,12 @@ def test_block_centres_lie_inside_their_blocks(setup):
     _, _, _, tgt = setup
     for centre in block_centres(tgt, GRID):
         assert centre.index in tgt[centre.block].tolist()
+
+
+def test_targets_are_the_layer_normed_target_encoder_tokens(setup):
+    model, image, ctx, tgt = setup
+    pred, targets = predictions_and_targets(model, image, ctx, tgt)
+    with torch.no_grad():
+        h = encode(model.target_encoder, image[None])
+    assert torch.allclose(targets, F.layer_norm(h, h.shape[-1:])[0], atol=1e-5)
+    assert pred.shape == (*tgt.shape, h.shape[-1])
