@@ -17,7 +17,20 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 demo: $(STAMP)
 	$(BIN)/stoptool pretrain --out $(DEMO_OUT)
-	@echo "demo outputs: $(DEMO_OUT) (checkpoint $(DEMO_OUT)/latest.safetensors, metrics $(DEMO_OUT)/metrics.jsonl)"
+	$(BIN)/stoptool probe $(DEMO_OUT)/latest.safetensors --out $(DEMO_OUT)/probe.json
+	$(BIN)/stoptool probe --random-init --arch $$($(BIN)/python -c "import yaml; print(yaml.safe_load(open('$(DEMO_OUT)/config.yaml'))['arch'])") \
+		--img-size $$($(BIN)/python -c "import yaml; print(yaml.safe_load(open('$(DEMO_OUT)/config.yaml'))['img_size'])") \
+		--out $(DEMO_OUT)/probe-random-init.json
+	$(BIN)/stoptool viz similarity $(DEMO_OUT)/latest.safetensors --out $(DEMO_OUT)/figures/similarity.png
+	$(BIN)/stoptool viz heatmap $(DEMO_OUT)/latest.safetensors --out $(DEMO_OUT)/figures/heatmap.png
+	$(BIN)/stoptool viz masks --config $(DEMO_OUT)/config.yaml --out $(DEMO_OUT)/figures/masks.png
+	$(BIN)/stoptool viz curves $(DEMO_OUT) --out $(DEMO_OUT)/figures/curves.png
+	@echo
+	@echo "demo outputs in $(DEMO_OUT)/:"
+	@echo "  checkpoint   $(DEMO_OUT)/latest.safetensors   (stoptool info $(DEMO_OUT)/latest.safetensors)"
+	@echo "  metrics      $(DEMO_OUT)/metrics.jsonl"
+	@echo "  probes       $(DEMO_OUT)/probe.json  $(DEMO_OUT)/probe-random-init.json"
+	@echo "  figures      $(DEMO_OUT)/figures/{similarity,heatmap,masks,curves}.png"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
