@@ -16,10 +16,12 @@ from stoptool.models.encoder import encode
 from stoptool.models.jepa import build_jepa
 from stoptool.train.runtime import (
     DTYPES,
+    attention_impl,
     autocast_factory,
     compile_blocks,
     resolve_device,
     resolve_precision,
+    set_attention,
 )
 from stoptool.train.step import StepInputs, param_groups, train_step
 
@@ -38,7 +40,7 @@ class BenchConfig:
     pred_width: int = 384
     pred_depth: int = 6
     sigma: float = 0.25
-    attn: str = "sdpa"  # sdpa | math (hand-written attention, as the released code)
+    attn: str = "auto"  # auto | sdpa | math (plain matmul attention, as the released code)
     grad_checkpoint: bool = False
     compile: bool = False
     threads: int | None = None
@@ -115,9 +117,8 @@ def bench(cfg: BenchConfig) -> dict:
     ).validate()
     torch.manual_seed(0)
     model = build_jepa(pcfg).to(device)
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = cfg.attn == "sdpa"
+    attn = attention_impl(cfg.attn, device, precision)
+    set_attention(model, attn)
     if cfg.grad_checkpoint:
         model.encoder.set_grad_checkpointing(True)
         model.predictor.grad_checkpointing = True

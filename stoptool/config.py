@@ -31,6 +31,7 @@ CHOICES = {
     "cov": ("learned", "fixed"),
     "mask_mode": ("multiblock", "random"),
     "precision": ("auto", "bf16", "fp16", "fp32"),
+    "attn": ("auto", "sdpa", "math"),
 }
 
 
@@ -80,6 +81,7 @@ class PretrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
+    attn: str = "auto"
     workers: int | None = None
     save_every: int = 10
     log_every: int = 10

@@ -80,7 +80,7 @@ def test_mask_bench(tmp_path):
     "args, message",
     [
         (["--what", "everything"], "--what must be train, extract or masks"),
-        (["--attn", "flash"], "--attn must be sdpa or math"),
+        (["--attn", "flash"], "--attn must be auto, sdpa or math"),
         (["--arch", "vit_b16", "--img-size", "100"], "not divisible"),
         (["--steps", "0"], "--steps must be positive"),
     ],

@@ -28,11 +28,13 @@ from stoptool.io.checkpoint import (
 from stoptool.masks import MaskSampler
 from stoptool.models.jepa import JEPA, build_jepa
 from stoptool.train.runtime import (
+    attention_impl,
     autocast_factory,
     compile_blocks,
     default_workers,
     resolve_device,
     resolve_precision,
+    set_attention,
 )
 from stoptool.train.schedules import make_schedules
 from stoptool.train.step import NonFiniteLoss, StepInputs, param_groups, train_step
@@ -201,6 +203,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
     if step >= last_step:
         return RunResult(run_dir, latest, step, step // ipe, None, 0.0, None, already_done=True)
 
+    set_attention(model, attention_impl(cfg.attn, device, precision))
     if cfg.grad_checkpoint:
         model.encoder.set_grad_checkpointing(True)
         model.predictor.grad_checkpointing = True

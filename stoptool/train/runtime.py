@@ -84,3 +84,22 @@ def compile_blocks(model) -> str | None:
             block._compiled_call_impl = None
         return f"{type(err).__name__}: {str(err).splitlines()[0][:160]}" if str(err) else type(err).__name__
     return None
+
+
+def attention_impl(requested: str, device: torch.device, precision: str) -> str:
+    """'sdpa' (fused scaled_dot_product_attention) or 'math' (q kᵀ, softmax, · v).
+
+    'auto' picks math for bf16 on the CPU: there the fused CPU kernel is 2–3× slower than
+    the plain matmuls on the short sequences of I-JEPA (docs/performance.md); everywhere
+    else the fused kernel wins.
+    """
+    if requested != "auto":
+        return requested
+    return "math" if device.type == "cpu" and precision == "bf16" else "sdpa"
+
+
+def set_attention(model: torch.nn.Module, impl: str) -> None:
+    """Switch every timm attention layer of `model` to the fused or the plain path."""
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = impl == "sdpa"
