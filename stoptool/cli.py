@@ -58,45 +58,46 @@ def print_table(title: str, rows: dict) -> None:
 @app.command()
 @user_errors
 def pretrain(
-    arch: str | None = typer.Option(None, help="Encoder: vit_{t,s,b,l,h,g}<patch>, e.g. vit_b16, vit_t4. [default: vit_t4]"),
-    sigma: float | None = typer.Option(None, help="StoP noise standard deviation σ; 0 is plain I-JEPA. [default: 0.25]"),
-    dataset: str | None = typer.Option(None, help="'digits' (bundled) or a path to an ImageFolder tree. [default: digits]"),
+    arch: str | None = typer.Option(None, help="Encoder: vit_{t,s,b,l,h,g}<patch>, e.g. vit_b16, vit_t4. (default: vit_t4)"),
+    sigma: float | None = typer.Option(None, help="StoP noise standard deviation σ; 0 is plain I-JEPA. (default: 0.25)"),
+    dataset: str | None = typer.Option(None, help="'digits' (bundled) or a path to an ImageFolder tree. (default: digits)"),
     config: str | None = typer.Option(None, "--config", help="A preset name (e.g. stop-vitb16-in1k) or a YAML file; flags override it."),
-    img_size: int | None = typer.Option(None, help="Image side in pixels; a multiple of the patch size. [default: 32]"),
-    batch_size: int | None = typer.Option(None, help="Global batch size. [default: 128]"),
-    epochs: int | None = typer.Option(None, help="Epochs (schedules span ipe_scale × epochs). [default: 40]"),
+    img_size: int | None = typer.Option(None, help="Image side in pixels; a multiple of the patch size. (default: 224; 8 patches a side for patches of 4 px or less, e.g. 32 for vit_t4)"),
+    batch_size: int | None = typer.Option(None, help="Global batch size. (default: 64)"),
+    epochs: int | None = typer.Option(None, help="Epochs (schedules span ipe_scale × epochs). (default: 5)"),
     steps: int | None = typer.Option(None, help="Stop after this many steps in total (schedules unchanged)."),
     lr: float | None = typer.Option(None, help="Peak learning rate after warmup."),
     start_lr: float | None = typer.Option(None, help="Learning rate at step 0."),
     final_lr: float | None = typer.Option(None, help="Learning rate at the end of the cosine."),
-    warmup: float | None = typer.Option(None, help="Warmup length in epochs."),
+    warmup: float | None = typer.Option(None, help="Warmup length in epochs. (default: 1)"),
     wd: float | None = typer.Option(None, help="Weight decay at the start (cosine to --final-wd)."),
     final_wd: float | None = typer.Option(None, help="Weight decay at the end."),
     ipe_scale: float | None = typer.Option(None, help="Schedules run over ipe_scale × epochs."),
-    pred_depth: int | None = typer.Option(None, help="Predictor depth. [default: 6]"),
-    pred_width: int | None = typer.Option(None, help="Predictor width d_p. [default: 384]"),
+    pred_depth: int | None = typer.Option(None, help="Predictor depth. (default: 2)"),
+    pred_width: int | None = typer.Option(None, help="Predictor width d_p. (default: 96)"),
     pred_pos: str | None = typer.Option(None, help="Predictor positions: sincos | learned (paper Table 6)."),
     noise_on: str | None = typer.Option(None, help="Where the noise goes: masked | context | both (Table 7)."),
     cov: str | None = typer.Option(None, help="Noise covariance: learned (σ²AAᵀ) | fixed (σ²I in predictor width)."),
     a_l1: float | None = typer.Option(None, help="λ of an l1 penalty λ‖A‖₁ on the predictor's input projection."),
     mask_mode: str | None = typer.Option(None, help="multiblock (I-JEPA) | random (MAE-style)."),
-    num_targets: int | None = typer.Option(None, help="Target blocks per image. [default: 4]"),
-    target_scale: str | None = typer.Option(None, help="Target block scale MIN,MAX. [default: 0.15,0.2]"),
-    target_aspect: str | None = typer.Option(None, help="Target block aspect MIN,MAX. [default: 0.75,1.5]"),
-    context_scale: str | None = typer.Option(None, help="Context block scale MIN,MAX. [default: 0.85,1.0]"),
-    min_keep: int | None = typer.Option(None, help="A mask keeps more than this many patches. [default: 10 at 14×14, scaled]"),
-    crop_scale: str | None = typer.Option(None, help="Random-resized-crop area MIN,MAX. [default: 0.3,1.0]"),
+    num_targets: int | None = typer.Option(None, help="Target blocks per image. (default: 4)"),
+    target_scale: str | None = typer.Option(None, help="Target block scale MIN,MAX. (default: 0.15,0.2)"),
+    target_aspect: str | None = typer.Option(None, help="Target block aspect MIN,MAX. (default: 0.75,1.5)"),
+    context_scale: str | None = typer.Option(None, help="Context block scale MIN,MAX. (default: 0.85,1.0)"),
+    min_keep: int | None = typer.Option(None, help="A mask keeps more than this many patches. (default: 10 at 14×14, scaled)"),
+    crop_scale: str | None = typer.Option(None, help="Random-resized-crop area MIN,MAX. (default: 0.3,1.0)"),
     hflip: float | None = typer.Option(None, help="Horizontal flip probability."),
     blur: float | None = typer.Option(None, help="Gaussian blur probability."),
     gray: float | None = typer.Option(None, help="Grayscale probability."),
     subset: str | None = typer.Option(None, help="File of image paths (one per line) to keep from an ImageFolder."),
-    out: str | None = typer.Option(None, help="Run directory. [default: runs/<data>-<arch>-sigma<σ>]"),
-    seed: int | None = typer.Option(None, help="Random seed. [default: 0]"),
-    device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N. [default: auto]"),
-    precision: str | None = typer.Option(None, help="auto | bf16 | fp16 | fp32 (auto: bf16 where fast). [default: auto]"),
-    workers: int | None = typer.Option(None, help="Data loader workers. [default: auto]"),
-    save_every: int | None = typer.Option(None, help="Write latest and a snapshot every N epochs. [default: 10]"),
-    log_every: int | None = typer.Option(None, help="Log metrics every N steps. [default: 10]"),
+    out: str | None = typer.Option(None, help="Run directory. (default: runs/<data>-<arch>-sigma<σ>)"),
+    seed: int | None = typer.Option(None, help="Random seed. (default: 0)"),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N. (default: auto)"),
+    precision: str | None = typer.Option(None, help="auto | bf16 | fp16 | fp32 (auto: bf16 where fast). (default: auto)"),
+    attn: str | None = typer.Option(None, help="Attention: auto | sdpa (fused) | math (plain matmuls); auto picks math for bf16 on CPU. (default: auto)"),
+    workers: int | None = typer.Option(None, help="Data loader workers. (default: auto)"),
+    save_every: int | None = typer.Option(None, help="Write latest and a snapshot every N epochs. (default: 10)"),
+    log_every: int | None = typer.Option(None, help="Log metrics every N steps. (default: 10)"),
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="Use torch.compile."),
     grad_checkpoint: bool | None = typer.Option(None, "--grad-checkpoint/--no-grad-checkpoint", help="Recompute activations to save memory."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Resume from the run directory's latest checkpoint."),
@@ -122,7 +123,8 @@ def pretrain(
 
     with _ProgressBar(quiet) as bar:
         try:
-            result = run_pretrain(cfg, resume=resume, progress=bar.update)
+            result = run_pretrain(cfg, resume=resume, progress=bar.update,
+                                  notify=lambda text: err_console.print(f"note: {text}"))
         except Interrupted as stop:
             bar.stop()
             err_console.print(f"interrupted: checkpoint saved to {stop.checkpoint}")
@@ -245,7 +247,7 @@ def import_cmd(
     rows = {"checkpoint": res.out, "source": meta["source"], "arch": meta["arch"],
             "img_size": meta["img_size"], "patch": meta["patch"]}
     if "method" in meta:
-        rows["kind"] = f"{meta['method']} ({meta['method_from']})"
+        rows["kind"] = f"{meta['method']}: {meta['method_from']}"
     if "predictor" in res.parts:
         rows.update({"sigma": meta["sigma"], "predictor": f"{meta['pred_depth']} × {meta['pred_width']}",
                      "pred_pos": meta["pred_pos"], "m̃ from": meta["mask_token_from"]})
@@ -383,6 +385,170 @@ def viz_curves(
     from stoptool.viz.curves import make_curves
 
     _report_figure("curves", make_curves(run_dirs, out, dpi))
+
+
+@app.command()
+@user_errors
+def bench(
+    arch: str = typer.Option("vit_s16", help="Encoder arch."),
+    img_size: int = typer.Option(224, help="Image side in pixels."),
+    batch_size: int = typer.Option(16, help="Batch size."),
+    precision: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    steps: int = typer.Option(5, help="Timed steps per repeat."),
+    warmup: int = typer.Option(2, help="Untimed warm-up steps."),
+    repeats: int = typer.Option(3, help="Repeats; the median is reported with min and max."),
+    what: str = typer.Option("train", help="train (whole step) | extract (probe features) | masks (mask sampler)."),
+    pred_width: int = typer.Option(384, help="Predictor width."),
+    pred_depth: int = typer.Option(6, help="Predictor depth."),
+    sigma: float = typer.Option(0.25, help="StoP σ (0: I-JEPA)."),
+    attn: str = typer.Option("auto", help="auto | sdpa (fused) | math (plain matmuls); auto: math for bf16 on CPU, else sdpa."),
+    grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute activations."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks."),
+    threads: int | None = typer.Option(None, help="torch threads (default: all cores)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the figures to this JSON file."),
+):
+    """Measure img/s, FLOPs per image, achieved FLOP/s and its share of the device's matmul rate."""
+    from stoptool.bench import BenchConfig
+    from stoptool.bench import bench as run_bench
+    from stoptool.config import CHOICES
+
+    if what not in ("train", "extract", "masks"):
+        raise UserError(f"--what must be train, extract or masks, got '{what}'")
+    if attn not in CHOICES["attn"]:
+        raise UserError(f"--attn must be auto, sdpa or math, got '{attn}'")
+    if precision not in CHOICES["precision"]:
+        raise UserError(f"--precision must be one of {', '.join(CHOICES['precision'])}, got '{precision}'")
+    for name, value in (("steps", steps), ("repeats", repeats), ("batch-size", batch_size)):
+        if value <= 0:
+            raise UserError(f"--{name} must be positive, got {value}")
+    if warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {warmup}")
+    cfg = BenchConfig(arch, img_size, batch_size, precision, device, steps, warmup, repeats, what,
+                      pred_width, pred_depth, sigma, attn, grad_checkpoint, compile, threads)
+    from stoptool.config import PretrainConfig
+
+    PretrainConfig(arch=arch, img_size=img_size, pred_width=pred_width, pred_depth=pred_depth).validate()
+    result = run_bench(cfg)
+    rows = {}
+    if what == "masks":
+        rows = {
+            "grid": f"{result['grid']}×{result['grid']}", "batch": batch_size, "threads": 1,
+            "batches/s": f"{result['batches_per_s']:.1f} (min {result['batches_per_s_min']:.1f}, max {result['batches_per_s_max']:.1f})",
+            "ms/batch": f"{result['ms_per_batch']:.2f}",
+        }
+    else:
+        rows = {
+            "what": what, "arch": f"{arch} @ {img_size}px, batch {batch_size}",
+            "device": f"{result['device']} ({result['torch_threads']} threads)", "precision": result["precision"],
+            "img/s": f"{result['img_per_s']:.1f} (min {result['img_per_s_min']:.1f}, max {result['img_per_s_max']:.1f})",
+            "ms/step": f"{result['ms_per_step']:.1f}",
+            "GFLOP/image": f"{result['flops_per_image'] / 1e9:.2f}",
+            "achieved": f"{result['achieved_flops'] / 1e9:.1f} GFLOP/s",
+            "matmul rate": f"{result['matmul_flops'] / 1e9:.1f} GFLOP/s ({result['precision']})",
+            "share of matmul rate": f"{100 * result['share_of_matmul_rate']:.1f} %",
+            "peak memory": f"{result['peak_memory_mib']:.0f} MiB",
+        }
+        if "compile_failed" in result:
+            rows["compile"] = f"unavailable, ran eagerly: {result['compile_failed']}"
+        rows["attention"] = result["attn"]
+    print_table("bench", rows)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {json_out}")
+
+
+@app.command()
+@user_errors
+def probe(
+    ckpt: Path | None = typer.Argument(None, help="A stoptool checkpoint (pretrain, imported or encoder-only), or a run directory (its latest)."),
+    dataset: str = typer.Option("digits", help="digits (bundled) | cifar10 | cifar100 | PATH with train/ and val/ ImageFolder trees."),
+    data_root: Path | None = typer.Option(None, help="Where CIFAR's release archive or extracted folder lives. (default: ~/.cache/stoptool/data)"),
+    download: bool = typer.Option(False, "--download", help="Fetch the CIFAR archive into --data-root when it is missing."),
+    train_dir: Path | None = typer.Option(None, help="ImageFolder tree of training images (with --val-dir, instead of --dataset)."),
+    val_dir: Path | None = typer.Option(None, help="ImageFolder tree of test images."),
+    subset: Path | None = typer.Option(None, help="Keep only the training images named in this file, one file name per line (the 1 % ImageNet subset format)."),
+    fraction: float = typer.Option(1.0, help="Class-balanced, seeded share of the training labels to use, in (0, 1]."),
+    layers: str = typer.Option("last", help="last: average-pooled last block | last4: the last four blocks' pools concatenated."),
+    method: str = typer.Option("logreg", help="logreg (scikit-learn) | linear (torch, GPU) | knn (cosine, k=20) | all."),
+    img_size: int | None = typer.Option(None, help="Evaluation image size (resize + centre crop). (default: the checkpoint's; 8 patches (or 224 px for patch >= 14) with --random-init)"),
+    which: str = typer.Option("target", help="Which encoder of a pretrain checkpoint: target (EMA, the one the paper evaluates) | context."),
+    random_init: bool = typer.Option(False, "--random-init", help="Probe an untrained encoder of --arch (seeded): the baseline."),
+    arch: str | None = typer.Option(None, help="Arch of the --random-init encoder, e.g. vit_t4."),
+    batch_size: int = typer.Option(128, help="Images per batch during feature extraction."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    precision: str = typer.Option("auto", help="Extraction precision: auto (bf16 where fast) | bf16 | fp16 | fp32."),
+    workers: int | None = typer.Option(None, help="Data loader workers for extraction. (default: auto)"),
+    cache_dir: Path | None = typer.Option(None, help="Feature cache directory. (default: ~/.cache/stoptool/features)"),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse and store extracted features."),
+    seed: int = typer.Option(0, help="Seed of --fraction, the held-out split, the linear probe and --random-init."),
+    out: Path | None = typer.Option(None, help="JSON results file. (default: <ckpt stem>.probe-<dataset>.json beside the checkpoint)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Linear, logistic and k-NN probes of frozen encoder features (top-1, top-5), as a table and JSON."""
+    from stoptool.config import CHOICES
+    from stoptool.probe import ProbeConfig, run_probe
+
+    if precision not in CHOICES["precision"]:
+        raise UserError(f"--precision must be one of {', '.join(CHOICES['precision'])}, got '{precision}'")
+    cfg = ProbeConfig(
+        ckpt=str(ckpt) if ckpt is not None else None, dataset=dataset,
+        data_root=str(data_root) if data_root else None, download=download,
+        train_dir=str(train_dir) if train_dir else None, val_dir=str(val_dir) if val_dir else None,
+        subset=str(subset) if subset else None, fraction=fraction, layers=layers, method=method,
+        img_size=img_size, which=which, random_init=random_init, arch=arch, batch_size=batch_size,
+        device=device, precision=precision, workers=workers,
+        cache_dir=str(cache_dir) if cache_dir else None, cache=cache, seed=seed,
+        out=str(out) if out else None,
+    )
+    with _ExtractBar(quiet) as bar:
+        report = run_probe(cfg, progress=bar.update)
+    info = report.info
+    title = (f"probe {info['encoder']} ({info['which']}, {info['arch']} @ {info['img_size']}px) "
+             f"on {info['dataset']}")
+    table = Table(title=title, title_justify="left")
+    for col in ("method", "layers", "train", "test", "dim", "top-1", "top-5", "seconds"):
+        table.add_column(col, justify="left" if col in ("method", "layers") else "right")
+    for r in report.rows:
+        top5 = f"{100 * r['top5']:.2f}" if r["top5"] is not None else "-"
+        train = f"{r['train']}" + (f" ({r['fraction']:g})" if r["fraction"] < 1 else "")
+        table.add_row(r["method"], r["layers"], train, str(r["test"]), str(r["dim"]),
+                      f"{100 * r['top1']:.2f}", top5, f"{r['seconds']:.1f}")
+    console.print(table)
+    cached = "features from cache" if not report.extracted else f"extracted: {', '.join(report.extracted)}"
+    if info["skipped_images"]:
+        cached += f"; {info['skipped_images']} unreadable images skipped"
+    console.print(f"{cached}; results in {report.json_path}", highlight=False)
+
+
+class _ExtractBar:
+    """A rich progress bar for feature extraction, one task per split."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.progress, self.tasks = quiet, None, {}
+
+    def __enter__(self):
+        if not self.quiet:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                TextColumn("[bold]features {task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), console=err_console, transient=True,
+            )
+            self.progress.start()
+        return self
+
+    def update(self, split: str, done: int, total: int) -> None:
+        if self.progress is None:
+            return
+        if split not in self.tasks:
+            self.tasks[split] = self.progress.add_task(split, total=total)
+        self.progress.update(self.tasks[split], completed=done)
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.stop()
 
 
 def main() -> None:

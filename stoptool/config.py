@@ -41,8 +41,8 @@ class PretrainConfig:
     arch: str = "vit_t4"
     img_size: int | None = None  # 224, or 8 patches a side for patches of 4 px or less
     sigma: float = 0.25
-    pred_depth: int = 6
-    pred_width: int = 384
+    pred_depth: int = 2
+    pred_width: int = 96
     pred_pos: str = "sincos"
     noise_on: str = "masked"
     cov: str = "learned"
@@ -63,13 +63,13 @@ class PretrainConfig:
     blur: float = 0.0
     gray: float = 0.0
     # optimization
-    epochs: int = 40
+    epochs: int = 5
     steps: int | None = None
-    batch_size: int = 128
+    batch_size: int = 64
     lr: float = 1e-3
     start_lr: float = 2e-4
     final_lr: float = 1e-6
-    warmup: float = 4.0
+    warmup: float = 1.0
     wd: float = 0.04
     final_wd: float = 0.4
     ema: tuple[float, float] = (0.996, 1.0)

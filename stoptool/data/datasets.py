@@ -1,7 +1,8 @@
 """Labelled image sets behind one small interface: `len`, `load(i)` -> RGB PIL image, `labels`.
 
-Bundled and offline: scikit-learn's digits. On disk: any ImageFolder tree
-(`root/class/img.jpg`), optionally restricted by a subset file of relative paths.
+Bundled and offline: scikit-learn's digits. On disk: CIFAR-10/100 in the release format
+(`stoptool.data.cifar`) and any ImageFolder tree (`root/class/img.jpg`), optionally
+restricted by a subset file of relative paths.
 """
 
 from collections.abc import Sequence
@@ -99,14 +100,23 @@ def _apply_subset(root: Path, files: list[tuple[Path, int]], subset: Path) -> li
     return kept
 
 
-def open_dataset(name: str, split: str = "train", subset: str | None = None) -> ImageDataset:
-    """`digits`, or a path to an ImageFolder tree (its `split` sub-directory when present)."""
+def open_dataset(name: str, split: str = "train", subset: str | None = None,
+                 root: str | Path | None = None, download: bool = False) -> ImageDataset:
+    """`digits`, `cifar10`/`cifar100` (from `root`, see `stoptool.data.cifar`), or a path to an
+    ImageFolder tree (its `split` sub-directory when present)."""
     if name == "digits":
         return digits(split)
+    if name in ("cifar10", "cifar100"):
+        from stoptool.data.cifar import load_cifar
+
+        if subset is not None:
+            raise UserError("--subset keeps images of an ImageFolder tree; CIFAR has none to name")
+        return load_cifar(name, split, root, download)
     path = Path(name).expanduser()
     if not path.exists():
         raise UserError(
-            f"unknown dataset '{name}': use 'digits' or a path to an ImageFolder directory"
+            f"unknown dataset '{name}': use digits, cifar10, cifar100 or a path to an "
+            "ImageFolder directory"
         )
     if (path / split).is_dir():
         path = path / split

@@ -1,0 +1,304 @@
+"""`stoptool probe`: load a frozen encoder, get (cached) features, fit the probes, report.
+
+Everything a user can get wrong (paths, names, sizes, fractions) is checked before any
+feature is extracted or any file written.
+"""
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stoptool.data.datasets import FolderDataset, ImageDataset, digits, open_dataset
+from stoptool.errors import UserError
+from stoptool.models.encoder import build_encoder, parse_arch
+from stoptool.probe.features import (
+    LAYERS,
+    Features,
+    cache_key,
+    dataset_fingerprint,
+    default_cache_dir,
+    encoder_fingerprint,
+    extract_features,
+    load_cached,
+    save_cached,
+)
+from stoptool.probe.knn import knn_probe
+from stoptool.probe.linear import linear_probe
+from stoptool.probe.logreg import logreg_probe
+from stoptool.probe.subset import balanced_subset
+from stoptool.train.runtime import default_workers, resolve_device, resolve_precision
+
+METHODS = ("logreg", "linear", "knn")
+BUILTIN = ("digits", "cifar10", "cifar100")
+
+
+@dataclass
+class ProbeConfig:
+    ckpt: str | None = None
+    dataset: str = "digits"
+    data_root: str | None = None
+    download: bool = False
+    train_dir: str | None = None
+    val_dir: str | None = None
+    subset: str | None = None
+    fraction: float = 1.0
+    layers: str = "last"
+    method: str = "logreg"  # or linear, knn, all
+    img_size: int | None = None
+    which: str = "target"  # target | context
+    random_init: bool = False
+    arch: str | None = None
+    batch_size: int = 128
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int | None = None
+    cache_dir: str | None = None
+    cache: bool = True
+    seed: int = 0
+    out: str | None = None
+
+    def methods(self) -> tuple[str, ...]:
+        return METHODS if self.method == "all" else (self.method,)
+
+
+@dataclass
+class ProbeReport:
+    rows: list[dict]
+    info: dict
+    json_path: Path
+    extracted: list[str] = field(default_factory=list)  # splits computed (not from cache)
+
+
+@dataclass
+class Encoder:
+    net: torch.nn.Module
+    arch: str
+    img_size: int
+    source: str  # checkpoint path or "random-init"
+    meta: dict
+
+
+def default_img_size(patch: int) -> int:
+    """A grid of 8 patches for small patches (the CPU-sized presets), 224 px otherwise."""
+    return 224 if patch >= 14 else 8 * patch
+
+
+def _check_img_size(arch: str, img_size: int) -> None:
+    patch = parse_arch(arch)[1]
+    if img_size <= 0 or img_size % patch:
+        raise UserError(
+            f"--img-size {img_size} is not a positive multiple of the patch size {patch} of {arch}"
+        )
+
+
+def load_encoder(cfg: ProbeConfig) -> Encoder:
+    if cfg.which not in ("target", "context"):
+        raise UserError(f"--which must be target or context, got '{cfg.which}'")
+    if cfg.random_init:
+        if cfg.ckpt is not None:
+            raise UserError("give either a checkpoint or --random-init, not both")
+        if cfg.arch is None:
+            raise UserError("--random-init needs --arch (e.g. --arch vit_t4)")
+        _, patch = parse_arch(cfg.arch)
+        img_size = cfg.img_size or default_img_size(patch)
+        _check_img_size(cfg.arch, img_size)
+        torch.manual_seed(cfg.seed)
+        return Encoder(build_encoder(cfg.arch, img_size).eval(), cfg.arch, img_size, "random-init",
+                       {"seed": cfg.seed})
+    if cfg.ckpt is None:
+        raise UserError("give a checkpoint to probe, or --random-init --arch NAME")
+    if cfg.arch is not None:
+        raise UserError("--arch is for --random-init; a checkpoint names its own arch")
+    from stoptool.io.models import load_model
+
+    loaded = load_model(cfg.ckpt)
+    meta = loaded.meta
+    net = loaded.model.target_encoder if cfg.which == "target" else loaded.model.encoder
+    arch, img_size = meta["arch"], meta["img_size"]
+    if cfg.img_size and cfg.img_size != img_size:
+        _check_img_size(arch, cfg.img_size)
+        # The positions are fixed sine-cosine, so the encoder is exact at any grid: rebuild
+        # it for the new size and keep every trained weight.
+        resized = build_encoder(arch, cfg.img_size)
+        state = {k: v for k, v in net.state_dict().items() if k != "pos_embed"}
+        resized.load_state_dict(state, strict=False)
+        net, img_size = resized, cfg.img_size
+    keep = ("kind", "arch", "img_size", "sigma", "step", "epoch", "source")
+    return Encoder(net.eval(), arch, img_size, str(cfg.ckpt), {k: meta[k] for k in keep if k in meta})
+
+
+def open_splits(cfg: ProbeConfig) -> tuple[ImageDataset, ImageDataset, str]:
+    """(train, test, tag): tag names the data set in file names and tables."""
+    if cfg.train_dir or cfg.val_dir:
+        if not (cfg.train_dir and cfg.val_dir):
+            raise UserError("--train-dir and --val-dir go together")
+        train = FolderDataset(cfg.train_dir, cfg.subset)
+        test = FolderDataset(cfg.val_dir)
+        tag = Path(cfg.train_dir).resolve().parent.name or "folder"
+    elif cfg.dataset in BUILTIN:
+        if cfg.subset is not None:
+            raise UserError("--subset keeps images of an ImageFolder tree; use it with a PATH data set")
+        if cfg.dataset == "digits":
+            train, test = digits("train"), digits("test")
+        else:
+            train = open_dataset(cfg.dataset, "train", root=cfg.data_root, download=cfg.download)
+            test = open_dataset(cfg.dataset, "test", root=cfg.data_root)
+        tag = cfg.dataset
+    else:
+        root = Path(cfg.dataset).expanduser()
+        if not root.is_dir():
+            raise UserError(
+                f"unknown dataset '{cfg.dataset}': use digits, cifar10, cifar100 or a directory "
+                "with train/ and val/ ImageFolder trees"
+            )
+        val = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+        if not (root / "train").is_dir() or val is None:
+            raise UserError(
+                f"'{root}' needs train/ and val/ sub-directories (ImageNet layout); "
+                "or give --train-dir and --val-dir"
+            )
+        train = FolderDataset(root / "train", cfg.subset)
+        test = FolderDataset(val)
+        tag = root.resolve().name
+    if list(train.classes) != list(test.classes):
+        raise UserError(
+            f"the training and test splits have different classes ({len(train.classes)} vs "
+            f"{len(test.classes)}): they must hold the same class folders"
+        )
+    return train, test, tag
+
+
+def validate(cfg: ProbeConfig) -> None:
+    if not 0 < cfg.fraction <= 1:
+        raise UserError(f"--fraction must be in (0, 1], got {cfg.fraction}")
+    if cfg.layers not in LAYERS:
+        raise UserError(f"--layers must be one of {', '.join(LAYERS)}, got '{cfg.layers}'")
+    if cfg.method not in METHODS + ("all",):
+        raise UserError(f"--method must be one of {', '.join(METHODS)}, all; got '{cfg.method}'")
+    if cfg.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {cfg.batch_size}")
+    if cfg.ckpt is not None and Path(cfg.ckpt).is_dir():  # a run directory: its latest
+        if not (Path(cfg.ckpt) / "latest.safetensors").is_file():
+            raise UserError(f"'{cfg.ckpt}' is a directory without a latest.safetensors checkpoint")
+        cfg.ckpt = str(Path(cfg.ckpt) / "latest.safetensors")
+    if cfg.ckpt is not None and not Path(cfg.ckpt).is_file():
+        raise UserError(f"checkpoint '{cfg.ckpt}' does not exist")
+
+
+def default_json_path(cfg: ProbeConfig, enc: Encoder, tag: str) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    tag = tag.replace("/", "_")
+    if cfg.random_init:
+        return Path("runs") / f"random-init-{enc.arch}-{enc.img_size}px.probe-{tag}.json"
+    ckpt = Path(cfg.ckpt)
+    return ckpt.with_name(f"{ckpt.stem}.probe-{tag}.json")
+
+
+def get_features(enc: Encoder, data: ImageDataset, split: str, cfg: ProbeConfig,
+                 device: torch.device, precision: str, enc_hash: str,
+                 progress: Callable | None, extracted: list[str]) -> Features:
+    key = cache_key(enc_hash, dataset_fingerprint(data), split, cfg.layers, enc.img_size, precision)
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    if cfg.cache:
+        hit = load_cached(cache_dir, key)
+        if hit is not None:
+            return hit
+    workers = cfg.workers if cfg.workers is not None else default_workers(
+        device, not isinstance(data, FolderDataset))
+    feats = extract_features(
+        enc.net, data, enc.img_size, cfg.layers, cfg.batch_size, device, precision, workers,
+        progress=(lambda done, total: progress(split, done, total)) if progress else None,
+    )
+    extracted.append(split)
+    if cfg.cache:
+        save_cached(cache_dir, key, feats)
+    return feats
+
+
+def run_probe(cfg: ProbeConfig, progress: Callable[[str, int, int], None] | None = None) -> ProbeReport:
+    """Probe per `cfg`. `progress(split, done, total)` is called during feature extraction."""
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    enc = load_encoder(cfg)
+    train, test, tag = open_splits(cfg)
+    json_path = default_json_path(cfg, enc, tag)
+    if json_path.exists() and json_path.is_dir():
+        raise UserError(f"output path '{json_path}' is a directory")
+
+    enc_hash = encoder_fingerprint(enc.net)
+    extracted: list[str] = []
+    f_train = get_features(enc, train, "train", cfg, device, precision, enc_hash, progress, extracted)
+    f_test = get_features(enc, test, "test", cfg, device, precision, enc_hash, progress, extracted)
+    idx = balanced_subset(f_train.y, cfg.fraction, cfg.seed)
+    x_train, y_train = f_train.x[idx], f_train.y[idx]
+    num_classes = len(train.classes)
+
+    rows = []
+    for method in cfg.methods():
+        start = time.perf_counter()
+        if method == "logreg":
+            res = logreg_probe(x_train, y_train, f_test.x, f_test.y, num_classes, seed=cfg.seed)
+        elif method == "linear":
+            res = linear_probe(x_train, y_train, f_test.x, f_test.y, num_classes, seed=cfg.seed,
+                               device=device)
+        else:
+            res = knn_probe(x_train, y_train, f_test.x, f_test.y, num_classes, device=device)
+        rows.append({
+            "method": method, "layers": cfg.layers, "fraction": cfg.fraction,
+            "train": int(len(y_train)), "test": int(len(f_test.y)), "dim": int(x_train.shape[1]),
+            "top1": res["top1"], "top5": res["top5"],
+            "seconds": round(time.perf_counter() - start, 3), "params": res["params"],
+        })
+
+    info = {
+        "encoder": enc.source, "which": "random-init" if cfg.random_init else cfg.which,
+        "arch": enc.arch, "img_size": enc.img_size, "encoder_sha256": enc_hash,
+        "checkpoint_meta": enc.meta, "dataset": tag, "classes": num_classes,
+        "train_images": len(train), "test_images": len(test),
+        "skipped_images": f_train.skipped + f_test.skipped, "precision": precision,
+        "device": str(device), "seed": cfg.seed,
+    }
+    write_json(json_path, info, rows)
+    return ProbeReport(rows, info, json_path, extracted)
+
+
+def _row_key(row: dict) -> tuple:
+    return row["method"], row["layers"], row["fraction"]
+
+
+def write_json(path: Path, info: dict, rows: list[dict]) -> None:
+    """Write the results; rows of other methods/layers/fractions already in the file for the
+    same encoder and data set are kept, so successive probes add up."""
+    kept = []
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+            same = all(old.get(k) == info[k] for k in ("encoder_sha256", "dataset", "img_size", "which"))
+            if same:
+                new_keys = {_row_key(r) for r in rows}
+                kept = [r for r in old.get("results", []) if _row_key(r) not in new_keys]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            kept = []
+    doc = {**info, "results": kept + rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=_jsonable) + "\n")
+    tmp.replace(path)
+
+
+def _jsonable(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(type(obj).__name__)
+
+
+

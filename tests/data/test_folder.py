@@ -1,0 +1,49 @@
+"""ImageFolder trees and subset files (the 1 % ImageNet subset format)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stoptool.data.datasets import FolderDataset
+from stoptool.errors import UserError
+
+
+@pytest.fixture
+def tree(tmp_path):
+    for cls in ("n01", "n02", "n03"):
+        (tmp_path / cls).mkdir()
+        for i in range(4):
+            Image.fromarray(np.full((8, 8, 3), i * 40, np.uint8)).save(tmp_path / cls / f"{cls}_{i}.JPEG")
+    return tmp_path
+
+
+def test_all_images_with_class_labels(tree):
+    ds = FolderDataset(tree)
+    assert len(ds) == 12 and ds.classes == ["n01", "n02", "n03"]
+    assert ds.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert ds.load(5).size == (8, 8)
+
+
+def test_subset_keeps_exactly_the_listed_images(tree, tmp_path_factory):
+    listed = ["n01_2.JPEG", "n02_0.JPEG", "n03_3.JPEG", "n03_1.JPEG"]
+    subset = tmp_path_factory.mktemp("s") / "1percent.txt"
+    subset.write_text("\n".join(listed) + "\n\n")
+    ds = FolderDataset(tree, subset)
+    assert sorted(f.name for f in ds.files) == sorted(listed)
+    assert dict(zip((f.name for f in ds.files), ds.labels.tolist())) == {
+        "n01_2.JPEG": 0, "n02_0.JPEG": 1, "n03_1.JPEG": 2, "n03_3.JPEG": 2,
+    }
+    assert ds.classes == ["n01", "n02", "n03"]  # labels keep the full class list
+
+
+def test_subset_by_relative_path(tree, tmp_path_factory):
+    subset = tmp_path_factory.mktemp("s") / "rel.txt"
+    subset.write_text("n02/n02_3.JPEG\n")
+    assert [f.name for f in FolderDataset(tree, subset).files] == ["n02_3.JPEG"]
+
+
+def test_subset_naming_no_image_is_a_user_error(tree, tmp_path_factory):
+    subset = tmp_path_factory.mktemp("s") / "none.txt"
+    subset.write_text("nothing.JPEG\n")
+    with pytest.raises(UserError, match="names no image"):
+        FolderDataset(tree, subset)

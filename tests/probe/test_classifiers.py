@@ -1,0 +1,102 @@
+"""The three probes on synthetic features: separable -> ~1, shuffled labels -> chance;
+k-NN against a brute-force reference."""
+
+import numpy as np
+import pytest
+
+from stoptool.probe.knn import knn_probe, knn_scores
+from stoptool.probe.linear import linear_probe
+from stoptool.probe.logreg import logreg_probe
+from stoptool.probe.metrics import topk_accuracy
+
+CLASSES = 10
+
+
+def separable(seed=0, n_train=500, n_test=300, dim=24):
+    """Gaussian blobs far apart: linearly separable with a wide margin."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0, 1, (CLASSES, dim)) * 6
+    def draw(n):
+        y = rng.integers(0, CLASSES, n)
+        return (means[y] + rng.normal(0, 1, (n, dim)) + 3.0).astype(np.float32), y
+    return (*draw(n_train), *draw(n_test))
+
+
+def run(method, *data, **kw):
+    if method == "logreg":
+        return logreg_probe(*data, CLASSES)
+    if method == "linear":
+        return linear_probe(*data, CLASSES, min_steps=300, **kw)
+    return knn_probe(*data, CLASSES)
+
+
+@pytest.mark.parametrize("method", ["logreg", "linear", "knn"])
+def test_separable_features_are_learned(method):
+    res = run(method, *separable())
+    assert res["top1"] >= 0.99
+    assert res["top5"] >= res["top1"]
+
+
+@pytest.mark.parametrize("method", ["logreg", "linear", "knn"])
+def test_shuffled_labels_give_chance(method):
+    x_tr, y_tr, x_te, y_te = separable(seed=1, n_test=2000)
+    rng = np.random.default_rng(2)
+    # labels drawn independently of the features, for training and test alike
+    res = run(method, x_tr, rng.permutation(y_tr), x_te, rng.permutation(y_te))
+    assert abs(res["top1"] - 1 / CLASSES) < 0.04  # std of chance here is about 0.007
+    assert abs(res["top5"] - 5 / CLASSES) < 0.06
+
+
+def test_top5_only_with_more_than_five_classes():
+    x_tr, y_tr, x_te, y_te = separable()
+    keep_tr, keep_te = y_tr < 5, y_te < 5
+    res = logreg_probe(x_tr[keep_tr], y_tr[keep_tr], x_te[keep_te], y_te[keep_te], 5)
+    assert res["top5"] is None and res["top1"] >= 0.99
+
+
+def test_logreg_picks_c_on_held_out_training_data():
+    res = logreg_probe(*separable(), CLASSES)
+    grid = res["params"]["held_out_accuracy"]
+    assert len(grid) >= 4 and res["params"]["C"] in {float(c) for c in grid}
+    assert grid[str(res["params"]["C"])] == max(grid.values())
+
+
+def test_linear_probe_is_repeatable():
+    data = separable(seed=3)
+    x_tr, y_tr, x_te, y_te = data
+    y_tr = np.random.default_rng(0).permutation(y_tr)  # a hard problem, so results vary with the seed
+    a = linear_probe(x_tr, y_tr, x_te, y_te, CLASSES, seed=5, min_steps=100)
+    b = linear_probe(x_tr, y_tr, x_te, y_te, CLASSES, seed=5, min_steps=100)
+    assert a["top1"] == b["top1"]
+
+
+def brute_force_knn(x_train, y_train, x_test, k, temperature, classes):
+    """One test image at a time, in plain Python, straight from the definition."""
+    out = np.zeros((len(x_test), classes))
+    for i, q in enumerate(x_test):
+        sims = [float(np.dot(q, t) / (np.linalg.norm(q) * np.linalg.norm(t))) for t in x_train]
+        for j in sorted(range(len(sims)), key=lambda j: -sims[j])[:k]:
+            out[i, y_train[j]] += np.exp(sims[j] / temperature)
+    return out
+
+
+def test_knn_equals_brute_force():
+    rng = np.random.default_rng(4)
+    x_tr = rng.normal(size=(120, 8)).astype(np.float32)
+    y_tr = rng.integers(0, 7, 120)
+    x_te = rng.normal(size=(40, 8)).astype(np.float32)
+    y_te = rng.integers(0, 7, 40)
+    fast = knn_scores(x_tr, y_tr, x_te, 7, k=20, temperature=0.07, chunk=16)
+    ref = brute_force_knn(x_tr, y_tr, x_te, 20, 0.07, 7)
+    np.testing.assert_allclose(fast, ref, rtol=1e-4)
+    res = knn_probe(x_tr, y_tr, x_te, y_te, 7)
+    assert res["top1"] == topk_accuracy(ref, y_te, 1)
+    assert res["top5"] == topk_accuracy(ref, y_te, 5)
+
+
+def test_topk_accuracy():
+    scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])
+    y = np.array([1, 1, 0])
+    assert topk_accuracy(scores, y, 1) == pytest.approx(1 / 3)
+    assert topk_accuracy(scores, y, 2) == pytest.approx(2 / 3)
+    assert topk_accuracy(scores, y, 3) == 1.0

@@ -1,0 +1,171 @@
+"""`stoptool probe` end to end on a tiny ImageFolder: table, JSON, cache, and one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from stoptool.cli import app
+from stoptool.io.checkpoint import Checkpoint, save_checkpoint
+from stoptool.models.jepa import build_jepa
+from stoptool.probe import run as probe_run
+from stoptool.train.pretrain import model_meta, model_tensors
+
+runner = CliRunner(env={"COLUMNS": "400"})
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """train/ and val/ trees, 3 classes told apart by brightness, 16×16 PNGs."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for c, level in (("dark", 30), ("mid", 128), ("light", 220)):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                arr = np.clip(level + rng.normal(0, 10, (16, 16, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(root / split / c / f"{c}{i}.png")
+    return root
+
+
+def make_ckpt(path, tiny_cfg, seed=0):
+    cfg = tiny_cfg()
+    torch.manual_seed(seed)
+    model = build_jepa(cfg)
+    save_checkpoint(path, Checkpoint({"kind": "pretrain", **model_meta(cfg), "step": 0, "epoch": 0},
+                                     model_tensors(model)))
+    return path
+
+
+def probe(*args, cache_dir):
+    return runner.invoke(app, ["probe", *args, "--cache-dir", str(cache_dir), "--precision", "fp32", "-q"])
+
+
+def test_probe_prints_a_table_and_writes_json_beside_the_checkpoint(tmp_path, folder, tiny_cfg):
+    ckpt = make_ckpt(tmp_path / "run" / "latest.safetensors", tiny_cfg)
+    result = probe(str(ckpt), "--dataset", str(folder), "--method", "all", cache_dir=tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    for text in ("method", "logreg", "linear", "knn", "top-1", "192", "24", "12"):
+        assert text in result.stdout
+    out = tmp_path / "run" / f"latest.probe-{folder.name}.json"
+    doc = json.loads(out.read_text())
+    assert doc["arch"] == "vit_t2" and doc["which"] == "target" and doc["classes"] == 3
+    rows = {r["method"]: r for r in doc["results"]}
+    assert set(rows) == {"logreg", "linear", "knn"}
+    assert all(rows[m]["train"] == 24 and rows[m]["test"] == 12 and rows[m]["dim"] == 192 for m in rows)
+    assert all(0 <= rows[m]["top1"] <= 1 and rows[m]["top5"] is None for m in rows)
+    # a later probe with other layers adds its rows to the same file
+    result = probe(str(ckpt), "--dataset", str(folder), "--layers", "last4", cache_dir=tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert {(r["method"], r["layers"], r["dim"]) for r in doc["results"]} >= {
+        ("logreg", "last", 192), ("logreg", "last4", 768)}
+    # a run directory stands for its latest checkpoint
+    result = probe(str(tmp_path / "run"), "--dataset", str(folder), "--fraction", "0.5",
+                   cache_dir=tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    assert any(r["fraction"] == 0.5 for r in json.loads(out.read_text())["results"])
+
+
+def test_cache_is_hit_then_invalidated_by_a_new_checkpoint(tmp_path, folder, tiny_cfg, monkeypatch):
+    ckpt = make_ckpt(tmp_path / "a.safetensors", tiny_cfg, seed=0)
+    cfg = probe_run.ProbeConfig(ckpt=str(ckpt), dataset=str(folder), cache_dir=str(tmp_path / "c"),
+                                precision="fp32", out=str(tmp_path / "r.json"))
+    first = probe_run.run_probe(cfg)
+    assert first.extracted == ["train", "test"]
+
+    def no_extraction(*a, **k):
+        raise AssertionError("features were extracted again")
+
+    real = probe_run.extract_features
+    monkeypatch.setattr(probe_run, "extract_features", no_extraction)
+    cfg.method = "knn"
+    second = probe_run.run_probe(cfg)  # another method: same features, from the cache
+    assert second.extracted == []
+    cfg.method = "logreg"
+    assert probe_run.run_probe(cfg).rows[0]["top1"] == first.rows[0]["top1"]
+
+    make_ckpt(ckpt, tiny_cfg, seed=1)  # same path, other weights
+    with pytest.raises(AssertionError, match="extracted again"):
+        probe_run.run_probe(cfg)
+    monkeypatch.setattr(probe_run, "extract_features", real)
+    assert probe_run.run_probe(cfg).extracted == ["train", "test"]
+
+
+def test_cache_key_covers_layers_split_and_image_size(tmp_path, folder, tiny_cfg):
+    ckpt = make_ckpt(tmp_path / "a.safetensors", tiny_cfg)
+    base = dict(ckpt=str(ckpt), dataset=str(folder), cache_dir=str(tmp_path / "c"), precision="fp32",
+                out=str(tmp_path / "r.json"))
+    assert probe_run.run_probe(probe_run.ProbeConfig(**base)).extracted == ["train", "test"]
+    assert probe_run.run_probe(probe_run.ProbeConfig(**base, layers="last4")).extracted == ["train", "test"]
+    assert probe_run.run_probe(probe_run.ProbeConfig(**base, img_size=24)).extracted == ["train", "test"]
+    # an untrained checkpoint: the context encoder has the same weights, so the same key
+    assert probe_run.run_probe(probe_run.ProbeConfig(**base, which="context")).extracted == []
+    assert probe_run.run_probe(probe_run.ProbeConfig(**base, cache=False)).extracted == ["train", "test"]
+
+
+def test_random_init_and_fraction(tmp_path, folder):
+    out = tmp_path / "ri.json"
+    result = probe("--random-init", "--arch", "vit_t2", "--img-size", "16", "--dataset", str(folder),
+                   "--fraction", "0.5", "--out", str(out), cache_dir=tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["which"] == "random-init" and doc["encoder"] == "random-init"
+    assert doc["results"][0]["train"] == 12 and doc["results"][0]["fraction"] == 0.5
+
+
+def test_train_and_val_dirs_with_subset(tmp_path, folder, tiny_cfg):
+    ckpt = make_ckpt(tmp_path / "a.safetensors", tiny_cfg)
+    subset = tmp_path / "subset.txt"
+    subset.write_text("dark0.png\nmid3.png\nlight1.png\nlight2.png\n")
+    out = tmp_path / "r.json"
+    result = probe(str(ckpt), "--train-dir", str(folder / "train"), "--val-dir", str(folder / "val"),
+                   "--subset", str(subset), "--method", "knn", "--out", str(out), cache_dir=tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["train_images"] == 4 and doc["results"][0]["train"] == 4 and doc["test_images"] == 12
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["/no/such/ckpt.safetensors"], "checkpoint '/no/such/ckpt.safetensors' does not exist"),
+        (["--random-init", "--arch", "vit_t2", "--dataset", "imagenet-x"], "unknown dataset 'imagenet-x'"),
+        (["--random-init", "--arch", "vit_t2", "--fraction", "0"], "--fraction must be in (0, 1]"),
+        (["--random-init", "--arch", "vit_t2", "--fraction", "1.5"], "--fraction must be in (0, 1]"),
+        (["--random-init", "--arch", "vit_t2", "--layers", "all"], "--layers must be one of last, last4"),
+        (["--random-init", "--arch", "vit_t2", "--method", "svm"], "--method must be one of"),
+        (["--random-init"], "--random-init needs --arch"),
+        ([], "give a checkpoint to probe"),
+        (["--random-init", "--arch", "vit_t2", "--img-size", "15"],
+         "not a positive multiple of the patch size 2"),
+        (["--random-init", "--arch", "vit_t2", "--dataset", "cifar10", "--data-root", "{tmp}"],
+         "CIFAR-10 not found: put cifar-10-python.tar.gz"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = probe(*args, "--out", str(tmp_path / "r.json"), cache_dir=tmp_path / "c")
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_subset_naming_no_image_exits_2(tmp_path, folder):
+    subset = tmp_path / "s.txt"
+    subset.write_text("no_such_image.JPEG\n")
+    result = probe("--random-init", "--arch", "vit_t2", "--dataset", str(folder), "--subset", str(subset),
+                   "--out", str(tmp_path / "r.json"), cache_dir=tmp_path / "c")
+    assert result.exit_code == 2
+    assert "names no image" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_a_folder_without_train_and_val_is_explained(tmp_path, folder):
+    result = probe("--random-init", "--arch", "vit_t2", "--dataset", str(folder / "train"),
+                   "--out", str(tmp_path / "r.json"), cache_dir=tmp_path / "c")
+    assert result.exit_code == 2 and "needs train/ and val/" in result.stderr
