@@ -130,6 +130,7 @@ def bench(cfg: BenchConfig) -> dict:
         **{k: v for k, v in asdict(cfg).items() if k != "what"},
         "precision": precision,
         "device": str(device),
+        "attn": attn,
         "torch_threads": torch.get_num_threads(),
         "compiled": cfg.compile and compile_note is None,
     }

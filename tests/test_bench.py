@@ -42,6 +42,7 @@ def test_train_bench_json(tmp_path):
     assert r["achieved_flops"] == pytest.approx(expected * r["img_per_s"])
     assert r["share_of_matmul_rate"] == pytest.approx(r["achieved_flops"] / r["matmul_flops"])
     assert "share of matmul rate" in result.output
+    assert r["attn"] == "sdpa"  # fp32 on the CPU keeps the fused kernel
 
 
 def test_extract_bench_counts_a_forward(tmp_path):
