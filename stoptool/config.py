@@ -41,8 +41,8 @@ class PretrainConfig:
     arch: str = "vit_t4"
     img_size: int | None = None  # 224, or 8 patches a side for patches of 4 px or less
     sigma: float = 0.25
-    pred_depth: int = 2
-    pred_width: int = 96
+    pred_depth: int | None = None  # the paper's 6 (ViT-S/B) or 12 (ViT-L/H/g); 2 for CPU-sized archs
+    pred_width: int | None = None  # the paper's 384; 96 for CPU-sized archs
     pred_pos: str = "sincos"
     noise_on: str = "masked"
     cov: str = "learned"
@@ -90,9 +90,16 @@ class PretrainConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
+        # Archs with patches of 4 px or less are the CPU-sized demo setting (calibrated in
+        # docs/reproducing.md); every other arch gets the paper's sizes.
+        spec, patch = parse_arch(self.arch)
+        small = patch <= 4
         if self.img_size is None:
-            patch = parse_arch(self.arch)[1]
-            self.img_size = 224 if patch > 4 else 8 * patch
+            self.img_size = 8 * patch if small else 224
+        if self.pred_width is None:
+            self.pred_width = 96 if small else 384
+        if self.pred_depth is None:
+            self.pred_depth = 2 if small else (6 if spec.depth <= 12 else 12)
 
     @property
     def patch(self) -> int:

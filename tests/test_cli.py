@@ -135,9 +135,13 @@ def test_presets_match_the_paper(preset):
     assert (cfg.wd, cfg.final_wd) == (0.04, 0.4)
 
 
-def test_image_size_defaults_follow_the_arch():
+def test_size_defaults_follow_the_arch():
     sizes = {}
-    for arch in ("vit_b16", "vit_t4", "vit_s8"):
+    for arch in ("vit_b16", "vit_t4", "vit_s8", "vit_l16", "vit_h14"):
         result = runner.invoke(app, ["pretrain", "--arch", arch, "--print-config"])
-        sizes[arch] = yaml.safe_load(result.stdout)["img_size"]
-    assert sizes == {"vit_b16": 224, "vit_t4": 32, "vit_s8": 224}
+        cfg = yaml.safe_load(result.stdout)
+        sizes[arch] = (cfg["img_size"], cfg["pred_depth"], cfg["pred_width"])
+    assert sizes == {
+        "vit_b16": (224, 6, 384), "vit_t4": (32, 2, 96), "vit_s8": (224, 6, 384),
+        "vit_l16": (224, 12, 384), "vit_h14": (224, 12, 384),
+    }
