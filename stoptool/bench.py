@@ -90,7 +90,7 @@ def _peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # whole process, KiB on Linux
 
 
-def _summary(cfg: BenchConfig, seconds: list[float], items: int, unit: str) -> dict:
+def _summary(seconds: list[float], items: int, unit: str) -> dict:
     med = statistics.median(seconds)
     return {
         f"{unit}_per_s": items / med,
@@ -145,7 +145,7 @@ def bench(cfg: BenchConfig) -> dict:
 
         seconds = _timed(extract, device, cfg.steps, cfg.warmup, cfg.repeats)
         flops = encoder_flops(cfg.arch, cfg.img_size)
-        result.update(_summary(cfg, seconds, cfg.batch_size, "img"))
+        result.update(_summary(seconds, cfg.batch_size, "img"))
     else:
         sampler = MaskSampler(pcfg.mask_config())
         ctx, tgt = sampler(cfg.batch_size, torch.Generator().manual_seed(0))
@@ -169,7 +169,7 @@ def bench(cfg: BenchConfig) -> dict:
             cfg.sigma,
         )
         flops = counted.total
-        result.update(_summary(cfg, seconds, cfg.batch_size, "img"))
+        result.update(_summary(seconds, cfg.batch_size, "img"))
         result.update(context_tokens=ctx.shape[1], target_tokens=tgt.shape[2])
     result["flops_per_image"] = flops
     result["achieved_flops"] = flops * result["img_per_s"]

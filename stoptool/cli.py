@@ -426,11 +426,7 @@ def bench(
         raise UserError(f"--warmup must be >= 0, got {warmup}")
     cfg = BenchConfig(arch, img_size, batch_size, precision, device, steps, warmup, repeats, what,
                       pred_width, pred_depth, sigma, attn, grad_checkpoint, compile, threads)
-    from stoptool.config import PretrainConfig
-
-    PretrainConfig(arch=arch, img_size=img_size, pred_width=pred_width, pred_depth=pred_depth).validate()
-    result = run_bench(cfg)
-    rows = {}
+    result = run_bench(cfg)  # validates arch, sizes and predictor shape before any work
     if what == "masks":
         rows = {
             "grid": f"{result['grid']}×{result['grid']}", "batch": batch_size, "threads": 1,

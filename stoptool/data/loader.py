@@ -27,7 +27,8 @@ class AugmentedImages(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[tuple[int, int, int], torch.Tensor, int]:
+        """The key (the collate seeds the batch's masks from it), the image, files skipped."""
         epoch, _, index = key
         rng = random.Random(_seed(self.seed, epoch, index))
         skipped = 0
@@ -39,7 +40,7 @@ class AugmentedImages(Dataset):
             except (OSError, ValueError):
                 skipped += 1
                 continue
-            return self.transform(img, rng), skipped
+            return key, self.transform(img, rng), skipped
         raise RuntimeError("no readable image left in the data set")
 
 
@@ -47,27 +48,13 @@ class MaskCollate:
     def __init__(self, sampler: MaskSampler, seed: int):
         self.sampler, self.seed = sampler, seed
 
-    def __call__(self, items: list[tuple[tuple[int, int, int], tuple[torch.Tensor, int]]]):
-        keys = [k for k, _ in items]
-        images = torch.stack([x for _, (x, _) in items])
-        skipped = sum(s for _, (_, s) in items)
-        epoch, batch, _ = keys[0]
+    def __call__(self, items: list[tuple[tuple[int, int, int], torch.Tensor, int]]):
+        images = torch.stack([x for _, x, _ in items])
+        skipped = sum(s for _, _, s in items)
+        epoch, batch, _ = items[0][0]
         gen = torch.Generator().manual_seed(_seed(self.seed, epoch, batch, -1))
         ctx_idx, tgt_idx = self.sampler(len(items), gen)
         return images, ctx_idx, tgt_idx, skipped
-
-
-class _Keyed(Dataset):
-    """Wraps a dataset so that items come back with their key (needed by the collate)."""
-
-    def __init__(self, inner: AugmentedImages):
-        self.inner = inner
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, key):
-        return key, self.inner[key]
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, start: int = 0):
@@ -89,7 +76,7 @@ def pretrain_loader(
     pin_memory: bool = False,
 ) -> DataLoader:
     return DataLoader(
-        _Keyed(AugmentedImages(data, transform, seed)),
+        AugmentedImages(data, transform, seed),
         batch_sampler=list(epoch_batches(len(data), batch_size, seed, epoch, start)),
         collate_fn=MaskCollate(sampler, seed),
         num_workers=workers,
