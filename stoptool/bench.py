@@ -5,7 +5,7 @@ sampler, with FLOPs counted from the shapes and set against the device's own mat
 import resource
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -23,13 +23,13 @@ from stoptool.train.runtime import (
     resolve_precision,
     set_attention,
 )
-from stoptool.train.step import StepInputs, param_groups, train_step
+from stoptool.train.step import StepInputs, make_optimizer, train_step
 
 
 @dataclass
 class BenchConfig:
     arch: str = "vit_s16"
-    img_size: int = 224
+    img_size: int | None = None  # the arch's pretraining default: 224, or 8 patches a side
     batch_size: int = 16
     precision: str = "auto"
     device: str = "auto"
@@ -37,8 +37,8 @@ class BenchConfig:
     warmup: int = 2
     repeats: int = 3
     what: str = "train"  # train | extract | masks
-    pred_width: int = 384
-    pred_depth: int = 6
+    pred_width: int | None = None  # None: what `stoptool pretrain` uses for the arch
+    pred_depth: int | None = None
     sigma: float = 0.25
     attn: str = "auto"  # auto | sdpa | math (plain matmul attention, as the released code)
     grad_checkpoint: bool = False
@@ -116,6 +116,7 @@ def bench(cfg: BenchConfig) -> dict:
         pred_depth=cfg.pred_depth,
     ).validate()
     torch.manual_seed(0)
+    cfg = replace(cfg, img_size=pcfg.img_size, pred_width=pcfg.pred_width, pred_depth=pcfg.pred_depth)
     model = build_jepa(pcfg).to(device)
     attn = attention_impl(cfg.attn, device, precision)
     set_attention(model, attn)
@@ -150,7 +151,7 @@ def bench(cfg: BenchConfig) -> dict:
         sampler = MaskSampler(pcfg.mask_config())
         ctx, tgt = sampler(cfg.batch_size, torch.Generator().manual_seed(0))
         inputs = StepInputs(images, ctx.to(device), tgt.to(device))
-        optimizer = torch.optim.AdamW(param_groups(model), lr=1e-4)
+        optimizer = make_optimizer(model, 1e-4, 0.04)
         scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         model.train()
 
@@ -186,6 +187,7 @@ def bench_masks(cfg: BenchConfig) -> dict:
     torch.set_num_threads(1)
     try:
         pcfg = PretrainConfig(arch=cfg.arch, img_size=cfg.img_size).validate()
+        cfg = replace(cfg, img_size=pcfg.img_size)
         sampler = MaskSampler(pcfg.mask_config())
         gen = torch.Generator().manual_seed(0)
         seconds = _timed(

@@ -391,7 +391,7 @@ def viz_curves(
 @user_errors
 def bench(
     arch: str = typer.Option("vit_s16", help="Encoder arch."),
-    img_size: int = typer.Option(224, help="Image side in pixels."),
+    img_size: int | None = typer.Option(None, help="Image side in pixels. (default: as pretrain: 224; 8 patches a side for patches of 4 px or less)"),
     batch_size: int = typer.Option(16, help="Batch size."),
     precision: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
@@ -399,8 +399,8 @@ def bench(
     warmup: int = typer.Option(2, help="Untimed warm-up steps."),
     repeats: int = typer.Option(3, help="Repeats; the median is reported with min and max."),
     what: str = typer.Option("train", help="train (whole step) | extract (probe features) | masks (mask sampler)."),
-    pred_width: int = typer.Option(384, help="Predictor width."),
-    pred_depth: int = typer.Option(6, help="Predictor depth."),
+    pred_width: int | None = typer.Option(None, help="Predictor width. (default: as pretrain: 384; 96 for patches of 4 px or less)"),
+    pred_depth: int | None = typer.Option(None, help="Predictor depth. (default: as pretrain: 6 for ViT-S/B, 12 for ViT-L/H/g, 2 for patches of 4 px or less)"),
     sigma: float = typer.Option(0.25, help="StoP σ (0: I-JEPA)."),
     attn: str = typer.Option("auto", help="auto | sdpa (fused) | math (plain matmuls); auto: math for bf16 on CPU, else sdpa."),
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute activations."),
@@ -435,7 +435,8 @@ def bench(
         }
     else:
         rows = {
-            "what": what, "arch": f"{arch} @ {img_size}px, batch {batch_size}",
+            "what": what, "arch": f"{arch} @ {result['img_size']}px, batch {batch_size}",
+            **({"predictor": f"{result['pred_depth']} × {result['pred_width']}"} if what == "train" else {}),
             "device": f"{result['device']} ({result['torch_threads']} threads)", "precision": result["precision"],
             "img/s": f"{result['img_per_s']:.1f} (min {result['img_per_s_min']:.1f}, max {result['img_per_s_max']:.1f})",
             "ms/step": f"{result['ms_per_step']:.1f}",

@@ -45,6 +45,17 @@ def test_train_bench_json(tmp_path):
     assert r["attn"] == "sdpa"  # fp32 on the CPU keeps the fused kernel
 
 
+def test_train_bench_defaults_to_what_pretrain_runs(tmp_path):
+    """Without size or predictor flags the bench times the step `stoptool pretrain` would run."""
+    out = tmp_path / "d.json"
+    args = ["bench", "--arch", "vit_t2", "--batch-size", "2", "--steps", "1", "--warmup", "0"]
+    result = runner.invoke(app, [*args, "--repeats", "1", "--precision", "fp32", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    assert (r["img_size"], r["pred_depth"], r["pred_width"]) == (16, 2, 96)  # 8 patches a side, 2 × 96
+    assert "2 × 96" in result.output
+
+
 def test_extract_bench_counts_a_forward(tmp_path):
     out = tmp_path / "e.json"
     result = runner.invoke(app, ["bench", *TINY, "--what", "extract", "--json", str(out)])

@@ -37,7 +37,7 @@ from stoptool.train.runtime import (
     set_attention,
 )
 from stoptool.train.schedules import make_schedules
-from stoptool.train.step import NonFiniteLoss, StepInputs, param_groups, train_step
+from stoptool.train.step import NonFiniteLoss, StepInputs, make_optimizer, train_step, use_fused_like
 
 LATEST = "latest.safetensors"
 METRICS = "metrics.jsonl"
@@ -189,12 +189,12 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
 
     torch.manual_seed(cfg.seed)
     model = build_jepa(cfg).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model), lr=cfg.start_lr, weight_decay=cfg.wd)
+    optimizer = make_optimizer(model, cfg.start_lr, cfg.wd)
     step = 0
     if saved is not None:
         for part in ("encoder", "target_encoder", "predictor"):
             getattr(model, part).load_state_dict(saved.part(part))
-        groups = saved.meta["optimizer_groups"]
+        groups = use_fused_like(optimizer, saved.meta["optimizer_groups"])
         optimizer.load_state_dict(optimizer_state(saved.part_raw("opt."), groups))
         step = saved.meta["step"]
         torch.set_rng_state(saved.tensors["rng.cpu"])

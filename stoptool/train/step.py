@@ -108,6 +108,23 @@ def trainable(model: JEPA) -> list[torch.nn.Parameter]:
     return [p for p in params if p.requires_grad]
 
 
+def make_optimizer(model: JEPA, lr: float, wd: float) -> torch.optim.AdamW:
+    """AdamW over `param_groups`, with the fused kernel where this torch has one for the device
+    (one pass over all parameters instead of a dozen per tensor: about 5 % of a vit_s16 step
+    on a 2-core CPU). The update is the same AdamW either way."""
+    try:
+        return torch.optim.AdamW(param_groups(model), lr=lr, weight_decay=wd, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(param_groups(model), lr=lr, weight_decay=wd)
+
+
+def use_fused_like(optimizer: torch.optim.Optimizer, groups: list[dict]) -> list[dict]:
+    """Saved param groups with this optimizer's kernel choice, so that a checkpoint written with
+    (or without) the fused kernel resumes on a machine or torch that decides otherwise."""
+    keys = ("fused", "foreach")
+    return [{**g, **{k: optimizer.param_groups[0].get(k) for k in keys}} for g in groups]
+
+
 def param_groups(model: JEPA) -> list[dict]:
     """AdamW groups: biases and 1-D parameters (norm scales) carry no weight decay; everything
     else does, the mask token included, as in the released code."""

@@ -5,7 +5,7 @@ import torch
 from stoptool.masks import MaskSampler
 from stoptool.models.jepa import build_jepa
 from stoptool.train.runtime import autocast_factory
-from stoptool.train.step import StepInputs, ema_update, param_groups, train_step
+from stoptool.train.step import StepInputs, ema_update, make_optimizer, param_groups, train_step, use_fused_like
 
 
 def _batch(cfg, sampler, gen, images):
@@ -66,3 +66,38 @@ def test_weight_decay_skips_biases_and_1d(tiny_cfg):
     assert all(p.ndim == 1 for p in no_decay["params"])
     assert any(p is model.predictor.mask_token for p in decay["params"])
     assert not any(p is model.encoder.pos_embed for g in (decay, no_decay) for p in g["params"])
+
+
+def _three_steps(cfg, opt_factory):
+    torch.manual_seed(0)
+    model = build_jepa(cfg).train()
+    opt = opt_factory(model)
+    sampler = MaskSampler(cfg.mask_config())
+    gen = torch.Generator().manual_seed(0)
+    ac = autocast_factory(torch.device("cpu"), "fp32")
+    images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        train_step(model, opt, _batch(cfg, sampler, gen, images), 1e-3, 0.04, 0.996, ac)
+    return model, opt
+
+
+def test_training_optimizer_is_plain_adamw_with_its_groups(tiny_cfg):
+    """make_optimizer (fused kernel where available) takes the same steps as torch's
+    reference AdamW over the same groups."""
+    cfg = tiny_cfg(sigma=0.25)
+    fused, opt = _three_steps(cfg, lambda m: make_optimizer(m, 1e-3, 0.04))
+    plain, _ = _three_steps(cfg, lambda m: torch.optim.AdamW(param_groups(m), lr=1e-3, foreach=False))
+    assert [len(g["params"]) for g in opt.param_groups] == [len(g["params"]) for g in param_groups(fused)]
+    for a, b in zip(fused.state_dict().values(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_saved_groups_take_the_current_kernel_choice(tiny_cfg):
+    """A checkpoint's param groups written with (or without) the fused kernel load into an
+    optimizer that chose otherwise, and keep their hyperparameters."""
+    model = build_jepa(tiny_cfg())
+    opt = make_optimizer(model, 1e-3, 0.04)
+    saved = [{**g, "fused": not g.get("fused"), "foreach": True, "lr": 0.5} for g in opt.state_dict()["param_groups"]]
+    groups = use_fused_like(opt, saved)
+    assert [g["fused"] for g in groups] == [opt.param_groups[0]["fused"]] * len(groups)
+    assert [g["lr"] for g in groups] == [0.5] * len(groups)
