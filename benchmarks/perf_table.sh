@@ -7,16 +7,29 @@ device=${2:-auto}
 mkdir -p "$out"
 st=${STOPTOOL:-stoptool}
 run() { name=$1; shift; echo "== $name: stoptool bench $*"; $st bench --device "$device" "$@" --json "$out/$name.json"; }
+T="--steps 2 --warmup 1 --repeats 2"
+PAPER="--pred-depth 6 --pred-width 384"  # the paper's ViT-B predictor
+SMALL="--pred-depth 2 --pred-width 96"   # the predictor pretrain uses for patches of 4 px or less
 
 for p in fp32 bf16; do
-  run "vit_t4-32-b128-$p" --arch vit_t4 --img-size 32 --batch-size 128 --precision $p --steps 2 --warmup 1 --repeats 2
-  run "vit_s16-224-b16-$p" --arch vit_s16 --img-size 224 --batch-size 16 --precision $p --steps 2 --warmup 1 --repeats 2
-  run "vit_b16-224-b8-$p" --arch vit_b16 --img-size 224 --batch-size 8 --precision $p --steps 2 --warmup 1 --repeats 2
+  run "vit_t4-32-b128-paper-$p" --arch vit_t4 --img-size 32 --batch-size 128 $PAPER --precision $p $T
+  run "vit_s16-224-b16-paper-$p" --arch vit_s16 --img-size 224 --batch-size 16 $PAPER --precision $p $T
+  run "vit_b16-224-b8-paper-$p" --arch vit_b16 --img-size 224 --batch-size 8 $PAPER --precision $p $T
+  run "vit_t4-32-b128-small-$p" --arch vit_t4 --img-size 32 --batch-size 128 $SMALL --precision $p $T
+  run "vit_s16-224-b16-small-$p" --arch vit_s16 --img-size 224 --batch-size 16 $SMALL --precision $p $T
 done
 # the released code's way of running: fp32, every block recomputed, plain matmul attention
-run "vit_s16-224-b16-reference-like" --arch vit_s16 --img-size 224 --batch-size 16 --precision fp32 \
-  --grad-checkpoint --attn math --steps 2 --warmup 1 --repeats 2
-run "vit_t4-32-b128-reference-like" --arch vit_t4 --img-size 32 --batch-size 128 --precision fp32 \
-  --grad-checkpoint --attn math --steps 2 --warmup 1 --repeats 2
-run "extract-vit_s16-224-bf16" --what extract --arch vit_s16 --img-size 224 --batch-size 64 --precision bf16 --steps 2 --warmup 1 --repeats 2
+for pred in paper small; do
+  args=$PAPER; [ $pred = small ] && args=$SMALL
+  run "vit_s16-224-b16-$pred-reference-like" --arch vit_s16 --img-size 224 --batch-size 16 $args \
+    --precision fp32 --grad-checkpoint --attn math $T
+done
+run "vit_t4-32-b128-small-reference-like" --arch vit_t4 --img-size 32 --batch-size 128 $SMALL \
+  --precision fp32 --grad-checkpoint --attn math $T
+# torch.compile (per block; the first steps compile, so more warm-up)
+run "vit_t4-32-b128-small-bf16-compile" --arch vit_t4 --img-size 32 --batch-size 128 $SMALL \
+  --precision bf16 --compile --steps 2 --warmup 3 --repeats 2
+run "vit_s16-224-b16-small-bf16-compile" --arch vit_s16 --img-size 224 --batch-size 16 $SMALL \
+  --precision bf16 --compile --steps 2 --warmup 3 --repeats 2
+run "extract-vit_s16-224-bf16" --what extract --arch vit_s16 --img-size 224 --batch-size 64 --precision bf16 $T
 run "masks-14x14-b256" --what masks --arch vit_b16 --img-size 224 --batch-size 256 --steps 50 --repeats 5

@@ -118,10 +118,12 @@ def pretrain(
     if print_config:
         sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return
+    from stoptool.train.distributed import world_from_env
     from stoptool.train.pretrain import Interrupted
     from stoptool.train.pretrain import pretrain as run_pretrain
 
-    with _ProgressBar(quiet) as bar:
+    main_rank = world_from_env().main  # under torchrun, rank 0 alone reports
+    with _ProgressBar(quiet or not main_rank) as bar:
         try:
             result = run_pretrain(cfg, resume=resume, progress=bar.update,
                                   notify=lambda text: err_console.print(f"note: {text}"))
@@ -129,6 +131,8 @@ def pretrain(
             bar.stop()
             err_console.print(f"interrupted: checkpoint saved to {stop.checkpoint}")
             raise typer.Exit(128 + stop.signum) from None
+    if not main_rank:
+        return
     if result.already_done:
         console.print(f"run in {result.run_dir} is already complete at step {result.step}; "
                       "use --steps/--epochs to go further or --no-resume to start over")

@@ -3,7 +3,9 @@
 Every sample is addressed by (epoch, batch, index), and its augmentation and the batch's
 masks are seeded from those numbers. The pipeline is therefore the same with any number of
 workers, and a run resumed mid-epoch sees exactly the batches it would have seen.
-Masks are sampled in the collate function, i.e. inside the loader workers.
+Masks are sampled in the collate function, i.e. inside the loader workers. Under data
+parallelism every rank walks the same global batches, takes its own slice of each, and
+samples its own masks for it.
 """
 
 import random
@@ -16,7 +18,8 @@ from stoptool.data.transforms import PretrainTransform
 from stoptool.masks import MaskSampler
 
 
-def _seed(*parts: int) -> int:
+def stream_seed(*parts: int) -> int:
+    """A seed for the random stream named by `parts` (e.g. seed, epoch, index)."""
     return hash(tuple(parts)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
@@ -30,7 +33,7 @@ class AugmentedImages(Dataset):
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[tuple[int, int, int], torch.Tensor, int]:
         """The key (the collate seeds the batch's masks from it), the image, files skipped."""
         epoch, _, index = key
-        rng = random.Random(_seed(self.seed, epoch, index))
+        rng = random.Random(stream_seed(self.seed, epoch, index))
         skipped = 0
         # An unreadable file is replaced by the next readable one and counted.
         for attempt in range(len(self.data)):
@@ -45,23 +48,30 @@ class AugmentedImages(Dataset):
 
 
 class MaskCollate:
-    def __init__(self, sampler: MaskSampler, seed: int):
-        self.sampler, self.seed = sampler, seed
+    def __init__(self, sampler: MaskSampler, seed: int, rank: int = 0):
+        self.sampler, self.seed, self.rank = sampler, seed, rank
 
     def __call__(self, items: list[tuple[tuple[int, int, int], torch.Tensor, int]]):
         images = torch.stack([x for _, x, _ in items])
         skipped = sum(s for _, _, s in items)
         epoch, batch, _ = items[0][0]
-        gen = torch.Generator().manual_seed(_seed(self.seed, epoch, batch, -1))
+        gen = torch.Generator().manual_seed(stream_seed(self.seed, epoch, batch, -1 - self.rank))
         ctx_idx, tgt_idx = self.sampler(len(items), gen)
         return images, ctx_idx, tgt_idx, skipped
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, start: int = 0):
-    """Batches of keys (epoch, batch, index) for one epoch, from batch `start` on (drop_last)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, epoch))).tolist()
+def epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, start: int = 0, rank: int = 0, world: int = 1
+):
+    """Batches of keys (epoch, batch, index) for one epoch, from batch `start` on (drop_last).
+
+    With `world` > 1, rank `rank`'s slice of each global batch of `batch_size` keys.
+    """
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(stream_seed(seed, epoch))).tolist()
+    local = batch_size // world
     for b in range(start, n // batch_size):
-        yield [(epoch, b, i) for i in perm[b * batch_size : (b + 1) * batch_size]]
+        first = b * batch_size + rank * local
+        yield [(epoch, b, i) for i in perm[first : first + local]]
 
 
 def pretrain_loader(
@@ -74,15 +84,17 @@ def pretrain_loader(
     start: int = 0,
     workers: int = 0,
     pin_memory: bool = False,
+    rank: int = 0,
+    world: int = 1,
 ) -> DataLoader:
     return DataLoader(
         AugmentedImages(data, transform, seed),
-        batch_sampler=list(epoch_batches(len(data), batch_size, seed, epoch, start)),
-        collate_fn=MaskCollate(sampler, seed),
+        batch_sampler=list(epoch_batches(len(data), batch_size, seed, epoch, start, rank, world)),
+        collate_fn=MaskCollate(sampler, seed, rank),
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=False,
         # its own generator, so that creating a loader never draws from the global RNG that
         # the predictor's noise uses (a resumed run must see the same noise)
-        generator=torch.Generator().manual_seed(_seed(seed, epoch, -2)),
+        generator=torch.Generator().manual_seed(stream_seed(seed, epoch, -2)),
     )

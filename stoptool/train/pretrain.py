@@ -15,7 +15,7 @@ import yaml
 
 from stoptool.config import PretrainConfig
 from stoptool.data.datasets import ArrayDataset, open_dataset
-from stoptool.data.loader import pretrain_loader
+from stoptool.data.loader import pretrain_loader, stream_seed
 from stoptool.data.transforms import PretrainTransform
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import (
@@ -27,6 +27,19 @@ from stoptool.io.checkpoint import (
 )
 from stoptool.masks import MaskSampler
 from stoptool.models.jepa import JEPA, build_jepa
+from stoptool.train.distributed import (
+    OnlineNet,
+    World,
+    any_rank,
+    broadcast_module,
+    check_batch,
+    data_parallel,
+    init_world,
+    leave_world,
+    mean_over_ranks,
+    replicas_agree,
+    world_from_env,
+)
 from stoptool.train.runtime import (
     attention_impl,
     autocast_factory,
@@ -132,6 +145,16 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+class _NoLog:
+    """What ranks other than 0 log to: nothing."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class MetricsLog:
     """JSON lines, one per logged step; on resume, rows past the resumed step are dropped."""
 
@@ -168,11 +191,22 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
     """Train per `cfg`.
 
     `progress`, if given, is called as progress(step, total, row | None); `notify(text)` gets
-    one-line notes for the user (e.g. that torch.compile is unavailable here).
+    one-line notes for the user (e.g. that torch.compile is unavailable here). Under torchrun
+    every process calls this; they train one model together (see train/distributed.py).
     """
     cfg.validate()
+    world = world_from_env()
+    check_batch(world, cfg.batch_size)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    device = init_world(world, device)
+    try:
+        return _pretrain(cfg, resume, progress, notify, world, device, precision)
+    finally:
+        leave_world(world)
+
+
+def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, device, precision) -> RunResult:
     data = open_dataset(cfg.dataset, "train", cfg.subset)
     if len(data) < cfg.batch_size:
         raise UserError(f"the data set has {len(data)} images, fewer than the batch size {cfg.batch_size}")
@@ -200,6 +234,12 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
         torch.set_rng_state(saved.tensors["rng.cpu"])
         if device.type == "cuda" and "rng.cuda" in saved.tensors:
             torch.cuda.set_rng_state(saved.tensors["rng.cuda"], device)
+    if not world.main:
+        # Same weights everywhere, but each rank draws its own predictor noise. (The saved RNG
+        # state is rank 0's, so only a one-process run resumes bit for bit.)
+        torch.manual_seed(stream_seed(cfg.seed, world.rank, step))
+        if device.type == "cuda":
+            torch.cuda.manual_seed(stream_seed(cfg.seed, world.rank, step))
     if step >= last_step:
         return RunResult(run_dir, latest, step, step // ipe, None, 0.0, None, already_done=True)
 
@@ -211,9 +251,15 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
         failure = compile_blocks(model)
         if failure and notify:
             notify(f"torch.compile is unavailable here, running eagerly ({failure})")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    log = MetricsLog(run_dir / METRICS, step)
+    broadcast_module(model, world)  # the target encoder too, which no wrapper keeps in sync
+    online = None
+    if world.distributed:
+        online = data_parallel(OnlineNet(model.encoder, model.predictor), world, device)
+    reduce = (lambda t: mean_over_ranks(t, world)) if world.distributed else None
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    log = MetricsLog(run_dir / METRICS, step) if world.main else _NoLog()
     autocast = autocast_factory(device, precision)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     transform = PretrainTransform(cfg.img_size, cfg.crop_scale, cfg.hflip, cfg.blur, cfg.gray)
@@ -231,6 +277,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
     }
 
     def save(path: Path, with_state: bool = True) -> None:
+        if not world.main:
+            return
         tensors = model_tensors(model)
         extra = {"step": step, "epoch": step // ipe}
         if with_state:
@@ -262,6 +310,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
                     start=step % ipe,
                     workers=workers,
                     pin_memory=device.type == "cuda",
+                    rank=world.rank,
+                    world=world.size,
                 )
                 for images, ctx_idx, tgt_idx, n_skipped in loader:
                     inputs = StepInputs(
@@ -282,6 +332,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
                             scaler,
                             cfg.a_l1,
                             cfg.clip_grad,
+                            online,
+                            reduce,
                         )
                     except NonFiniteLoss as err:
                         raise UserError(
@@ -300,9 +352,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
                             progress(step, last_step, row)
                     elif progress:
                         progress(step, last_step, None)
-                    if stop.signum is not None:
+                    if any_rank(stop.signum is not None, world, device):
                         save(latest)
-                        raise Interrupted(stop.signum, latest)
+                        raise Interrupted(stop.signum or signal.SIGTERM, latest)
                     if step >= last_step:
                         break
                 if step % ipe == 0:
@@ -314,6 +366,11 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
     finally:
         log.close()
     seconds = time.perf_counter() - start_time
+    in_sync = replicas_agree(model, world, device)
+    if not in_sync and notify:
+        notify("the processes ended with different weights; rank 0's were saved")
+    if not world.main:
+        return RunResult(run_dir, latest, step, step // ipe, loss, seconds, None)
     images = (step - first_step) * cfg.batch_size
     summary = {
         "step": step,
@@ -326,6 +383,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
         "precision": precision,
         "device": str(device),
         "workers": workers,
+        "world_size": world.size,
+        **({"replicas_in_sync": in_sync} if world.distributed else {}),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return RunResult(run_dir, latest, step, step // ipe, loss, seconds, summary["images_per_second"])

@@ -37,11 +37,16 @@ def compute_targets(model: JEPA, inputs: StepInputs, autocast: Callable[[], Abst
     return gather_targets(h, inputs.tgt_idx)
 
 
-def jepa_loss(model: JEPA, inputs: StepInputs, autocast, a_l1: float = 0.0) -> torch.Tensor:
+def jepa_loss(model: JEPA, inputs: StepInputs, autocast, a_l1: float = 0.0, online=None) -> torch.Tensor:
+    """The loss of one batch. `online`, if given, runs context encoder and predictor in one
+    call (a DistributedDataParallel wrapper of both); it computes exactly what the default does."""
     targets = compute_targets(model, inputs, autocast)
     with autocast():
-        context = encode(model.encoder, inputs.images, inputs.ctx_idx)
-        pred = model.predictor(context, inputs.ctx_idx, inputs.tgt_idx)
+        if online is not None:
+            pred = online(inputs.images, inputs.ctx_idx, inputs.tgt_idx)
+        else:
+            context = encode(model.encoder, inputs.images, inputs.ctx_idx)
+            pred = model.predictor(context, inputs.ctx_idx, inputs.tgt_idx)
     loss = F.smooth_l1_loss(pred.float(), targets, beta=1.0)
     if a_l1:
         loss = loss + a_l1 * model.predictor.A.float().abs().sum()
@@ -79,11 +84,17 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
     a_l1: float = 0.0,
     clip_grad: float | None = None,
+    online=None,
+    reduce: Callable[[torch.Tensor], float] | None = None,
 ) -> float:
-    """Run one step; return the loss. Raises NonFiniteLoss before touching any weight."""
+    """Run one step; return the loss. Raises NonFiniteLoss before touching any weight.
+
+    Under data parallelism `online` is the wrapped context encoder + predictor and `reduce`
+    averages the loss over ranks, so that every rank takes the same decision on it.
+    """
     set_hyperparams(optimizer, lr, wd)
-    loss = jepa_loss(model, inputs, autocast, a_l1)
-    value = loss.item()
+    loss = jepa_loss(model, inputs, autocast, a_l1, online)
+    value = reduce(loss.detach()) if reduce is not None else loss.item()
     if not math.isfinite(value):
         raise NonFiniteLoss(f"loss is {value}")
     optimizer.zero_grad(set_to_none=True)

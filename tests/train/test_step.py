@@ -5,7 +5,14 @@ import torch
 from stoptool.masks import MaskSampler
 from stoptool.models.jepa import build_jepa
 from stoptool.train.runtime import autocast_factory
-from stoptool.train.step import StepInputs, ema_update, make_optimizer, param_groups, train_step, use_fused_like
+from stoptool.train.step import (
+    StepInputs,
+    ema_update,
+    make_optimizer,
+    param_groups,
+    train_step,
+    use_fused_like,
+)
 
 
 def _batch(cfg, sampler, gen, images):
@@ -97,7 +104,8 @@ def test_saved_groups_take_the_current_kernel_choice(tiny_cfg):
     optimizer that chose otherwise, and keep their hyperparameters."""
     model = build_jepa(tiny_cfg())
     opt = make_optimizer(model, 1e-3, 0.04)
-    saved = [{**g, "fused": not g.get("fused"), "foreach": True, "lr": 0.5} for g in opt.state_dict()["param_groups"]]
+    groups = opt.state_dict()["param_groups"]
+    saved = [{**g, "fused": not g.get("fused"), "foreach": True, "lr": 0.5} for g in groups]
     groups = use_fused_like(opt, saved)
     assert [g["fused"] for g in groups] == [opt.param_groups[0]["fused"]] * len(groups)
     assert [g["lr"] for g in groups] == [0.5] * len(groups)

@@ -1,0 +1,50 @@
+"""Run by tests/train/test_distributed.py under torchrun (2 CPU processes, gloo): each rank
+takes its half of a fixed batch through the data-parallel context encoder + predictor, and
+rank 0 saves the averaged gradients to the file named on the command line."""
+
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+from stoptool.config import PretrainConfig
+from stoptool.masks import MaskSampler
+from stoptool.models.jepa import build_jepa
+from stoptool.train.distributed import OnlineNet, data_parallel, init_world, leave_world, world_from_env
+from stoptool.train.runtime import autocast_factory
+from stoptool.train.step import StepInputs, jepa_loss
+
+
+def fixed_batch(cfg: PretrainConfig, n: int) -> StepInputs:
+    """The same images and masks in every process (and in the test's one-process reference)."""
+    ctx, tgt = MaskSampler(cfg.mask_config())(n, torch.Generator().manual_seed(3))
+    images = torch.randn(n, 3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(4))
+    return StepInputs(images, ctx, tgt)
+
+
+def config() -> PretrainConfig:
+    return PretrainConfig(
+        arch="vit_t2", img_size=16, pred_width=48, pred_depth=1, sigma=0.0, precision="fp32"
+    ).validate()
+
+
+def main(out: str) -> None:
+    world = world_from_env()
+    device = init_world(world, torch.device("cpu"))
+    cfg = config()
+    torch.manual_seed(0)
+    model = build_jepa(cfg).train()
+    batch = fixed_batch(cfg, 8)
+    half = slice(4 * world.rank, 4 * world.rank + 4)
+    mine = StepInputs(batch.images[half], batch.ctx_idx[half], batch.tgt_idx[half])
+    online = data_parallel(OnlineNet(model.encoder, model.predictor), world, device)
+    jepa_loss(model, mine, autocast_factory(device, "fp32"), online=online).backward()
+    if world.main:
+        grads = {f"{part}.{name}": p.grad for part in ("encoder", "predictor")
+                 for name, p in getattr(model, part).named_parameters() if p.grad is not None}
+        save_file(grads, out)
+    leave_world(world)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
