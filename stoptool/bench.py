@@ -118,7 +118,7 @@ def bench(cfg: BenchConfig) -> dict:
     torch.manual_seed(0)
     cfg = replace(cfg, img_size=pcfg.img_size, pred_width=pcfg.pred_width, pred_depth=pcfg.pred_depth)
     model = build_jepa(pcfg).to(device)
-    attn = attention_impl(cfg.attn, device, precision)
+    attn = attention_impl(cfg.attn, device, precision, training=cfg.what == "train")
     set_attention(model, attn)
     if cfg.grad_checkpoint:
         model.encoder.set_grad_checkpointing(True)

@@ -86,16 +86,17 @@ def compile_blocks(model) -> str | None:
     return None
 
 
-def attention_impl(requested: str, device: torch.device, precision: str) -> str:
+def attention_impl(requested: str, device: torch.device, precision: str, training: bool = True) -> str:
     """'sdpa' (fused scaled_dot_product_attention) or 'math' (q kᵀ, softmax, · v).
 
-    'auto' picks math for bf16 on the CPU: there the fused CPU kernel is 2–3× slower than
-    the plain matmuls on the short sequences of I-JEPA (docs/performance.md); everywhere
-    else the fused kernel wins.
+    'auto' picks math for bf16 training on the CPU: there the fused CPU kernel's backward
+    makes forward + backward 2–3× slower than the plain matmuls on the short sequences of
+    I-JEPA (docs/performance.md). Everywhere else, forward-only work (feature extraction)
+    included, the fused kernel wins.
     """
     if requested != "auto":
         return requested
-    return "math" if device.type == "cpu" and precision == "bf16" else "sdpa"
+    return "math" if training and device.type == "cpu" and precision == "bf16" else "sdpa"
 
 
 def set_attention(model: torch.nn.Module, impl: str) -> None:

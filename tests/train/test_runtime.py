@@ -14,6 +14,7 @@ def test_auto_attention_policy():
     assert attention_impl("auto", cpu, "fp32") == "sdpa"
     assert attention_impl("auto", cuda, "bf16") == "sdpa"
     assert attention_impl("sdpa", cpu, "bf16") == "sdpa"
+    assert attention_impl("auto", cpu, "bf16", training=False) == "sdpa"  # extraction: forward only
 
 
 def test_both_attention_paths_compute_the_same_features():
