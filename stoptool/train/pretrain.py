@@ -367,6 +367,8 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
         log.close()
     seconds = time.perf_counter() - start_time
     in_sync = replicas_agree(model, world, device)
+    if world.distributed:  # each rank loaded its own slice of the data
+        skipped = round(mean_over_ranks(torch.tensor(float(skipped), device=device), world) * world.size)
     if not in_sync and notify:
         notify("the processes ended with different weights; rank 0's were saved")
     if not world.main:
