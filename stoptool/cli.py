@@ -104,7 +104,10 @@ def pretrain(
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as YAML and exit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
-    """Pretrain an encoder with I-JEPA + StoP (σ > 0) or plain I-JEPA (σ = 0)."""
+    """Pretrain an encoder with I-JEPA + StoP (σ > 0) or plain I-JEPA (σ = 0).
+
+    Under torchrun (torchrun --nproc-per-node N -m stoptool pretrain ...) the processes train one model data-parallel; --batch-size is the global batch.
+    """
     overrides = {
         k: v for k, v in locals().items()
         if k not in ("config", "resume", "print_config", "quiet") and v is not None
