@@ -128,11 +128,12 @@ def pretrain(
     main_rank = world_from_env().main  # under torchrun, rank 0 alone reports
     with _ProgressBar(quiet or not main_rank) as bar:
         try:
-            result = run_pretrain(cfg, resume=resume, progress=bar.update,
-                                  notify=lambda text: err_console.print(f"note: {text}"))
+            notify = (lambda text: err_console.print(f"note: {text}")) if main_rank else None
+            result = run_pretrain(cfg, resume=resume, progress=bar.update, notify=notify)
         except Interrupted as stop:
             bar.stop()
-            err_console.print(f"interrupted: checkpoint saved to {stop.checkpoint}")
+            if main_rank:
+                err_console.print(f"interrupted: checkpoint saved to {stop.checkpoint}")
             raise typer.Exit(128 + stop.signum) from None
     if not main_rank:
         return
@@ -409,7 +410,7 @@ def bench(
     pred_width: int | None = typer.Option(None, help="Predictor width. (default: as pretrain: 384; 96 for patches of 4 px or less)"),
     pred_depth: int | None = typer.Option(None, help="Predictor depth. (default: as pretrain: 6 for ViT-S/B, 12 for ViT-L/H/g, 2 for patches of 4 px or less)"),
     sigma: float = typer.Option(0.25, help="StoP σ (0: I-JEPA)."),
-    attn: str = typer.Option("auto", help="auto | sdpa (fused) | math (plain matmuls); auto: math for bf16 on CPU, else sdpa."),
+    attn: str = typer.Option("auto", help="auto | sdpa (fused) | math (plain matmuls); auto: math for bf16 training on CPU, else sdpa."),
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute activations."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks."),
     threads: int | None = typer.Option(None, help="torch threads (default: all cores)."),

@@ -55,7 +55,10 @@ class MaskCollate:
         images = torch.stack([x for _, x, _ in items])
         skipped = sum(s for _, _, s in items)
         epoch, batch, _ = items[0][0]
-        gen = torch.Generator().manual_seed(stream_seed(self.seed, epoch, batch, -1 - self.rank))
+        # rank 0 keeps the one-process stream; other ranks add their rank (not -1 - rank:
+        # Python hashes -1 and -2 alike)
+        rank = (self.rank,) if self.rank else ()
+        gen = torch.Generator().manual_seed(stream_seed(self.seed, epoch, batch, -1, *rank))
         ctx_idx, tgt_idx = self.sampler(len(items), gen)
         return images, ctx_idx, tgt_idx, skipped
 

@@ -27,6 +27,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    local_size: int = 1  # processes on this node
 
     @property
     def main(self) -> bool:
@@ -43,9 +44,10 @@ def world_from_env() -> World:
         size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
+        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     except ValueError as err:
         raise UserError(f"bad torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK): {err}") from None
-    return World(rank, size, local)
+    return World(rank, size, local, local_size)
 
 
 def init_world(world: World, device: torch.device) -> torch.device:
@@ -92,6 +94,35 @@ def any_rank(flag: bool, world: World, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def check_same_step(step: int, world: World, device: torch.device) -> None:
+    """Every rank must resume from the same checkpoint: the run directory has to be on a
+    filesystem all nodes share."""
+    if not world.distributed:
+        return
+    lo = torch.tensor([step], device=device)
+    hi = lo.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if lo.item() != hi.item():
+        raise UserError(
+            f"the processes found different checkpoints in the run directory (steps {lo.item()} to "
+            f"{hi.item()}): --out must be on a filesystem that every node shares"
+        )
+
+
+def sum_over_ranks(value: float, world: World, device: torch.device) -> float:
+    if not world.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
 def broadcast_module(module: nn.Module, world: World) -> None:
     """Copy rank 0's parameters and buffers to every rank."""
     if world.distributed:
@@ -129,4 +160,5 @@ def data_parallel(online: OnlineNet, world: World, device: torch.device) -> nn.M
     if not world.distributed:
         return online
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(online, device_ids=ids)
+    # gradients live in DDP's buckets instead of beside them: no second copy of them in memory
+    return DistributedDataParallel(online, device_ids=ids, gradient_as_bucket_view=True)

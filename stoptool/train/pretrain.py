@@ -31,13 +31,16 @@ from stoptool.train.distributed import (
     OnlineNet,
     World,
     any_rank,
+    barrier,
     broadcast_module,
     check_batch,
+    check_same_step,
     data_parallel,
     init_world,
     leave_world,
     mean_over_ranks,
     replicas_agree,
+    sum_over_ranks,
     world_from_env,
 )
 from stoptool.train.runtime import (
@@ -197,9 +200,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
     cfg.validate()
     world = world_from_env()
     check_batch(world, cfg.batch_size)
-    device = resolve_device(cfg.device)
+    device = init_world(world, resolve_device(cfg.device))  # before any CUDA work: this rank's GPU
     precision = resolve_precision(cfg.precision, device)
-    device = init_world(world, device)
     try:
         return _pretrain(cfg, resume, progress, notify, world, device, precision)
     finally:
@@ -234,12 +236,14 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
         torch.set_rng_state(saved.tensors["rng.cpu"])
         if device.type == "cuda" and "rng.cuda" in saved.tensors:
             torch.cuda.set_rng_state(saved.tensors["rng.cuda"], device)
+    check_same_step(step, world, device)
     if not world.main:
         # Same weights everywhere, but each rank draws its own predictor noise. (The saved RNG
         # state is rank 0's, so only a one-process run resumes bit for bit.)
-        torch.manual_seed(stream_seed(cfg.seed, world.rank, step))
+        noise_seed = stream_seed(cfg.seed, world.rank, step, -3)
+        torch.manual_seed(noise_seed)
         if device.type == "cuda":
-            torch.cuda.manual_seed(stream_seed(cfg.seed, world.rank, step))
+            torch.cuda.manual_seed(noise_seed)
     if step >= last_step:
         return RunResult(run_dir, latest, step, step // ipe, None, 0.0, None, already_done=True)
 
@@ -251,7 +255,7 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
         failure = compile_blocks(model)
         if failure and notify:
             notify(f"torch.compile is unavailable here, running eagerly ({failure})")
-    broadcast_module(model, world)  # the target encoder too, which no wrapper keeps in sync
+    broadcast_module(model.target_encoder, world)  # DDP keeps the rest in sync
     online = None
     if world.distributed:
         online = data_parallel(OnlineNet(model.encoder, model.predictor), world, device)
@@ -265,7 +269,9 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
     transform = PretrainTransform(cfg.img_size, cfg.crop_scale, cfg.hflip, cfg.blur, cfg.gray)
     sampler = MaskSampler(cfg.mask_config())
     workers = (
-        cfg.workers if cfg.workers is not None else default_workers(device, isinstance(data, ArrayDataset))
+        cfg.workers
+        if cfg.workers is not None
+        else default_workers(device, isinstance(data, ArrayDataset), world.local_size)
     )
     meta = {
         "kind": "pretrain",
@@ -354,6 +360,7 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
                         progress(step, last_step, None)
                     if any_rank(stop.signum is not None, world, device):
                         save(latest)
+                        barrier(world)  # no process exits before process 0 has written latest
                         raise Interrupted(stop.signum or signal.SIGTERM, latest)
                     if step >= last_step:
                         break
@@ -367,8 +374,7 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
         log.close()
     seconds = time.perf_counter() - start_time
     in_sync = replicas_agree(model, world, device)
-    if world.distributed:  # each rank loaded its own slice of the data
-        skipped = round(mean_over_ranks(torch.tensor(float(skipped), device=device), world) * world.size)
+    skipped = round(sum_over_ranks(skipped, world, device))  # each rank loaded its own slice
     if not in_sync and notify:
         notify("the processes ended with different weights; rank 0's were saved")
     if not world.main:

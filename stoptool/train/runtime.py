@@ -55,8 +55,9 @@ def autocast_factory(device: torch.device, precision: str):
     return functools.partial(torch.autocast, device_type=device.type, dtype=DTYPES[precision])
 
 
-def default_workers(device: torch.device, in_memory: bool) -> int:
-    cpus = os.cpu_count() or 1
+def default_workers(device: torch.device, in_memory: bool, processes_per_node: int = 1) -> int:
+    """Loader workers for one training process; the node's cores are shared by its processes."""
+    cpus = max(1, (os.cpu_count() or 1) // max(1, processes_per_node))
     if device.type == "cuda":
         return min(8, cpus)
     # On a CPU the loader competes with the step for cores; in-memory sets need no workers.

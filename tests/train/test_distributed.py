@@ -11,7 +11,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from stoptool.cli import app
-from stoptool.data.loader import epoch_batches
+from stoptool.data.datasets import open_dataset
+from stoptool.data.loader import epoch_batches, pretrain_loader
+from stoptool.data.transforms import PretrainTransform
+from stoptool.masks import MaskSampler
 from stoptool.models.jepa import build_jepa
 from stoptool.train.runtime import autocast_factory
 from stoptool.train.step import jepa_loss
@@ -30,6 +33,23 @@ def test_ranks_split_every_global_batch_without_overlap():
         parts = [r[b] for r in ranks]
         assert all(len(p) == 4 for p in parts)
         assert sum(parts, []) == keys  # rank r holds the r-th quarter of the global batch
+
+
+def test_each_rank_loads_its_slice_of_the_images_with_its_own_masks(tiny_cfg):
+    """What `pretrain` feeds each process: the images of the one-process batch, split in two,
+    each half with masks of its own."""
+    cfg = tiny_cfg()
+    data = open_dataset("digits", "train")
+    transform = PretrainTransform(cfg.img_size, cfg.crop_scale)
+    sampler = MaskSampler(cfg.mask_config())
+
+    def first_batch(rank: int, world: int):
+        return next(iter(pretrain_loader(data, transform, sampler, 16, 0, 1, rank=rank, world=world)))
+
+    whole = first_batch(0, 1)
+    halves = [first_batch(r, 2) for r in (0, 1)]
+    assert torch.equal(torch.cat([h[0] for h in halves]), whole[0])
+    assert not torch.equal(halves[0][1][:4], halves[1][1][:4]) or not torch.equal(halves[0][2], halves[1][2])
 
 
 def test_batch_not_divisible_by_the_processes_is_refused(tmp_path):

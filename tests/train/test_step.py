@@ -1,6 +1,9 @@
 """The training step learns, and the target encoder follows the online one by EMA."""
 
+import copy
+
 import torch
+from torch.torch_version import TorchVersion
 
 from stoptool.masks import MaskSampler
 from stoptool.models.jepa import build_jepa
@@ -95,7 +98,27 @@ def test_training_optimizer_is_plain_adamw_with_its_groups(tiny_cfg):
     fused, opt = _three_steps(cfg, lambda m: make_optimizer(m, 1e-3, 0.04))
     plain, _ = _three_steps(cfg, lambda m: torch.optim.AdamW(param_groups(m), lr=1e-3, foreach=False))
     assert [len(g["params"]) for g in opt.param_groups] == [len(g["params"]) for g in param_groups(fused)]
+    if TorchVersion(torch.__version__) >= "2.4":  # torch has the fused kernel for CPU tensors
+        assert all(g["fused"] for g in opt.param_groups)
     for a, b in zip(fused.state_dict().values(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_state_saved_by_plain_adamw_resumes_in_the_fused_one(tiny_cfg):
+    """A checkpoint's optimizer state and groups from the per-tensor AdamW load into the
+    optimizer pretrain builds, which then takes the step the plain one would have taken."""
+    cfg = tiny_cfg(sigma=0.0)
+    model, plain = _three_steps(cfg, lambda m: torch.optim.AdamW(param_groups(m), lr=1e-3, foreach=False))
+    saved = copy.deepcopy(plain.state_dict())
+    twin = copy.deepcopy(model)
+    resumed = make_optimizer(twin, 1e-3, 0.04)
+    resumed.load_state_dict({**saved, "param_groups": use_fused_like(resumed, saved["param_groups"])})
+    assert resumed.param_groups[0]["lr"] == plain.param_groups[0]["lr"]
+    for m, opt in ((model, plain), (twin, resumed)):
+        for p in m.parameters():
+            p.grad = torch.ones_like(p) if p.requires_grad else None
+        opt.step()
+    for a, b in zip(model.state_dict().values(), twin.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
