@@ -78,11 +78,7 @@ def check_batch(world: World, batch_size: int) -> int:
 
 def mean_over_ranks(value: torch.Tensor, world: World) -> float:
     """The mean of a scalar over all ranks (every rank gets the same number)."""
-    if not world.distributed:
-        return value.item()
-    value = value.detach().float().reshape(1).clone()
-    dist.all_reduce(value)
-    return value.item() / world.size
+    return sum_over_ranks(value.item(), world, value.device) / world.size
 
 
 def any_rank(flag: bool, world: World, device: torch.device) -> bool:
