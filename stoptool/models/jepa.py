@@ -4,8 +4,13 @@ import copy
 
 from torch import nn
 
-from stoptool.models.encoder import build_encoder, parse_arch
+from stoptool.models.encoder import build_encoder, encode, parse_arch
 from stoptool.models.predictor import Predictor
+
+
+def predict(encoder: nn.Module, predictor: nn.Module, images, ctx_idx, tgt_idx):
+    """g_φ(f_θ(context patches of `images`)) at the target positions: [B, M, K, d_e]."""
+    return predictor(encode(encoder, images, ctx_idx), ctx_idx, tgt_idx)
 
 
 class JEPA(nn.Module):

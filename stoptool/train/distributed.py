@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from stoptool.errors import UserError
-from stoptool.models.encoder import encode
+from stoptool.models.jepa import predict
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ class OnlineNet(nn.Module):
         self.encoder, self.predictor = encoder, predictor
 
     def forward(self, images: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor) -> torch.Tensor:
-        return self.predictor(encode(self.encoder, images, ctx_idx), ctx_idx, tgt_idx)
+        return predict(self.encoder, self.predictor, images, ctx_idx, tgt_idx)
 
 
 def data_parallel(online: OnlineNet, world: World, device: torch.device) -> nn.Module:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from stoptool.models.encoder import encode
-from stoptool.models.jepa import JEPA
+from stoptool.models.jepa import JEPA, predict
 
 
 @dataclass
@@ -45,8 +45,7 @@ def jepa_loss(model: JEPA, inputs: StepInputs, autocast, a_l1: float = 0.0, onli
         if online is not None:
             pred = online(inputs.images, inputs.ctx_idx, inputs.tgt_idx)
         else:
-            context = encode(model.encoder, inputs.images, inputs.ctx_idx)
-            pred = model.predictor(context, inputs.ctx_idx, inputs.tgt_idx)
+            pred = predict(model.encoder, model.predictor, inputs.images, inputs.ctx_idx, inputs.tgt_idx)
     loss = F.smooth_l1_loss(pred.float(), targets, beta=1.0)
     if a_l1:
         loss = loss + a_l1 * model.predictor.A.float().abs().sum()

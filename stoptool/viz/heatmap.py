@@ -27,8 +27,7 @@ from matplotlib.figure import Figure
 from stoptool.config import config_from_dict
 from stoptool.errors import UserError
 from stoptool.masks import MaskConfig, MaskSampler
-from stoptool.models.encoder import encode
-from stoptool.models.jepa import JEPA
+from stoptool.models.jepa import JEPA, predict
 from stoptool.train.step import StepInputs, compute_targets
 from stoptool.viz.common import (
     FigureResult,
@@ -108,8 +107,7 @@ def predictions_and_targets(
         every_patch = torch.arange(model.predictor.grid**2)[None, None]
         inputs = StepInputs(image[None], ctx_idx[None], every_patch)
         targets = compute_targets(model, inputs, contextlib.nullcontext)[0, 0]
-        context = encode(model.encoder, image[None], ctx_idx[None])
-        pred = model.predictor(context, ctx_idx[None], tgt_idx[None])[0].float()
+        pred = predict(model.encoder, model.predictor, image[None], ctx_idx[None], tgt_idx[None])[0].float()
     finally:
         model.train(was_training)
     return pred, targets
