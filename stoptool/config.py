@@ -6,6 +6,8 @@ digits), then a preset or YAML file (`--config`), then the command-line flags a 
 
 import dataclasses
 import os
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -215,11 +217,46 @@ def config_from_dict(values: dict[str, Any]) -> PretrainConfig:
     unknown = sorted(set(values) - names)
     if unknown:
         raise UserError(f"unknown config key(s): {', '.join(unknown)}")
+    kinds = {f.name: f.type for f in fields(PretrainConfig)}
     typed = {}
     for k, v in values.items():
         if k in PAIR_FIELDS:
             if not (isinstance(v, (list, tuple)) and len(v) == 2):
                 raise UserError(f"config key '{k}' takes two numbers, got {v!r}")
-            v = (float(v[0]), float(v[1]))
+            v = (_number(k, v[0], float), _number(k, v[1], float))
+        else:
+            v = _scalar(k, v, kinds[k])
         typed[k] = v
     return PretrainConfig(**typed)
+
+
+def _scalar(key: str, value: Any, kind: Any) -> Any:
+    """`value` as the field's type: YAML reads `1e-3` as a string, and `5` where 5.0 is meant."""
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    if value is None and type(None) in options:
+        return None
+    for number in (float, int):
+        if number in options:
+            return _number(key, value, number)
+    if bool in options:
+        if not isinstance(value, bool):
+            raise UserError(f"config key '{key}' takes true or false, got {value!r}")
+        return value
+    if str in options and not isinstance(value, str):
+        raise UserError(f"config key '{key}' takes a string, got {value!r}")
+    return value
+
+
+def _number(key: str, value: Any, number: type) -> int | float:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        parsed = float(value)
+        if number is int:
+            if not parsed.is_integer():
+                raise ValueError
+            return int(parsed)
+        return parsed
+    except (TypeError, ValueError):
+        what = "an integer" if number is int else "a number"
+        raise UserError(f"config key '{key}' takes {what}, got {value!r}") from None

@@ -104,6 +104,37 @@ def test_config_file_by_path(tmp_path):
     assert result.exit_code == 2 and "unknown config key(s): arhc" in result.stderr
 
 
+def test_config_file_numbers_as_yaml_writes_them(tmp_path):
+    # PyYAML reads `1e-3` (no dot) as a string and `5.0` as a float: both are what the user meant.
+    path = tmp_path / "mine.yaml"
+    path.write_text("lr: 1e-3\nfinal_lr: 1E-6\nepochs: 5.0\nema: [0.99, 1]\nsigma: 0\n")
+    result = runner.invoke(app, ["pretrain", "--config", str(path), "--print-config"])
+    assert result.exit_code == 0, result.output
+    cfg = yaml.safe_load(result.stdout)
+    assert (cfg["lr"], cfg["final_lr"], cfg["epochs"], cfg["ema"]) == (0.001, 1e-6, 5, [0.99, 1.0])
+    assert isinstance(cfg["epochs"], int)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("lr: fast", "config key 'lr' takes a number, got 'fast'"),
+        ("epochs: 2.5", "config key 'epochs' takes an integer, got 2.5"),
+        ("compile: maybe", "config key 'compile' takes true or false, got 'maybe'"),
+        ("noise_on: 16", "config key 'noise_on' takes a string, got 16"),
+        ("ema: [0.99, high]", "config key 'ema' takes a number, got 'high'"),
+    ],
+)
+def test_config_file_value_of_the_wrong_type_exits_2(tmp_path, line, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(line + "\n")
+    args = ["pretrain", *TINY, "--config", str(path), "--steps", "1", "--out", str(tmp_path / "r")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
 def test_real_process_exit_code_and_no_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "stoptool.cli", "pretrain", "--arch", "vit_z16", "--out", str(tmp_path / "r")],
