@@ -126,6 +126,8 @@ def pretrain(
     from stoptool.train.pretrain import pretrain as run_pretrain
 
     main_rank = world_from_env().main  # under torchrun, rank 0 alone reports
+    if main_rank:
+        _note_slow_bf16(cfg.precision, cfg.device)
     with _ProgressBar(quiet or not main_rank) as bar:
         try:
             notify = (lambda text: err_console.print(f"note: {text}")) if main_rank else None
@@ -203,6 +205,17 @@ class _ProgressBar:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _note_slow_bf16(precision: str, device: str) -> None:
+    """bf16 asked for on a CPU without bf16 instructions: say so before a run that would crawl."""
+    from stoptool.train.runtime import cpu_has_fast_bf16, resolve_device
+
+    if precision == "bf16" and resolve_device(device).type == "cpu" and not cpu_has_fast_bf16():
+        err_console.print(
+            "note: this CPU has neither AMX nor AVX-512 BF16, so bf16 runs many times slower "
+            "than fp32 here; --precision auto picks fp32", highlight=False,
+        )
 
 
 @app.command()
@@ -434,6 +447,7 @@ def bench(
         raise UserError(f"--warmup must be >= 0, got {warmup}")
     cfg = BenchConfig(arch, img_size, batch_size, precision, device, steps, warmup, repeats, what,
                       pred_width, pred_depth, sigma, attn, grad_checkpoint, compile, threads)
+    _note_slow_bf16(precision, device)
     result = run_bench(cfg)  # validates arch, sizes and predictor shape before any work
     if what == "masks":
         rows = {
@@ -507,6 +521,7 @@ def probe(
         cache_dir=str(cache_dir) if cache_dir else None, cache=cache, seed=seed,
         out=str(out) if out else None,
     )
+    _note_slow_bf16(precision, device)
     with _ExtractBar(quiet) as bar:
         report = run_probe(cfg, progress=bar.update)
     info = report.info

@@ -176,3 +176,17 @@ def test_size_defaults_follow_the_arch():
         "vit_b16": (224, 6, 384), "vit_t4": (32, 2, 96), "vit_s8": (224, 6, 384),
         "vit_l16": (224, 12, 384), "vit_h14": (224, 12, 384),
     }
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_bf16_on_a_cpu_without_bf16_instructions_gets_a_note(tmp_path, monkeypatch, fast):
+    import stoptool.train.runtime as runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: fast)
+    args = ["pretrain", *TINY, "--precision", "bf16", "--device", "cpu", "--steps", "1",
+            "--out", str(tmp_path / "r")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    noted = "bf16 runs many times slower than fp32 here" in result.stderr
+    assert noted is not fast
+    assert (tmp_path / "r" / "latest.safetensors").exists()
