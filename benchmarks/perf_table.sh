@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The rows of docs/performance.md: run on an otherwise idle machine.
 # Usage: benchmarks/perf_table.sh [OUT_DIR] [DEVICE]   (writes one JSON per row)
+# PRECISIONS (default "fp32 bf16") are the precisions of the training rows; FAST (default bf16)
+# is the one of the compiled and extraction rows. On a CPU without bf16 instructions:
+#   PRECISIONS=fp32 FAST=fp32 benchmarks/perf_table.sh runs/bench-avx2 cpu
 set -euo pipefail
 out=${1:-runs/bench}
 device=${2:-auto}
@@ -11,7 +14,8 @@ T="--steps 2 --warmup 1 --repeats 2"
 PAPER="--pred-depth 6 --pred-width 384"  # the paper's ViT-B predictor
 SMALL="--pred-depth 2 --pred-width 96"   # the predictor pretrain uses for patches of 4 px or less
 
-for p in fp32 bf16; do
+fast=${FAST:-bf16}
+for p in ${PRECISIONS:-fp32 bf16}; do
   run "vit_t4-32-b128-paper-$p" --arch vit_t4 --img-size 32 --batch-size 128 $PAPER --precision $p $T
   run "vit_s16-224-b16-paper-$p" --arch vit_s16 --img-size 224 --batch-size 16 $PAPER --precision $p $T
   run "vit_b16-224-b8-paper-$p" --arch vit_b16 --img-size 224 --batch-size 8 $PAPER --precision $p $T
@@ -27,9 +31,9 @@ done
 run "vit_t4-32-b128-small-reference-like" --arch vit_t4 --img-size 32 --batch-size 128 $SMALL \
   --precision fp32 --grad-checkpoint --attn math $T
 # torch.compile (per block; the first steps compile, so more warm-up)
-run "vit_t4-32-b128-small-bf16-compile" --arch vit_t4 --img-size 32 --batch-size 128 $SMALL \
-  --precision bf16 --compile --steps 2 --warmup 3 --repeats 2
-run "vit_s16-224-b16-small-bf16-compile" --arch vit_s16 --img-size 224 --batch-size 16 $SMALL \
-  --precision bf16 --compile --steps 2 --warmup 3 --repeats 2
-run "extract-vit_s16-224-bf16" --what extract --arch vit_s16 --img-size 224 --batch-size 64 --precision bf16 $T
+run "vit_t4-32-b128-small-$fast-compile" --arch vit_t4 --img-size 32 --batch-size 128 $SMALL \
+  --precision $fast --compile --steps 2 --warmup 3 --repeats 2
+run "vit_s16-224-b16-small-$fast-compile" --arch vit_s16 --img-size 224 --batch-size 16 $SMALL \
+  --precision $fast --compile --steps 2 --warmup 3 --repeats 2
+run "extract-vit_s16-224-$fast" --what extract --arch vit_s16 --img-size 224 --batch-size 64 --precision $fast $T
 run "masks-14x14-b256" --what masks --arch vit_b16 --img-size 224 --batch-size 256 --steps 50 --repeats 5

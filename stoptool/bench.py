@@ -19,6 +19,7 @@ from stoptool.train.runtime import (
     attention_impl,
     autocast_factory,
     compile_blocks,
+    eager_on_compile_failure,
     resolve_device,
     resolve_precision,
     set_attention,
@@ -123,8 +124,8 @@ def bench(cfg: BenchConfig) -> dict:
     if cfg.grad_checkpoint:
         model.encoder.set_grad_checkpointing(True)
         model.predictor.grad_checkpointing = True
-    compile_note = compile_blocks(model) if cfg.compile else None
     autocast = autocast_factory(device, precision)
+    compile_note = compile_blocks(model, autocast) if cfg.compile else None
     images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
     result = {
         "what": cfg.what,
@@ -137,6 +138,14 @@ def bench(cfg: BenchConfig) -> dict:
     }
     if compile_note:
         result["compile_failed"] = compile_note
+
+    def compile_failed(reason: str) -> None:
+        result.update(compiled=False, compile_failed=reason)
+
+    def guarded(fn):
+        """`fn`, falling back to eager blocks if torch.compile fails in its first calls."""
+        return (lambda: eager_on_compile_failure(fn, model, compile_failed)) if result["compiled"] else fn
+
     if cfg.what == "extract":
         encoder = model.target_encoder.eval()
 
@@ -144,7 +153,7 @@ def bench(cfg: BenchConfig) -> dict:
             with torch.inference_mode(), autocast():
                 encode(encoder, images).mean(1)
 
-        seconds = _timed(extract, device, cfg.steps, cfg.warmup, cfg.repeats)
+        seconds = _timed(guarded(extract), device, cfg.steps, cfg.warmup, cfg.repeats)
         flops = encoder_flops(cfg.arch, cfg.img_size)
         result.update(_summary(seconds, cfg.batch_size, "img"))
     else:
@@ -158,7 +167,7 @@ def bench(cfg: BenchConfig) -> dict:
         def step():
             train_step(model, optimizer, inputs, 1e-4, 0.04, 0.996, autocast, scaler)
 
-        seconds = _timed(step, device, cfg.steps, cfg.warmup, cfg.repeats)
+        seconds = _timed(guarded(step), device, cfg.steps, cfg.warmup, cfg.repeats)
         counted = train_step_flops(
             cfg.arch,
             cfg.img_size,

@@ -8,6 +8,7 @@ import math
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -48,6 +49,7 @@ from stoptool.train.runtime import (
     autocast_factory,
     compile_blocks,
     default_workers,
+    eager_on_compile_failure,
     resolve_device,
     resolve_precision,
     set_attention,
@@ -251,8 +253,11 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
     if cfg.grad_checkpoint:
         model.encoder.set_grad_checkpointing(True)
         model.predictor.grad_checkpointing = True
+    autocast = autocast_factory(device, precision)
+    compiled = False
     if cfg.compile:
-        failure = compile_blocks(model)
+        failure = compile_blocks(model, autocast)
+        compiled = failure is None
         if failure and notify:
             notify(f"torch.compile is unavailable here, running eagerly ({failure})")
     broadcast_module(model.target_encoder, world)  # DDP keeps the rest in sync
@@ -264,7 +269,6 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     log = MetricsLog(run_dir / METRICS, step) if world.main else _NoLog()
-    autocast = autocast_factory(device, precision)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     transform = PretrainTransform(cfg.img_size, cfg.crop_scale, cfg.hflip, cfg.blur, cfg.gray)
     sampler = MaskSampler(cfg.mask_config())
@@ -296,6 +300,12 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
             extra["optimizer_groups"] = groups
         save_checkpoint(path, Checkpoint({**meta, **extra}, tensors))
 
+    def compile_failed(reason: str) -> None:
+        nonlocal compiled
+        compiled = False
+        if notify:
+            notify(f"torch.compile failed at step {step}, running eagerly from here ({reason})")
+
     model.train()
     start_time = time.perf_counter()
     window = {"t": start_time, "steps": 0, "loss": 0.0}
@@ -326,21 +336,13 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
                         tgt_idx.to(device, non_blocking=True),
                     )
                     lr, wd, m = sched.lr_at(step), sched.wd_at(step), sched.momentum_at(step)
+                    args = (model, optimizer, inputs, lr, wd, m, autocast, scaler, cfg.a_l1, cfg.clip_grad,
+                            online, reduce)
                     try:
-                        loss = train_step(
-                            model,
-                            optimizer,
-                            inputs,
-                            lr,
-                            wd,
-                            m,
-                            autocast,
-                            scaler,
-                            cfg.a_l1,
-                            cfg.clip_grad,
-                            online,
-                            reduce,
-                        )
+                        if compiled and not world.distributed:
+                            loss = eager_on_compile_failure(partial(train_step, *args), model, compile_failed)
+                        else:
+                            loss = train_step(*args)
                     except NonFiniteLoss as err:
                         raise UserError(
                             f"training stopped at step {step}: {err}; the last good checkpoint "

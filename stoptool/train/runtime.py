@@ -64,27 +64,67 @@ def default_workers(device: torch.device, in_memory: bool, processes_per_node: i
     return 0 if in_memory or cpus <= 2 else min(4, cpus // 4)
 
 
-def compile_blocks(model) -> str | None:
+def compile_blocks(model, autocast=contextlib.nullcontext) -> str | None:
     """torch.compile every transformer block in place (state-dict keys unchanged).
 
     Returns None on success, or the reason compilation is unavailable (the caller says so
-    and runs eagerly). Each distinct block is tried once on a small input so that a missing
-    compiler shows up here, not in the middle of training.
+    and runs eagerly). One block of each width is run forward and backward under `autocast`
+    on a small input first, so that a missing compiler or a broken kernel cache shows up
+    here, not in the middle of training.
     """
     blocks = [m for m in model.modules() if type(m).__name__ == "Block"]
     try:
         for block in blocks:
             block.compile(dynamic=True)
-        probe = blocks[0]
-        width = probe.norm1.normalized_shape[0]
-        param = next(probe.parameters())
-        with torch.no_grad():
-            probe(torch.zeros(1, 4, width, device=param.device, dtype=param.dtype))
+        probes = {b.norm1.normalized_shape[0]: b for b in blocks}
+        for width, block in probes.items():
+            param = next(block.parameters())
+            x = torch.zeros(2, 5, width, device=param.device, dtype=param.dtype, requires_grad=True)
+            with autocast():
+                out = block(x)
+            out.float().sum().backward()
+            for p in block.parameters():
+                p.grad = None
     except Exception as err:  # noqa: BLE001 - any backend failure means: run eagerly
-        for block in blocks:
-            block._compiled_call_impl = None
-        return f"{type(err).__name__}: {str(err).splitlines()[0][:160]}" if str(err) else type(err).__name__
+        uncompile_blocks(model)
+        return _reason(err)
     return None
+
+
+def uncompile_blocks(model) -> None:
+    """Undo `compile_blocks`: every block runs eagerly again, with no gradient left behind."""
+    for block in model.modules():
+        if type(block).__name__ == "Block":
+            block._compiled_call_impl = None
+            for p in block.parameters():
+                p.grad = None
+
+
+def is_compile_failure(err: BaseException) -> bool:
+    """An error of torch.compile's own machinery (dynamo, inductor), not of the model."""
+    return type(err).__module__.startswith(("torch._dynamo", "torch._inductor"))
+
+
+def eager_on_compile_failure(run, model, on_failure):
+    """`run()`; if torch.compile fails inside it (a graph first met there, a broken kernel
+    cache), put `model`'s blocks back to eager, tell `on_failure(reason)` and run again.
+
+    Safe for a training step: compilation happens in the forward and backward, before the
+    optimizer touches a weight, and the retry starts from cleared gradients.
+    """
+    try:
+        return run()
+    except Exception as err:
+        if not is_compile_failure(err):
+            raise
+        uncompile_blocks(model)
+        on_failure(_reason(err))
+        return run()
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:160]}" if text else type(err).__name__
 
 
 def attention_impl(requested: str, device: torch.device, precision: str, training: bool = True) -> str:

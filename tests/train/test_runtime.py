@@ -36,3 +36,51 @@ def test_device_and_precision_errors():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+class FakeInductorError(RuntimeError):
+    """Stands for an error of torch.compile's backend (a missing compiler, a broken cache)."""
+
+
+FakeInductorError.__module__ = "torch._inductor.exc"
+
+
+def _blocks(model):
+    return [m for m in model.modules() if type(m).__name__ == "Block"]
+
+
+def test_compile_failure_in_a_training_step_falls_back_to_eager(tiny_cfg, tmp_path, monkeypatch):
+    # Blocks that fail the way a compiled block fails on a graph first met in training.
+    import stoptool.train.pretrain as pretrain_module
+    from stoptool.train.pretrain import pretrain
+
+    def failing_compile(model, autocast):
+        def fail(*args, **kwargs):
+            raise FakeInductorError("ImportError: kernel.so: file too short")
+
+        for block in _blocks(model):
+            block._compiled_call_impl = fail
+        return None  # the up-front probe passed
+
+    monkeypatch.setattr(pretrain_module, "compile_blocks", failing_compile)
+    notes = []
+    compiled = pretrain(tiny_cfg(steps=3, compile=True, out=str(tmp_path / "c")), notify=notes.append)
+    eager = pretrain(tiny_cfg(steps=3, out=str(tmp_path / "e")))
+    assert notes == ["torch.compile failed at step 0, running eagerly from here "
+                     "(FakeInductorError: ImportError: kernel.so: file too short)"]
+    assert compiled.step == 3 and compiled.loss == eager.loss  # the failed step was retried exactly
+
+
+def test_eager_on_compile_failure_leaves_other_errors_alone():
+    from stoptool.train.runtime import eager_on_compile_failure
+
+    model = build_encoder("vit_t2", 8)
+    calls, reasons = [], []
+
+    def run():
+        calls.append(1)
+        raise ValueError("a bug in the model, not in the compiler")
+
+    with pytest.raises(ValueError):
+        eager_on_compile_failure(run, model, reasons.append)
+    assert len(calls) == 1 and reasons == []
