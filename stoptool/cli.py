@@ -36,6 +36,11 @@ def user_errors(fn):
     return wrapper
 
 
+def _note(text: str) -> None:
+    """One line on stderr, never wrapped or read as markup."""
+    err_console.print(f"note: {text}", highlight=False, markup=False, soft_wrap=True)
+
+
 def _pair(text: str | None, flag: str) -> tuple[float, float] | None:
     if text is None:
         return None
@@ -130,7 +135,7 @@ def pretrain(
         _note_slow_bf16(cfg.precision, cfg.device)
     with _ProgressBar(quiet or not main_rank) as bar:
         try:
-            notify = (lambda text: err_console.print(f"note: {text}")) if main_rank else None
+            notify = _note if main_rank else None
             result = run_pretrain(cfg, resume=resume, progress=bar.update, notify=notify)
         except Interrupted as stop:
             bar.stop()
@@ -212,10 +217,8 @@ def _note_slow_bf16(precision: str, device: str) -> None:
     from stoptool.train.runtime import cpu_has_fast_bf16, resolve_device
 
     if precision == "bf16" and resolve_device(device).type == "cpu" and not cpu_has_fast_bf16():
-        err_console.print(
-            "note: this CPU has neither AMX nor AVX-512 BF16, so bf16 runs many times slower "
-            "than fp32 here; --precision auto picks fp32", highlight=False,
-        )
+        _note("this CPU has neither AMX nor AVX-512 BF16, so bf16 runs many times slower than fp32 here; "
+              "--precision auto picks fp32")
 
 
 @app.command()
@@ -278,7 +281,7 @@ def import_cmd(
         rows[f"{part} params"] = f"{n:,}"
     print_table("import", rows)
     for note in res.notes:
-        err_console.print(f"note: {note}", highlight=False)
+        _note(note)
 
 
 @app.command()
