@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from stoptool.errors import UserError
+from stoptool.io.paths import check_writable
 
 app = typer.Typer(
     help="StoP (stochastic positional embeddings) on I-JEPA: pretrain ViTs, probe them, draw the paper's figures.",
@@ -443,11 +444,15 @@ def bench(
         raise UserError(f"--attn must be auto, sdpa or math, got '{attn}'")
     if precision not in CHOICES["precision"]:
         raise UserError(f"--precision must be one of {', '.join(CHOICES['precision'])}, got '{precision}'")
-    for name, value in (("steps", steps), ("repeats", repeats), ("batch-size", batch_size)):
-        if value <= 0:
+    for name, value in (("steps", steps), ("repeats", repeats), ("batch-size", batch_size), ("threads", threads)):
+        if value is not None and value <= 0:
             raise UserError(f"--{name} must be positive, got {value}")
     if warmup < 0:
         raise UserError(f"--warmup must be >= 0, got {warmup}")
+    if json_out is not None:
+        if json_out.is_dir():
+            raise UserError(f"--json '{json_out}' is a directory; give a file name")
+        check_writable(json_out)
     cfg = BenchConfig(arch, img_size, batch_size, precision, device, steps, warmup, repeats, what,
                       pred_width, pred_depth, sigma, attn, grad_checkpoint, compile, threads)
     _note_slow_bf16(precision, device)

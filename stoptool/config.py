@@ -5,6 +5,7 @@ digits), then a preset or YAML file (`--config`), then the command-line flags a 
 """
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -135,6 +136,11 @@ class PretrainConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     def validate(self) -> "PretrainConfig":
+        for f in fields(self):
+            value = getattr(self, f.name)
+            values = value if f.name in PAIR_FIELDS else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
         spec, patch = parse_arch(self.arch)
         if self.img_size <= 0 or self.img_size % patch:
             raise UserError(
@@ -146,6 +152,8 @@ class PretrainConfig:
             if getattr(self, name) not in options:
                 flag = "--" + name.replace("_", "-")
                 raise UserError(f"{flag} must be one of {', '.join(options)}, got '{getattr(self, name)}'")
+        if self.workers is not None and self.workers < 0:
+            raise UserError(f"--workers must be >= 0, got {self.workers}")
         positive = ("epochs", "batch_size", "pred_depth", "pred_width", "save_every", "log_every")
         for name in positive:
             if getattr(self, name) <= 0:

@@ -52,6 +52,10 @@ def test_tiny_pretrain_writes_the_run_directory(tmp_path):
         (["--dataset", "/no/such/dir"], "unknown dataset '/no/such/dir'"),
         (["--config", "no-such-preset"], "unknown preset 'no-such-preset'"),
         (["--noise-on", "everywhere"], "--noise-on must be one of masked, context, both"),
+        (["--sigma", "nan"], "--sigma must be a finite number, got nan"),
+        (["--lr", "inf"], "--lr must be a finite number, got inf"),
+        (["--workers", "-2"], "--workers must be >= 0, got -2"),
+        (["--subset", "/no/such/list.txt"], "--subset keeps images of an ImageFolder tree; digits has none"),
     ],
 )
 def test_bad_pretrain_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, message):
@@ -73,6 +77,44 @@ def test_empty_image_folder_is_rejected(tmp_path):
     assert result.exit_code == 2
     assert "holds no images" in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_image_folder_of_unreadable_files_is_rejected_before_the_run_starts(tmp_path):
+    (tmp_path / "data" / "cls").mkdir(parents=True)
+    (tmp_path / "data" / "cls" / "x.png").write_bytes(b"not a png")
+    args = ["pretrain", *TINY, "--batch-size", "1", "--dataset", str(tmp_path / "data"),
+            "--out", str(tmp_path / "r")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "no readable image in" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_outputs_under_a_regular_file_are_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a directory")
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["pretrain", *TINY, "--steps", "1", "--out", str(run)]).exit_code == 0
+    ckpt = str(run / "latest.safetensors")
+    commands = [
+        ["pretrain", *TINY, "--steps", "1", "--out", str(blocker / "run")],
+        ["probe", ckpt, "--no-cache", "--out", str(blocker / "p.json")],
+        ["export", ckpt, "--to", "timm", str(blocker / "e.safetensors")],
+        ["bench", "--what", "masks", "--batch-size", "2", "--steps", "1", "--repeats", "1",
+         "--json", str(blocker / "b.json")],
+    ]
+    for args in commands:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert f"'{blocker}' is not a directory" in result.stderr, args
+        assert len(result.stderr.strip().splitlines()) == 1, args
+    assert blocker.read_text() == "a file, not a directory"
+
+
+@pytest.mark.parametrize("threads", ["0", "-1"])
+def test_bench_threads_must_be_positive(threads):
+    result = runner.invoke(app, ["bench", "--what", "masks", "--threads", threads])
+    assert result.exit_code == 2 and f"--threads must be positive, got {threads}" in result.stderr
 
 
 def test_info_rejects_a_file_that_is_not_a_checkpoint(tmp_path):

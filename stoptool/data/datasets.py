@@ -104,13 +104,13 @@ def open_dataset(name: str, split: str = "train", subset: str | None = None,
                  root: str | Path | None = None, download: bool = False) -> ImageDataset:
     """`digits`, `cifar10`/`cifar100` (from `root`, see `stoptool.data.cifar`), or a path to an
     ImageFolder tree (its `split` sub-directory when present)."""
+    if name in ("digits", "cifar10", "cifar100") and subset is not None:
+        raise UserError(f"--subset keeps images of an ImageFolder tree; {name} has none to name")
     if name == "digits":
         return digits(split)
     if name in ("cifar10", "cifar100"):
         from stoptool.data.cifar import load_cifar
 
-        if subset is not None:
-            raise UserError("--subset keeps images of an ImageFolder tree; CIFAR has none to name")
         return load_cifar(name, split, root, download)
     path = Path(name).expanduser()
     if not path.exists():

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from stoptool.data.datasets import ImageDataset
 from stoptool.data.transforms import PretrainTransform
+from stoptool.errors import UserError
 from stoptool.masks import MaskSampler
 
 
@@ -44,7 +45,19 @@ class AugmentedImages(Dataset):
                 skipped += 1
                 continue
             return key, self.transform(img, rng), skipped
-        raise RuntimeError("no readable image left in the data set")
+        raise UserError(f"no readable image in '{self.data.name}'")
+
+
+def check_readable(data: ImageDataset) -> None:
+    """At least one image of `data` loads (the first readable one ends the search), so that a
+    tree of unreadable files is refused before a run directory is made."""
+    for i in range(len(data)):
+        try:
+            data.load(i)
+            return
+        except (OSError, ValueError):
+            continue
+    raise UserError(f"no readable image in '{data.name}'")
 
 
 class MaskCollate:

@@ -97,6 +97,10 @@ def _open(path: str | Path, tensors: bool) -> Checkpoint:
             f"'{path}' is not a readable stoptool checkpoint (truncated or another format): "
             f"{str(err).splitlines()[0][:120]}"
         ) from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("arch"), str)
+            and isinstance(meta.get("img_size"), int)):
+        raise UserError(f"'{path}' is tagged as a stoptool checkpoint but its metadata lacks the arch "
+                        "and image size (a damaged or hand-made file)")
     return Checkpoint(meta, data)
 
 

@@ -16,6 +16,7 @@ from stoptool.errors import UserError
 from stoptool.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from stoptool.io.models import TIMM_ENCODER, stoptool_view
 from stoptool.io.official import check_state, encoder_shapes
+from stoptool.io.paths import check_writable
 from stoptool.models.encoder import parse_arch
 
 WHICH = {"target": "target_encoder", "context": "encoder"}
@@ -70,6 +71,7 @@ def export_timm(ckpt_path: str | Path, out: str | Path, which: str = "target") -
         raise UserError(f"--which must be target or context, got '{which}'")
     if out.exists() and (out.is_dir() or out.resolve() == ckpt_path.resolve()):
         raise UserError(f"'{out}' is a directory or the input itself; give a new file name")
+    check_writable(out)
     ckpt = stoptool_view(load_checkpoint(ckpt_path))
     meta = ckpt.meta
     part = WHICH[which]

@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import FORMAT, Checkpoint, save_checkpoint
+from stoptool.io.paths import check_writable
 from stoptool.models.encoder import ARCHS, parse_arch, timm_kwargs
 from stoptool.models.pos_embed import sincos_2d
 from stoptool.models.predictor import Predictor
@@ -347,6 +348,7 @@ def import_checkpoint(
         raise UserError(f"--sigma must be >= 0 (it is the noise standard deviation), got {sigma}")
     if out.exists() and (out.is_dir() or out.resolve() == src.resolve()):
         raise UserError(f"'{out}' is a directory or the input itself; give a new file name")
+    check_writable(out)
 
     raw = read_source(src)
     parts, layout = split_parts(raw, src)

@@ -15,6 +15,7 @@ import torch
 
 from stoptool.data.datasets import FolderDataset, ImageDataset, digits, open_dataset
 from stoptool.errors import UserError
+from stoptool.io.paths import check_writable
 from stoptool.models.encoder import build_encoder, parse_arch
 from stoptool.probe.features import (
     LAYERS,
@@ -174,6 +175,8 @@ def open_splits(cfg: ProbeConfig) -> tuple[ImageDataset, ImageDataset, str]:
 
 
 def validate(cfg: ProbeConfig) -> None:
+    if cfg.workers is not None and cfg.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {cfg.workers}")
     if not 0 < cfg.fraction <= 1:
         raise UserError(f"--fraction must be in (0, 1], got {cfg.fraction}")
     if cfg.layers not in LAYERS:
@@ -231,6 +234,7 @@ def run_probe(cfg: ProbeConfig, progress: Callable[[str, int, int], None] | None
     json_path = default_json_path(cfg, enc, tag)
     if json_path.exists() and json_path.is_dir():
         raise UserError(f"output path '{json_path}' is a directory")
+    check_writable(json_path)
 
     enc_hash = encoder_fingerprint(enc.net)
     extracted: list[str] = []

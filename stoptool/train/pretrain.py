@@ -5,6 +5,7 @@ Everything a user can get wrong is checked before the run directory is touched.
 
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import yaml
 
 from stoptool.config import PretrainConfig
 from stoptool.data.datasets import ArrayDataset, open_dataset
-from stoptool.data.loader import pretrain_loader, stream_seed
+from stoptool.data.loader import check_readable, pretrain_loader, stream_seed
 from stoptool.data.transforms import PretrainTransform
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import (
@@ -26,6 +27,7 @@ from stoptool.io.checkpoint import (
     optimizer_tensors,
     save_checkpoint,
 )
+from stoptool.io.paths import check_writable
 from stoptool.masks import MaskSampler
 from stoptool.models.jepa import JEPA, build_jepa
 from stoptool.train.distributed import (
@@ -160,15 +162,25 @@ class _NoLog:
         pass
 
 
+def _row_step(line: str) -> float:
+    """The step of a metrics row; infinity for a blank or torn line (a run killed mid-write)."""
+    try:
+        row = json.loads(line)
+        return row.get("step", 0) if isinstance(row, dict) else math.inf
+    except json.JSONDecodeError:
+        return math.inf
+
+
 class MetricsLog:
     """JSON lines, one per logged step; on resume, rows past the resumed step are dropped."""
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         if path.exists():
-            rows = [r for r in path.read_text().splitlines() if r.strip()]
-            kept = [r for r in rows if json.loads(r).get("step", 0) <= resume_step]
-            path.write_text("".join(r + "\n" for r in kept))
+            kept = [r for r in path.read_text().splitlines() if _row_step(r) <= resume_step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(r + "\n" for r in kept))
+            os.replace(tmp, path)  # a kill here leaves the old file whole
         self._file = open(path, "a")
         self._tb = None
         try:
@@ -212,6 +224,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
 
 def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, device, precision) -> RunResult:
     data = open_dataset(cfg.dataset, "train", cfg.subset)
+    check_readable(data)
     if len(data) < cfg.batch_size:
         raise UserError(f"the data set has {len(data)} images, fewer than the batch size {cfg.batch_size}")
     ipe = len(data) // cfg.batch_size
@@ -221,6 +234,7 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
     latest = run_dir / LATEST
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"output path '{run_dir}' exists and is not a directory")
+    check_writable(run_dir)
     saved = load_checkpoint(latest) if resume and latest.exists() else None
     if saved is not None:
         _check_resumable(saved.meta.get("config", {}), cfg, latest)

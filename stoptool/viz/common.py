@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from stoptool.data.transforms import to_tensor
 from stoptool.errors import UserError
+from stoptool.io.paths import check_writable
 
 
 @dataclass
@@ -52,14 +53,7 @@ def check_out(out: str | Path | None, default: Path) -> Path:
         raise UserError(
             f"--out '{path}' is a directory; give a file name such as {path / default.name}"
         )
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"cannot write '{path}': '{parent}' is not a directory")
-            if not os.access(parent, os.W_OK):
-                raise UserError(f"cannot write '{path}': '{parent}' is not writable")
-            break
-    return path
+    return check_writable(path)
 
 
 def check_dpi(dpi: int) -> int:

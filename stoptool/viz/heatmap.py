@@ -114,7 +114,7 @@ def predictions_and_targets(
 
 
 def check_temperature(temperature: float) -> None:
-    if temperature <= 0:
+    if not 0 < temperature < float("inf"):
         raise UserError(f"--temperature must be positive, got {temperature}")
 
 

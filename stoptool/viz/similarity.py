@@ -63,7 +63,7 @@ def parse_queries(text: str | None, grid: int) -> list[tuple[int, int]]:
 
 
 def check_noise(sigma: float, draws: int) -> None:
-    if sigma < 0:
+    if not sigma >= 0 or sigma == float("inf"):
         raise UserError(f"--sigma must be >= 0 (it is the noise standard deviation), got {sigma}")
     if draws < 1:
         raise UserError(f"--draws must be at least 1, got {draws}")

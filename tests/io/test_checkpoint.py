@@ -16,6 +16,8 @@ from stoptool.io.checkpoint import (
     save_checkpoint,
 )
 
+TINY_META = {"kind": "pretrain", "arch": "vit_t4", "img_size": 32}
+
 
 def test_round_trip_identical(tmp_path):
     tensors = {
@@ -23,7 +25,7 @@ def test_round_trip_identical(tmp_path):
         "predictor.b": torch.arange(5),
         "rng.cpu": torch.get_rng_state(),
     }
-    meta = {"kind": "pretrain", "arch": "vit_t4", "sigma": 0.25, "step": 7, "config": {"lr": 1e-3}}
+    meta = {**TINY_META, "sigma": 0.25, "step": 7, "config": {"lr": 1e-3}}
     path = tmp_path / "c.safetensors"
     save_checkpoint(path, Checkpoint(meta, tensors))
     back = load_checkpoint(path)
@@ -55,7 +57,7 @@ def test_optimizer_state_round_trip(tiny_cfg):
 
 def test_truncated_file_is_rejected(tmp_path):
     path = tmp_path / "c.safetensors"
-    save_checkpoint(path, Checkpoint({"kind": "pretrain"}, {"encoder.w": torch.randn(100, 100)}))
+    save_checkpoint(path, Checkpoint(TINY_META, {"encoder.w": torch.randn(100, 100)}))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="not a readable stoptool checkpoint"):
@@ -82,7 +84,15 @@ def test_written_files_follow_the_umask(tmp_path):
     import os
 
     path = tmp_path / "c.safetensors"
-    save_checkpoint(path, Checkpoint({"kind": "pretrain"}, {"encoder.w": torch.zeros(2)}))
+    save_checkpoint(path, Checkpoint(TINY_META, {"encoder.w": torch.zeros(2)}))
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("meta", [{"kind": "pretrain"}, ["not", "a", "mapping"], {"arch": "vit_t4"}])
+def test_stoptool_tag_with_damaged_metadata_is_refused(tmp_path, meta):
+    path = tmp_path / "hand-made.safetensors"
+    save_file({"encoder.w": torch.zeros(2)}, str(path), {"format": "stoptool", "meta": json.dumps(meta)})
+    with pytest.raises(UserError, match="metadata lacks the arch and image size"):
+        load_checkpoint(path)

@@ -45,6 +45,8 @@ def test_resumed_run_reaches_the_same_weights(tiny_cfg, image_folder, tmp_path):
     assert part.step == 4
     saved = load_checkpoint(tmp_path / "part" / "latest.safetensors")
     assert saved.meta["step"] == 4 and any(k.startswith("opt.state.") for k in saved.tensors)
+    with open(tmp_path / "part" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "epo')  # a row torn by a kill mid-write: dropped on resume
     resumed = pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "part"))
     assert resumed.step == 6
     a = load_checkpoint(full.checkpoint).tensors

@@ -119,6 +119,7 @@ def one_line_error(args, message):
         (["--queries", "9,9"], "outside the 8×8 patch grid"),
         (["--queries", "a;b"], "--queries takes ROW,COL pairs"),
         (["--sigma", "-1"], "--sigma must be >= 0"),
+        (["--sigma", "nan"], "--sigma must be >= 0"),
         (["--draws", "0"], "--draws must be at least 1"),
     ],
 )
@@ -137,6 +138,7 @@ def test_similarity_needs_a_checkpoint(tmp_path):
     "args, message",
     [
         (["--temperature", "0"], "--temperature must be positive"),
+        (["--temperature", "nan"], "--temperature must be positive"),
         (["--patch", "8,0"], "outside the 8×8 patch grid"),
     ],
 )
