@@ -106,7 +106,7 @@ def load_encoder(cfg: ProbeConfig) -> Encoder:
         if cfg.arch is None:
             raise UserError("--random-init needs --arch (e.g. --arch vit_t4)")
         _, patch = parse_arch(cfg.arch)
-        img_size = cfg.img_size or default_img_size(patch)
+        img_size = default_img_size(patch) if cfg.img_size is None else cfg.img_size
         _check_img_size(cfg.arch, img_size)
         torch.manual_seed(cfg.seed)
         return Encoder(build_encoder(cfg.arch, img_size).eval(), cfg.arch, img_size, "random-init",
@@ -121,7 +121,7 @@ def load_encoder(cfg: ProbeConfig) -> Encoder:
     meta = loaded.meta
     net = loaded.model.target_encoder if cfg.which == "target" else loaded.model.encoder
     arch, img_size = meta["arch"], meta["img_size"]
-    if cfg.img_size and cfg.img_size != img_size:
+    if cfg.img_size is not None and cfg.img_size != img_size:
         _check_img_size(arch, cfg.img_size)
         # The positions are fixed sine-cosine, so the encoder is exact at any grid: rebuild
         # it for the new size and keep every trained weight.

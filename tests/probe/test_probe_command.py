@@ -142,6 +142,8 @@ def test_train_and_val_dirs_with_subset(tmp_path, folder, tiny_cfg):
         ([], "give a checkpoint to probe"),
         (["--random-init", "--arch", "vit_t2", "--img-size", "15"],
          "not a positive multiple of the patch size 2"),
+        (["--random-init", "--arch", "vit_t2", "--img-size", "0"],
+         "--img-size 0 is not a positive multiple of the patch size 2"),
         (["--random-init", "--arch", "vit_t2", "--dataset", "cifar10", "--data-root", "{tmp}"],
          "CIFAR-10 not found: put cifar-10-python.tar.gz"),
     ],
@@ -169,3 +171,11 @@ def test_a_folder_without_train_and_val_is_explained(tmp_path, folder):
     result = probe("--random-init", "--arch", "vit_t2", "--dataset", str(folder / "train"),
                    "--out", str(tmp_path / "r.json"), cache_dir=tmp_path / "c")
     assert result.exit_code == 2 and "needs train/ and val/" in result.stderr
+
+
+def test_checkpoint_probe_at_image_size_0_is_refused(tmp_path, tiny_cfg):
+    ckpt = make_ckpt(tmp_path / "c.safetensors", tiny_cfg)
+    result = probe(str(ckpt), "--img-size", "0", "--out", str(tmp_path / "r.json"), cache_dir=tmp_path / "c")
+    assert result.exit_code == 2
+    assert "--img-size 0 is not a positive multiple of the patch size" in result.stderr
+    assert not (tmp_path / "r.json").exists()
