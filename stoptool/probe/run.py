@@ -255,8 +255,9 @@ def run_probe(cfg: ProbeConfig, progress: Callable[[str, int, int], None] | None
         else:
             res = knn_probe(x_train, y_train, f_test.x, f_test.y, num_classes, device=device)
         rows.append({
-            "method": method, "layers": cfg.layers, "fraction": cfg.fraction,
-            "train": int(len(y_train)), "test": int(len(f_test.y)), "dim": int(x_train.shape[1]),
+            "method": method, "layers": cfg.layers, "fraction": cfg.fraction, "seed": cfg.seed,
+            "precision": precision, "train": int(len(y_train)), "test": int(len(f_test.y)),
+            "dim": int(x_train.shape[1]),
             "top1": res["top1"], "top5": res["top5"],
             "seconds": round(time.perf_counter() - start, 3), "params": res["params"],
         })
@@ -274,12 +275,14 @@ def run_probe(cfg: ProbeConfig, progress: Callable[[str, int, int], None] | None
 
 
 def _row_key(row: dict) -> tuple:
-    return row["method"], row["layers"], row["fraction"]
+    """What makes two rows different measurements: a new seed (another label subset, another
+    init of the linear probe) or precision adds a row instead of replacing one."""
+    return row["method"], row["layers"], row["fraction"], row.get("seed"), row.get("precision")
 
 
 def write_json(path: Path, info: dict, rows: list[dict]) -> None:
-    """Write the results; rows of other methods/layers/fractions already in the file for the
-    same encoder and data set are kept, so successive probes add up."""
+    """Write the results; rows of other methods/layers/fractions/seeds/precisions already in the
+    file for the same encoder and data set are kept, so successive probes add up."""
     kept = []
     if path.is_file():
         try:

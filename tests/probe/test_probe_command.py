@@ -68,6 +68,12 @@ def test_probe_prints_a_table_and_writes_json_beside_the_checkpoint(tmp_path, fo
                    cache_dir=tmp_path / "c")
     assert result.exit_code == 0, result.output
     assert any(r["fraction"] == 0.5 for r in json.loads(out.read_text())["results"])
+    # another seed is another label subset: its row joins the first, each row saying its seed
+    result = probe(str(tmp_path / "run"), "--dataset", str(folder), "--fraction", "0.5", "--seed", "1",
+                   cache_dir=tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    halves = [r for r in json.loads(out.read_text())["results"] if r["fraction"] == 0.5]
+    assert sorted(r["seed"] for r in halves) == [0, 1] and all(r["precision"] == "fp32" for r in halves)
 
 
 def test_cache_is_hit_then_invalidated_by_a_new_checkpoint(tmp_path, folder, tiny_cfg, monkeypatch):
