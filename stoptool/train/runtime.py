@@ -64,6 +64,11 @@ def default_workers(device: torch.device, in_memory: bool, processes_per_node: i
     return 0 if in_memory or cpus <= 2 else min(4, cpus // 4)
 
 
+def transformer_blocks(model) -> list[torch.nn.Module]:
+    """The timm blocks of `model` (encoders' and predictor's): the unit `--compile` compiles."""
+    return [m for m in model.modules() if type(m).__name__ == "Block"]
+
+
 def compile_blocks(model, autocast=contextlib.nullcontext) -> str | None:
     """torch.compile every transformer block in place (state-dict keys unchanged).
 
@@ -72,7 +77,7 @@ def compile_blocks(model, autocast=contextlib.nullcontext) -> str | None:
     on a small input first, so that a missing compiler or a broken kernel cache shows up
     here, not in the middle of training.
     """
-    blocks = [m for m in model.modules() if type(m).__name__ == "Block"]
+    blocks = transformer_blocks(model)
     try:
         for block in blocks:
             block.compile(dynamic=True)
@@ -93,11 +98,10 @@ def compile_blocks(model, autocast=contextlib.nullcontext) -> str | None:
 
 def uncompile_blocks(model) -> None:
     """Undo `compile_blocks`: every block runs eagerly again, with no gradient left behind."""
-    for block in model.modules():
-        if type(block).__name__ == "Block":
-            block._compiled_call_impl = None
-            for p in block.parameters():
-                p.grad = None
+    for block in transformer_blocks(model):
+        block._compiled_call_impl = None
+        for p in block.parameters():
+            p.grad = None
 
 
 def is_compile_failure(err: BaseException) -> bool:

@@ -45,20 +45,17 @@ class FakeInductorError(RuntimeError):
 FakeInductorError.__module__ = "torch._inductor.exc"
 
 
-def _blocks(model):
-    return [m for m in model.modules() if type(m).__name__ == "Block"]
-
-
 def test_compile_failure_in_a_training_step_falls_back_to_eager(tiny_cfg, tmp_path, monkeypatch):
     # Blocks that fail the way a compiled block fails on a graph first met in training.
     import stoptool.train.pretrain as pretrain_module
     from stoptool.train.pretrain import pretrain
+    from stoptool.train.runtime import transformer_blocks
 
     def failing_compile(model, autocast):
         def fail(*args, **kwargs):
             raise FakeInductorError("ImportError: kernel.so: file too short")
 
-        for block in _blocks(model):
+        for block in transformer_blocks(model):
             block._compiled_call_impl = fail
         return None  # the up-front probe passed
 
