@@ -580,8 +580,20 @@ class _ExtractBar:
 
 
 def main() -> None:
-    app()
-
+    """Run the app; a mistyped command line, like any other bad input, is one line and exit 2."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as err:  # typer's usage errors (bad option, bad value, no command)
+        ctx = getattr(err, "ctx", None)
+        if type(err).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            err_console.print(f"error: {err.format_message()}{hint}", highlight=False, markup=False,
+                              soft_wrap=True)
+        code = getattr(err, "exit_code", 2)
+    except typer.Abort:
+        err_console.print("aborted", highlight=False)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 if __name__ == "__main__":
     main()

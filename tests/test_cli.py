@@ -189,6 +189,30 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["pretrain", "--epochs", "2.5"], "error: Invalid value for '--epochs'"),
+        (["pretrain", "--no-such-flag"], "error: No such option: --no-such-flag"),
+        (["nosuch"], "error: No such command 'nosuch'"),
+        (["viz", "masks", "--dpi", "x"], "error: Invalid value for '--dpi'"),
+    ],
+)
+def test_mistyped_command_line_is_one_line_and_exit_2(args, message):
+    proc = subprocess.run([sys.executable, "-m", "stoptool", *args], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    assert "--help" in lines[0] and not proc.stdout
+
+
+def test_no_arguments_print_the_help_once():
+    proc = subprocess.run([sys.executable, "-m", "stoptool", "viz"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    out = proc.stdout + proc.stderr
+    assert out.count("viz [OPTIONS] COMMAND") == 1 and "similarity" in out
+
 @pytest.mark.parametrize(
     "preset", ["stop-vitb16-in1k", "stop-vitl16-in1k", "stop-vith16-in1k", "ijepa-vith14-in1k"]
 )
