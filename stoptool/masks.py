@@ -51,9 +51,10 @@ class MaskConfig:
             raise UserError(f"num-targets must be at least 1, got {self.num_targets}")
         if self.grid < 2:
             raise UserError(f"the patch grid must be at least 2×2, got {self.grid}×{self.grid}")
-        # scale and aspect share one draw, so the smallest block is found by scanning it
-        h, w = min(
-            (
+        # scale and aspect share one draw, so the extreme block sizes are found by scanning it
+        areas = [
+            h * w
+            for h, w in (
                 block_size(
                     self.grid,
                     self.target_scale[0] + u / 64 * (self.target_scale[1] - self.target_scale[0]),
@@ -61,14 +62,20 @@ class MaskConfig:
                     u / 64,
                 )
                 for u in range(65)
-            ),
-            key=lambda hw: hw[0] * hw[1],
-        )
-        if h * w <= self.keep:
+            )
+        ]
+        if min(areas) <= self.keep:
             raise UserError(
                 f"target blocks of scale {self.target_scale[0]} on a {self.grid}×{self.grid} grid "
-                f"hold {h * w} patches, not more than min-keep {self.keep}: raise the scale or "
+                f"hold {min(areas)} patches, not more than min-keep {self.keep}: raise the scale or "
                 "lower min-keep"
+            )
+        left = self.grid * self.grid - self.num_targets * max(areas)
+        if self.mode == "random" and left <= self.keep:
+            raise UserError(
+                f"random masking with {self.num_targets} targets of up to {max(areas)} patches on a "
+                f"{self.grid}×{self.grid} grid leaves {max(left, 0)} context patches, not more than "
+                f"min-keep {self.keep}: lower num-targets or the target scale"
             )
         return self
 

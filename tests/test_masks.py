@@ -102,6 +102,7 @@ def test_random_mode_disjoint_and_sized():
         ({"context_scale": (0.5, 1.2)}, "context-scale"),
         ({"target_scale": (0.01, 0.02)}, "min-keep"),
         ({"mode": "checkerboard"}, "mask mode"),
+        ({"mode": "random", "num_targets": 8}, "random masking with 8 targets"),
     ],
 )
 def test_bad_mask_configs_are_user_errors(kwargs, message):
