@@ -102,7 +102,7 @@ def pretrain(
     precision: str | None = typer.Option(None, help="auto | bf16 | fp16 | fp32 (auto: bf16 where fast). (default: auto)"),
     attn: str | None = typer.Option(None, help="Attention: auto | sdpa (fused) | math (plain matmuls); auto picks math for bf16 on CPU. (default: auto)"),
     workers: int | None = typer.Option(None, help="Data loader workers. (default: auto)"),
-    save_every: int | None = typer.Option(None, help="Write latest and a snapshot every N epochs. (default: 10)"),
+    save_every: int | None = typer.Option(None, help="Keep a weight snapshot every N epochs (latest is written after every epoch). (default: 10)"),
     log_every: int | None = typer.Option(None, help="Log metrics every N steps. (default: 10)"),
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="Use torch.compile."),
     grad_checkpoint: bool | None = typer.Option(None, "--grad-checkpoint/--no-grad-checkpoint", help="Recompute activations to save memory."),

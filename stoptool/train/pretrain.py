@@ -358,10 +358,9 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
                         else:
                             loss = train_step(*args)
                     except NonFiniteLoss as err:
-                        raise UserError(
-                            f"training stopped at step {step}: {err}; the last good checkpoint "
-                            f"is kept in '{run_dir}' (try a lower --lr)"
-                        ) from None
+                        kept = (f"the last good checkpoint is kept in '{latest}'" if latest.exists()
+                                else "no checkpoint had been written yet")
+                        raise UserError(f"training stopped at step {step}: {err}; {kept} (try a lower --lr)") from None
                     step += 1
                     skipped += n_skipped
                     window["steps"] += 1
@@ -380,11 +379,10 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
                         raise Interrupted(stop.signum or signal.SIGTERM, latest)
                     if step >= last_step:
                         break
-                if step % ipe == 0:
-                    epoch_done = step // ipe
-                    if epoch_done % cfg.save_every == 0 and step < last_step:
-                        save(latest)
-                        save(run_dir / f"epoch{epoch_done:04d}.safetensors", with_state=False)
+                if step % ipe == 0 and step < last_step:  # an epoch ended: latest, and maybe a snapshot
+                    save(latest)
+                    if (step // ipe) % cfg.save_every == 0:
+                        save(run_dir / f"epoch{step // ipe:04d}.safetensors", with_state=False)
             save(latest)
     finally:
         log.close()

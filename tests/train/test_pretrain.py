@@ -90,6 +90,18 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, image_fo
         return real_step(*args, **kw)
 
     monkeypatch.setattr(engine, "train_step", failing)
-    with pytest.raises(UserError, match="step 4: loss is nan"):
-        pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "r"))
+    # latest is written after every epoch, whatever --save-every says of snapshots
+    with pytest.raises(UserError, match="step 4: loss is nan; the last good checkpoint is kept"):
+        pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "r", save_every=10))
     assert load_checkpoint(tmp_path / "r" / "latest.safetensors").meta["step"] == 3
+    assert not list((tmp_path / "r").glob("epoch*.safetensors"))
+
+
+def test_non_finite_loss_before_any_checkpoint_says_so(tiny_cfg, image_folder, tmp_path, monkeypatch):
+    def failing(*args, **kw):
+        raise engine.NonFiniteLoss("loss is nan")
+
+    monkeypatch.setattr(engine, "train_step", failing)
+    with pytest.raises(UserError, match="step 0: loss is nan; no checkpoint had been written yet"):
+        pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "r"))
+    assert not (tmp_path / "r" / "latest.safetensors").exists()
