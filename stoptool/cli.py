@@ -66,7 +66,9 @@ def print_table(title: str, rows: dict) -> None:
 def pretrain(
     arch: str | None = typer.Option(None, help="Encoder: vit_{t,s,b,l,h,g}<patch>, e.g. vit_b16, vit_t4. (default: vit_t4)"),
     sigma: float | None = typer.Option(None, help="StoP noise standard deviation σ; 0 is plain I-JEPA. (default: 0.25)"),
-    dataset: str | None = typer.Option(None, help="'digits' (bundled) or a path to an ImageFolder tree. (default: digits)"),
+    dataset: str | None = typer.Option(None, help="digits (bundled) | cifar10 | cifar100 | a path to an ImageFolder tree (its train/ when present). (default: digits)"),
+    data_root: str | None = typer.Option(None, help="Where CIFAR's release archive or extracted folder lives. (default: ~/.cache/stoptool/data)"),
+    download: bool | None = typer.Option(None, "--download", help="Fetch the CIFAR archive into --data-root when it is missing."),
     config: str | None = typer.Option(None, "--config", help="A preset name (e.g. stop-vitb16-in1k) or a YAML file; flags override it."),
     img_size: int | None = typer.Option(None, help="Image side in pixels; a multiple of the patch size. (default: 224; 8 patches a side for patches of 4 px or less, e.g. 32 for vit_t4)"),
     batch_size: int | None = typer.Option(None, help="Global batch size. (default: 64)"),
@@ -551,13 +553,19 @@ def probe(
 
 
 class _ExtractBar:
-    """A rich progress bar for feature extraction, one task per split."""
+    """A rich progress bar for feature extraction, one task per split; it appears with the
+    first batch, so an error found before extraction is the only thing printed."""
 
     def __init__(self, quiet: bool):
         self.quiet, self.progress, self.tasks = quiet, None, {}
 
     def __enter__(self):
-        if not self.quiet:
+        return self
+
+    def update(self, split: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self.progress is None:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.progress = Progress(
@@ -565,11 +573,6 @@ class _ExtractBar:
                 TimeElapsedColumn(), console=err_console, transient=True,
             )
             self.progress.start()
-        return self
-
-    def update(self, split: str, done: int, total: int) -> None:
-        if self.progress is None:
-            return
         if split not in self.tasks:
             self.tasks[split] = self.progress.add_task(split, total=total)
         self.progress.update(self.tasks[split], completed=done)

@@ -61,6 +61,8 @@ class PretrainConfig:
     # data and augmentation
     dataset: str = "digits"
     subset: str | None = None
+    data_root: str | None = None  # where cifar10/cifar100 live (default: ~/.cache/stoptool/data)
+    download: bool = False  # fetch cifar10/cifar100 into data_root when missing
     crop_scale: tuple[float, float] = (0.3, 1.0)
     hflip: float = 0.0
     blur: float = 0.0

@@ -179,7 +179,8 @@ def test_config_file_value_of_the_wrong_type_exits_2(tmp_path, line, message):
 
 def test_random_masks_with_no_room_for_context_are_refused_before_any_output(tmp_path):
     out = tmp_path / "r"
-    args = ["pretrain", *TINY, "--mask-mode", "random", "--num-targets", "8", "--steps", "1", "--out", str(out)]
+    args = ["pretrain", *TINY, "--mask-mode", "random", "--num-targets", "8", "--steps", "1",
+            "--out", str(out)]
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert "random masking with 8 targets" in result.stderr and len(result.stderr.strip().splitlines()) == 1

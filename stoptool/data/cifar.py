@@ -25,6 +25,7 @@ import numpy as np
 
 from stoptool.data.datasets import ArrayDataset
 from stoptool.errors import UserError
+from stoptool.io.paths import check_writable
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,9 @@ def fetch(name: str, root: Path) -> Path:
     target = root / release.archive
     if target.is_file() or (root / release.folder).is_dir():
         return target
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--data-root '{root}' is not a directory")
+    check_writable(target)
     root.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{release.archive}.", dir=root)
     md5 = hashlib.md5()

@@ -235,6 +235,11 @@ def run_probe(cfg: ProbeConfig, progress: Callable[[str, int, int], None] | None
     if json_path.exists() and json_path.is_dir():
         raise UserError(f"output path '{json_path}' is a directory")
     check_writable(json_path)
+    if cfg.cache:
+        cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+        if cache_dir.exists() and not cache_dir.is_dir():
+            raise UserError(f"feature cache '{cache_dir}' is not a directory (see --cache-dir)")
+        check_writable(cache_dir / "features.npz")
 
     enc_hash = encoder_fingerprint(enc.net)
     extracted: list[str] = []

@@ -63,6 +63,8 @@ LATEST = "latest.safetensors"
 METRICS = "metrics.jsonl"
 # Fields that may change when a run is resumed; every other field must match the saved run.
 RESUMABLE_CHANGES = {
+    "data_root",
+    "download",
     "steps",
     "epochs",
     "out",
@@ -223,7 +225,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
 
 
 def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, device, precision) -> RunResult:
-    data = open_dataset(cfg.dataset, "train", cfg.subset)
+    # (with --download every process may fetch; each writes its own temporary file and renames it)
+    data = open_dataset(cfg.dataset, "train", cfg.subset, root=cfg.data_root, download=cfg.download)
     check_readable(data)
     if len(data) < cfg.batch_size:
         raise UserError(f"the data set has {len(data)} images, fewer than the batch size {cfg.batch_size}")
@@ -360,7 +363,8 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
                     except NonFiniteLoss as err:
                         kept = (f"the last good checkpoint is kept in '{latest}'" if latest.exists()
                                 else "no checkpoint had been written yet")
-                        raise UserError(f"training stopped at step {step}: {err}; {kept} (try a lower --lr)") from None
+                        raise UserError(f"training stopped at step {step}: {err}; {kept} "
+                                        "(try a lower --lr)") from None
                     step += 1
                     skipped += n_skipped
                     window["steps"] += 1

@@ -177,3 +177,21 @@ def test_download_without_network_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"cannot download cifar-100-python.tar.gz .*by hand"):
         cifar.load_cifar("cifar100", "train", tmp_path, download=True)
     assert list(tmp_path.iterdir()) == []  # no half-written archive left behind
+
+
+def test_pretrain_reads_cifar_from_data_root(tmp_path, tiny_cfg):
+    from stoptool.io.checkpoint import load_checkpoint
+    from stoptool.train.pretrain import pretrain
+
+    write_release(tmp_path, "cifar10", n=4)  # 5 training batches of 4 images
+    cfg = tiny_cfg(dataset="cifar10", data_root=str(tmp_path), steps=1, out=str(tmp_path / "run"))
+    result = pretrain(cfg)
+    assert result.step == 1
+    assert load_checkpoint(result.checkpoint).meta["data"]["name"] == "cifar10/train"
+
+
+def test_download_into_a_data_root_that_is_a_file_is_refused(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(UserError, match="is not a directory"):
+        cifar.load_cifar("cifar10", "train", afile, download=True)

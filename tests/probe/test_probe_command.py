@@ -163,6 +163,27 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "cifar10", "--download", "--data-root", "{file}"],
+         "--data-root '{file}' is not a directory"),
+        (["--cache-dir", "{file}"], "feature cache '{file}' is not a directory"),
+    ],
+)
+def test_a_file_where_a_directory_belongs_exits_2_before_extraction(tmp_path, folder, args, message):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    args = [a.replace("{file}", str(afile)) for a in args]
+    if "--dataset" not in args:
+        args += ["--dataset", str(folder)]
+    args += ["--out", str(tmp_path / "r.json")]
+    result = runner.invoke(app, ["probe", "--random-init", "--arch", "vit_t2", *args])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: " + message.replace("{file}", str(afile)))
+    assert not (tmp_path / "r.json").exists() and afile.read_text() == "x"
+
 def test_subset_naming_no_image_exits_2(tmp_path, folder):
     subset = tmp_path / "s.txt"
     subset.write_text("no_such_image.JPEG\n")
