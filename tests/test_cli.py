@@ -186,6 +186,23 @@ def test_random_masks_with_no_room_for_context_are_refused_before_any_output(tmp
     assert "random masking with 8 targets" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
 
+def test_pretrain_help_states_the_config_defaults():
+    import re
+
+    from stoptool.config import PretrainConfig
+
+    text = runner.invoke(app, ["pretrain", "--help"]).stdout
+    flat = re.sub(r"\s*│\s*", " ", text)  # the help wraps inside a box
+    cfg = PretrainConfig()
+    for name in ("sigma", "batch_size", "epochs", "lr", "start_lr", "final_lr", "wd", "final_wd", "ipe_scale",
+                 "pred_pos", "noise_on", "cov", "a_l1", "mask_mode", "num_targets", "hflip", "blur", "gray",
+                 "seed", "save_every", "log_every", "warmup"):
+        flag = "--" + name.replace("_", "-")
+        said = re.search(re.escape(flag) + r" .*?\(default: ([^)]+)\)", flat)
+        assert said, flag
+        assert said.group(1) == f"{getattr(cfg, name):g}" if isinstance(getattr(cfg, name), float) \
+            else said.group(1) == str(getattr(cfg, name)), (flag, said.group(1))
+
 def test_real_process_exit_code_and_no_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "stoptool.cli", "pretrain", "--arch", "vit_z16", "--out", str(tmp_path / "r")],

@@ -488,7 +488,8 @@ def test_cli_import_then_info(tmp_path):
     result = runner.invoke(app, ["import", str(src), str(out)])
     assert result.exit_code == 0, result.output
     assert "vit_t4" in result.output and "predictor_embed.bias" in result.output
-    result = runner.invoke(app, ["info", str(out)])
+    method_from = load_checkpoint(out).meta["method_from"]
+    result = CliRunner(env={"COLUMNS": "300"}).invoke(app, ["info", str(out)])
     assert result.exit_code == 0, result.output
-    for text in ("imported", "stop-ep300.pth.tar", "predictor params"):
+    for text in ("imported", "stop-ep300.pth.tar", "predictor params", f"stop ({method_from})"):
         assert text in result.output
