@@ -503,7 +503,7 @@ def probe(
     fraction: float = typer.Option(1.0, help="Class-balanced, seeded share of the training labels to use, in (0, 1]."),
     layers: str = typer.Option("last", help="last: average-pooled last block | last4: the last four blocks' pools concatenated."),
     method: str = typer.Option("logreg", help="logreg (scikit-learn) | linear (torch, GPU) | knn (cosine, k=20) | all."),
-    img_size: int | None = typer.Option(None, help="Evaluation image size (resize + centre crop). (default: the checkpoint's; 8 patches (or 224 px for patch >= 14) with --random-init)"),
+    img_size: int | None = typer.Option(None, help="Evaluation image size (resize + centre crop). (default: the checkpoint's; with --random-init, as pretrain: 8 patches a side for patches of 4 px or less, else 224)"),
     which: str = typer.Option("target", help="Which encoder of a pretrain checkpoint: target (EMA, the one the paper evaluates) | context."),
     random_init: bool = typer.Option(False, "--random-init", help="Probe an untrained encoder of --arch (seeded): the baseline."),
     arch: str | None = typer.Option(None, help="Arch of the --random-init encoder, e.g. vit_t4."),

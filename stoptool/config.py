@@ -18,7 +18,7 @@ import yaml
 
 from stoptool.errors import UserError
 from stoptool.masks import MaskConfig
-from stoptool.models.encoder import parse_arch
+from stoptool.models.encoder import default_img_size, parse_arch
 
 PAIR_FIELDS = {
     "target_scale",
@@ -100,7 +100,7 @@ class PretrainConfig:
         spec, patch = parse_arch(self.arch)
         small = patch <= 4
         if self.img_size is None:
-            self.img_size = 8 * patch if small else 224
+            self.img_size = default_img_size(self.arch)
         if self.pred_width is None:
             self.pred_width = 96 if small else 384
         if self.pred_depth is None:

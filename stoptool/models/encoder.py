@@ -48,6 +48,13 @@ def parse_arch(name: str) -> tuple[ArchSpec, int]:
     return ARCHS[match.group(1)], int(match.group(2))
 
 
+def default_img_size(arch: str) -> int:
+    """The image side an arch pretrains and probes at unless told: 8 patches a side for patches
+    of 4 px or less (the CPU-sized demo, e.g. 32 px for vit_t4), 224 px otherwise."""
+    patch = parse_arch(arch)[1]
+    return 8 * patch if patch <= 4 else 224
+
+
 def timm_kwargs(arch: str, img_size: int) -> dict:
     """Keyword arguments that build the same network with timm.VisionTransformer."""
     spec, patch = parse_arch(arch)

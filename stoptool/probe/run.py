@@ -16,7 +16,7 @@ import torch
 from stoptool.data.datasets import FolderDataset, ImageDataset, digits, open_dataset
 from stoptool.errors import UserError
 from stoptool.io.paths import check_writable
-from stoptool.models.encoder import build_encoder, parse_arch
+from stoptool.models.encoder import build_encoder, default_img_size, parse_arch
 from stoptool.probe.features import (
     LAYERS,
     Features,
@@ -84,11 +84,6 @@ class Encoder:
     meta: dict
 
 
-def default_img_size(patch: int) -> int:
-    """A grid of 8 patches for small patches (the CPU-sized presets), 224 px otherwise."""
-    return 224 if patch >= 14 else 8 * patch
-
-
 def _check_img_size(arch: str, img_size: int) -> None:
     patch = parse_arch(arch)[1]
     if img_size <= 0 or img_size % patch:
@@ -105,8 +100,7 @@ def load_encoder(cfg: ProbeConfig) -> Encoder:
             raise UserError("give either a checkpoint or --random-init, not both")
         if cfg.arch is None:
             raise UserError("--random-init needs --arch (e.g. --arch vit_t4)")
-        _, patch = parse_arch(cfg.arch)
-        img_size = default_img_size(patch) if cfg.img_size is None else cfg.img_size
+        img_size = default_img_size(cfg.arch) if cfg.img_size is None else cfg.img_size
         _check_img_size(cfg.arch, img_size)
         torch.manual_seed(cfg.seed)
         return Encoder(build_encoder(cfg.arch, img_size).eval(), cfg.arch, img_size, "random-init",

@@ -206,3 +206,12 @@ def test_checkpoint_probe_at_image_size_0_is_refused(tmp_path, tiny_cfg):
     assert result.exit_code == 2
     assert "--img-size 0 is not a positive multiple of the patch size" in result.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("arch", ["vit_t2", "vit_t4", "vit_t8"])
+def test_random_init_baseline_uses_pretrains_default_image_size(arch):
+    from stoptool.config import PretrainConfig
+
+    enc = probe_run.load_encoder(probe_run.ProbeConfig(random_init=True, arch=arch))
+    expected = {"vit_t2": 16, "vit_t4": 32, "vit_t8": 224}[arch]
+    assert enc.img_size == PretrainConfig(arch=arch).img_size == expected
