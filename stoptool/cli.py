@@ -226,12 +226,13 @@ def _note_slow_bf16(precision: str, device: str) -> None:
 
 @app.command()
 @user_errors
-def info(ckpt: Path = typer.Argument(..., help="A stoptool checkpoint (.safetensors)."),
+def info(ckpt: Path = typer.Argument(..., help="A stoptool checkpoint (.safetensors), or a run directory (its latest)."),
          json_out: bool = typer.Option(False, "--json", help="Print the metadata as JSON.")):
     """Show what a checkpoint holds: arch, σ, step, data, config, parameter counts."""
-    from stoptool.io.checkpoint import load_checkpoint
+    from stoptool.io.checkpoint import load_checkpoint, resolve_checkpoint
     from stoptool.io.models import stoptool_view
 
+    ckpt = resolve_checkpoint(ckpt)
     ck = stoptool_view(load_checkpoint(ckpt))
     meta = ck.meta
     if json_out:
@@ -292,7 +293,7 @@ def import_cmd(
 @app.command()
 @user_errors
 def export(
-    ckpt: Path = typer.Argument(..., help="A stoptool checkpoint (.safetensors)."),
+    ckpt: Path = typer.Argument(..., help="A stoptool checkpoint (.safetensors), or a run directory (its latest)."),
     out: Path = typer.Argument(..., help="The file to write (.safetensors)."),
     to: str = typer.Option("timm", "--to", help="Target format (timm)."),
     which: str = typer.Option("target", help="Which encoder: target (the EMA one the paper evaluates) | context."),
@@ -331,7 +332,7 @@ def _report_figure(name: str, result) -> None:
 @viz_app.command("similarity")
 @user_errors
 def viz_similarity(
-    ckpt: Path = typer.Argument(..., help="A stoptool checkpoint with a predictor (.safetensors)."),
+    ckpt: Path = typer.Argument(..., help="A stoptool checkpoint with a predictor (.safetensors), or a run directory (its latest)."),
     sigma: float | None = typer.Option(None, help="Noise standard deviation σ of the stochastic maps. (default: the checkpoint's σ; 0.25 if it was trained with σ = 0)"),
     draws: int = typer.Option(256, help="Noise draws n averaged per query."),
     queries: str | None = typer.Option(None, help="Query patches: N for an N×N spread over the grid, or ROW,COL;ROW,COL;... (default: 3)"),
@@ -352,7 +353,7 @@ def viz_similarity(
 @viz_app.command("heatmap")
 @user_errors
 def viz_heatmap(
-    ckpt: Path = typer.Argument(..., help="A stoptool checkpoint with a predictor (.safetensors)."),
+    ckpt: Path = typer.Argument(..., help="A stoptool checkpoint with a predictor (.safetensors), or a run directory (its latest)."),
     image: Path | None = typer.Argument(None, help="An image; its central square is used. (default: the sample photo shipped with stoptool)"),
     patch: str | None = typer.Option(None, help="Masked patch(es) to explain, ROW,COL;ROW,COL;... each inside a target block. (default: the centre of each target block)"),
     seed: int = typer.Option(0, help="Seed of the sampled mask (the checkpoint's mask settings)."),

@@ -39,6 +39,15 @@ def test_tiny_pretrain_writes_the_run_directory(tmp_path):
     assert info.exit_code == 0
     for text in ("vit_t2", "sigma", "0.25", "step", "encoder params"):
         assert text in info.output
+    # the run directory itself stands for its latest checkpoint
+    assert runner.invoke(app, ["info", str(out)]).output == info.output
+    exported = runner.invoke(app, ["export", str(out), str(tmp_path / "enc.safetensors")])
+    assert exported.exit_code == 0 and (tmp_path / "enc.safetensors").is_file()
+    fig = runner.invoke(app, ["viz", "similarity", str(out), "--draws", "4"])
+    assert fig.exit_code == 0, fig.output
+    assert (out / "figures" / "similarity.png").is_file()
+    empty = runner.invoke(app, ["info", str(tmp_path)])
+    assert empty.exit_code == 2 and "is a directory without a latest.safetensors" in empty.stderr
 
 
 @pytest.mark.parametrize(

@@ -69,6 +69,16 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     atomic_save_file(tensors, Path(path), {"format": FORMAT, "meta": json.dumps(meta)})
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory standing for its latest checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "latest.safetensors").is_file():
+            raise UserError(f"'{path}' is a directory without a latest.safetensors checkpoint")
+        return path / "latest.safetensors"
+    return path
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
     """The metadata of a stoptool checkpoint, without reading its tensors."""
     return _open(path, tensors=False).meta
@@ -79,7 +89,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def _open(path: str | Path, tensors: bool) -> Checkpoint:
-    path = Path(path)
+    path = resolve_checkpoint(path)
     if not path.is_file():
         raise UserError(f"checkpoint '{path}' does not exist")
     try:

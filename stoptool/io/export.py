@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from stoptool.errors import UserError
-from stoptool.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from stoptool.io.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from stoptool.io.models import TIMM_ENCODER, stoptool_view
 from stoptool.io.official import check_state, encoder_shapes
 from stoptool.io.paths import check_writable
@@ -66,7 +66,7 @@ def timm_line(name: str, kwargs: dict[str, Any], path: Path) -> str:
 
 def export_timm(ckpt_path: str | Path, out: str | Path, which: str = "target") -> Exported:
     """Write the `which` encoder ("target" or "context") of `ckpt_path` to `out` for timm."""
-    ckpt_path, out = Path(ckpt_path), Path(out)
+    ckpt_path, out = resolve_checkpoint(ckpt_path), Path(out)
     if which not in WHICH:
         raise UserError(f"--which must be target or context, got '{which}'")
     if out.exists() and (out.is_dir() or out.resolve() == ckpt_path.resolve()):

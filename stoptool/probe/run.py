@@ -15,6 +15,7 @@ import torch
 
 from stoptool.data.datasets import FolderDataset, ImageDataset, digits, open_dataset
 from stoptool.errors import UserError
+from stoptool.io.checkpoint import resolve_checkpoint
 from stoptool.io.paths import check_writable
 from stoptool.models.encoder import build_encoder, default_img_size, parse_arch
 from stoptool.probe.features import (
@@ -179,10 +180,8 @@ def validate(cfg: ProbeConfig) -> None:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, all; got '{cfg.method}'")
     if cfg.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {cfg.batch_size}")
-    if cfg.ckpt is not None and Path(cfg.ckpt).is_dir():  # a run directory: its latest
-        if not (Path(cfg.ckpt) / "latest.safetensors").is_file():
-            raise UserError(f"'{cfg.ckpt}' is a directory without a latest.safetensors checkpoint")
-        cfg.ckpt = str(Path(cfg.ckpt) / "latest.safetensors")
+    if cfg.ckpt is not None:
+        cfg.ckpt = str(resolve_checkpoint(cfg.ckpt))  # a run directory stands for its latest
     if cfg.ckpt is not None and not Path(cfg.ckpt).is_file():
         raise UserError(f"checkpoint '{cfg.ckpt}' does not exist")
 

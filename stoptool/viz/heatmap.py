@@ -192,10 +192,10 @@ def make_heatmap(
     dpi: int = 150,
 ) -> FigureResult:
     """Load a checkpoint and an image, sample a mask, write the heatmaps and their numbers."""
-    from stoptool.io.checkpoint import read_meta
+    from stoptool.io.checkpoint import read_meta, resolve_checkpoint
     from stoptool.io.models import load_model
 
-    ckpt = Path(ckpt)
+    ckpt = resolve_checkpoint(ckpt)
     path = check_out(out, default_path(ckpt, "heatmap"))
     check_dpi(dpi)
     check_temperature(temperature)

@@ -164,10 +164,10 @@ def make_similarity(
     dpi: int = 150,
 ) -> FigureResult:
     """Load a checkpoint, compute both blocks of maps, write the figure and its numbers."""
-    from stoptool.io.checkpoint import read_meta
+    from stoptool.io.checkpoint import read_meta, resolve_checkpoint
     from stoptool.io.models import load_model
 
-    ckpt = Path(ckpt)
+    ckpt = resolve_checkpoint(ckpt)
     path = check_out(out, default_path(ckpt, "similarity"))
     check_dpi(dpi)
     # everything the metadata can check is checked before the weights are read
