@@ -166,6 +166,8 @@ def open_splits(cfg: ProbeConfig) -> tuple[ImageDataset, ImageDataset, str]:
             f"the training and test splits have different classes ({len(train.classes)} vs "
             f"{len(test.classes)}): they must hold the same class folders"
         )
+    if len(train.classes) < 2:
+        raise UserError(f"a probe needs at least 2 classes; the training split has {len(train.classes)}")
     return train, test, tag
 
 

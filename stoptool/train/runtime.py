@@ -20,6 +20,9 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{name}' asked for, but no CUDA GPU is available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device '{name}' asked for, but this machine has {torch.cuda.device_count()} "
+                        f"CUDA GPU(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"unsupported device '{name}': use auto, cpu, cuda or cuda:N")
     return device

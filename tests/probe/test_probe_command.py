@@ -184,6 +184,19 @@ def test_a_file_where_a_directory_belongs_exits_2_before_extraction(tmp_path, fo
     assert len(lines) == 1 and lines[0].startswith("error: " + message.replace("{file}", str(afile)))
     assert not (tmp_path / "r.json").exists() and afile.read_text() == "x"
 
+def test_a_single_class_data_set_exits_2_before_extraction(tmp_path, folder):
+    train, val = tmp_path / "train" / "only", tmp_path / "val" / "only"
+    train.mkdir(parents=True)
+    val.mkdir(parents=True)
+    for i, src in enumerate(sorted((folder / "train" / "dark").iterdir())[:3]):
+        (train / f"{i}.png").write_bytes(src.read_bytes())
+        (val / f"{i}.png").write_bytes(src.read_bytes())
+    result = probe("--random-init", "--arch", "vit_t2", "--dataset", str(tmp_path),
+                   "--out", str(tmp_path / "r.json"), cache_dir=tmp_path / "c")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: a probe needs at least 2 classes; the training split has 1"
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "c").exists()
+
 def test_subset_naming_no_image_exits_2(tmp_path, folder):
     subset = tmp_path / "s.txt"
     subset.write_text("no_such_image.JPEG\n")

@@ -38,6 +38,15 @@ def test_device_and_precision_errors():
             resolve_device("cuda")
 
 
+def test_a_gpu_index_past_the_last_gpu_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    message = r"'cuda:7' asked for, but this machine has 2 CUDA GPU\(s\): use cuda:0 to cuda:1"
+    with pytest.raises(UserError, match=message):
+        resolve_device("cuda:7")
+
+
 class FakeInductorError(RuntimeError):
     """Stands for an error of torch.compile's backend (a missing compiler, a broken cache)."""
 
