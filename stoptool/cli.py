@@ -285,6 +285,7 @@ def import_cmd(
         rows["epoch"] = meta["epoch"]
     for part, n in res.params.items():
         rows[f"{part} params"] = f"{n:,}"
+    rows["report"] = res.report
     print_table("import", rows)
     for note in res.notes:
         _note(note)
@@ -306,7 +307,7 @@ def export(
     res = export_timm(ckpt, out, which=which)
     print_table("export", {"file": res.out, "encoder": res.meta["which"], "arch": res.meta["arch"],
                            "img_size": res.meta["img_size"], "params": f"{res.params:,}",
-                           "timm model": res.meta["timm_model"]})
+                           "timm model": res.meta["timm_model"], "report": res.report})
     console.print("load it with:", highlight=False)
     sys.stdout.write(res.line + "\n")
 

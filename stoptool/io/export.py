@@ -16,7 +16,7 @@ from stoptool.errors import UserError
 from stoptool.io.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from stoptool.io.models import TIMM_ENCODER, stoptool_view
 from stoptool.io.official import check_state, encoder_shapes
-from stoptool.io.paths import check_writable
+from stoptool.io.paths import check_writable, report_path, write_report
 from stoptool.models.encoder import parse_arch
 
 WHICH = {"target": "target_encoder", "context": "encoder"}
@@ -33,6 +33,7 @@ class Exported:
     meta: dict[str, Any]
     params: int
     line: str  # the Python that loads it with timm.create_model
+    report: Path  # the JSON written beside it
 
 
 def timm_model_args(arch: str, img_size: int) -> tuple[str, dict[str, Any]]:
@@ -72,6 +73,8 @@ def export_timm(ckpt_path: str | Path, out: str | Path, which: str = "target") -
     if out.exists() and (out.is_dir() or out.resolve() == ckpt_path.resolve()):
         raise UserError(f"'{out}' is a directory or the input itself; give a new file name")
     check_writable(out)
+    if report_path(out, "export").is_dir():
+        raise UserError(f"'{report_path(out, 'export')}' (the JSON report beside '{out}') is a directory")
     ckpt = stoptool_view(load_checkpoint(ckpt_path))
     meta = ckpt.meta
     part = WHICH[which]
@@ -100,4 +103,8 @@ def export_timm(ckpt_path: str | Path, out: str | Path, which: str = "target") -
             out_meta[key] = meta[key]
     save_checkpoint(out, Checkpoint(out_meta, tensors))
     line = timm_line(name, kwargs, out.resolve())
-    return Exported(out, out_meta, sum(t.numel() for t in tensors.values()), line)
+    params = sum(t.numel() for t in tensors.values())
+    report = write_report(report_path(out, "export"), {
+        "file": str(out), "checkpoint": str(ckpt_path), **out_meta, "params": params, "load": line,
+    })
+    return Exported(out, out_meta, params, line, report)

@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import FORMAT, Checkpoint, save_checkpoint
-from stoptool.io.paths import check_writable
+from stoptool.io.paths import check_writable, report_path, write_report
 from stoptool.models.encoder import ARCHS, parse_arch, timm_kwargs
 from stoptool.models.pos_embed import sincos_2d
 from stoptool.models.predictor import Predictor
@@ -56,6 +56,7 @@ class Imported:
     parts: list[str]
     params: dict[str, int]
     notes: list[str] = field(default_factory=list)
+    report: Path | None = None  # the JSON written beside `out`
 
 
 def default_sigma(method: str, arch: str) -> float:
@@ -349,6 +350,8 @@ def import_checkpoint(
     if out.exists() and (out.is_dir() or out.resolve() == src.resolve()):
         raise UserError(f"'{out}' is a directory or the input itself; give a new file name")
     check_writable(out)
+    if report_path(out, "import").is_dir():
+        raise UserError(f"'{report_path(out, 'import')}' (the JSON report beside '{out}') is a directory")
 
     raw = read_source(src)
     parts, layout = split_parts(raw, src)
@@ -431,4 +434,7 @@ def import_checkpoint(
             seen.add(ptr)
     save_checkpoint(out, Checkpoint(meta, tensors))
     params = {p: sum(v.numel() for v in sd.values()) for p, sd in parts.items()}
-    return Imported(out, meta, list(parts), params, notes)
+    report = write_report(report_path(out, "import"), {
+        "checkpoint": str(out), "source_file": str(src), **meta, "params": params, "notes": notes,
+    })
+    return Imported(out, meta, list(parts), params, notes, report)

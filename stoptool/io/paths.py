@@ -1,7 +1,10 @@
-"""Output paths checked before any work, so that a bad one costs a line, not a run."""
+"""Output paths checked before any work, so that a bad one costs a line, not a run; and the
+JSON reports written beside outputs."""
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from stoptool.errors import UserError
 
@@ -20,4 +23,21 @@ def check_writable(path: str | Path) -> Path:
             if not os.access(parent, os.W_OK):
                 raise UserError(f"cannot write '{path}': '{parent}' is not writable")
             break
+    return path
+
+
+def report_path(out: Path, kind: str) -> Path:
+    """Where the JSON report of an output goes: `<stem>.<kind>.json` beside it."""
+    return out.with_name(f"{out.stem}.{kind}.json")
+
+
+def write_report(path: Path, data: dict[str, Any]) -> Path:
+    """Write `data` as JSON through a temporary file and a rename: whole or not at all."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

@@ -1,5 +1,7 @@
 """`stoptool export --to timm`: the file timm loads, and the line that loads it."""
 
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -87,6 +89,8 @@ def test_cli_prints_a_line_that_loads_it(tmp_path, tiny_run):
     result = CliRunner().invoke(app, ["export", str(run), "--to", "timm", str(out)])
     assert result.exit_code == 0, result.output
     line = next(ln for ln in result.output.splitlines() if ln.startswith("import timm;"))
+    report = json.loads((tmp_path / "timm.export.json").read_text())
+    assert report["load"] == line and report["file"] == str(out) and report["arch"] == "vit_t4"
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(load_with_timm(line)(x), pooled(model.target_encoder, x),

@@ -8,6 +8,7 @@ mask token unused. The imported model must compute the same features and predict
 """
 
 import collections
+import json
 import math
 
 import numpy as np
@@ -488,6 +489,9 @@ def test_cli_import_then_info(tmp_path):
     result = runner.invoke(app, ["import", str(src), str(out)])
     assert result.exit_code == 0, result.output
     assert "vit_t4" in result.output and "predictor_embed.bias" in result.output
+    report = json.loads((tmp_path / "out.import.json").read_text())
+    assert report["checkpoint"] == str(out) and report["source_file"] == str(src)
+    assert report["arch"] == "vit_t4" and report["method"] == "stop" and report["params"]["predictor"] > 0
     method_from = load_checkpoint(out).meta["method_from"]
     result = CliRunner(env={"COLUMNS": "300"}).invoke(app, ["info", str(out)])
     assert result.exit_code == 0, result.output
