@@ -10,13 +10,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from stoptool.data.datasets import FolderDataset, ImageDataset, digits, open_dataset
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import resolve_checkpoint
-from stoptool.io.paths import check_writable
+from stoptool.io.paths import check_writable, write_report
 from stoptool.models.encoder import build_encoder, default_img_size, parse_arch
 from stoptool.probe.features import (
     LAYERS,
@@ -293,19 +292,5 @@ def write_json(path: Path, info: dict, rows: list[dict]) -> None:
                 kept = [r for r in old.get("results", []) if _row_key(r) not in new_keys]
         except (ValueError, KeyError, TypeError, AttributeError):
             kept = []
-    doc = {**info, "results": kept + rows}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=_jsonable) + "\n")
-    tmp.replace(path)
-
-
-def _jsonable(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(type(obj).__name__)
-
-
-
+    write_report(path, {**info, "results": kept + rows})

@@ -4,7 +4,6 @@ Figures are built on `matplotlib.figure.Figure` directly, never through pyplot: 
 backend is switched, no window can open, and nothing leaks between figures in one process.
 """
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from stoptool.data.transforms import to_tensor
 from stoptool.errors import UserError
-from stoptool.io.paths import check_writable
+from stoptool.io.paths import check_writable, write_report
 
 
 @dataclass
@@ -86,13 +85,8 @@ def save_figure(fig: Figure, path: Path, dpi: int) -> Path:
 
 
 def write_json(path: Path, data: dict) -> Path:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-
-    _atomic_write(path, write)
-    return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_report(path, data)
 
 
 def load_image(path: str | Path | None, size: int) -> tuple[torch.Tensor, np.ndarray]:
