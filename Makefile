@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
+# one field of the demo run's resolved config (the random-init baseline is built like the run)
+RUN_CONFIG = $(BIN)/python -c "import sys, yaml; print(yaml.safe_load(open('$(DEMO_OUT)/config.yaml'))[sys.argv[1]])"
 
 .PHONY: demo test lint clean
 
@@ -18,9 +20,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/stoptool pretrain --out $(DEMO_OUT)
 	$(BIN)/stoptool probe $(DEMO_OUT)/latest.safetensors --out $(DEMO_OUT)/probe.json
-	$(BIN)/stoptool probe --random-init --arch $$($(BIN)/python -c "import yaml; print(yaml.safe_load(open('$(DEMO_OUT)/config.yaml'))['arch'])") \
-		--img-size $$($(BIN)/python -c "import yaml; print(yaml.safe_load(open('$(DEMO_OUT)/config.yaml'))['img_size'])") \
-		--out $(DEMO_OUT)/probe-random-init.json
+	$(BIN)/stoptool probe --random-init --arch $$($(RUN_CONFIG) arch) --img-size $$($(RUN_CONFIG) img_size) \
+		--init $$($(RUN_CONFIG) init) --out $(DEMO_OUT)/probe-random-init.json
 	$(BIN)/stoptool viz similarity $(DEMO_OUT)/latest.safetensors --out $(DEMO_OUT)/figures/similarity.png
 	$(BIN)/stoptool viz heatmap $(DEMO_OUT)/latest.safetensors --out $(DEMO_OUT)/figures/heatmap.png
 	$(BIN)/stoptool viz masks --config $(DEMO_OUT)/config.yaml --out $(DEMO_OUT)/figures/masks.png

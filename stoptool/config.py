@@ -18,7 +18,7 @@ import yaml
 
 from stoptool.errors import UserError
 from stoptool.masks import MaskConfig
-from stoptool.models.encoder import default_img_size, parse_arch
+from stoptool.models.encoder import INITS, default_img_size, default_init, parse_arch
 
 PAIR_FIELDS = {
     "target_scale",
@@ -30,6 +30,7 @@ PAIR_FIELDS = {
 }
 CHOICES = {
     "pred_pos": ("sincos", "learned"),
+    "init": INITS,
     "noise_on": ("masked", "context", "both"),
     "cov": ("learned", "fixed"),
     "mask_mode": ("multiblock", "random"),
@@ -47,6 +48,7 @@ class PretrainConfig:
     pred_depth: int | None = None  # the paper's 6 (ViT-S/B) or 12 (ViT-L/H/g); 2 for CPU-sized archs
     pred_width: int | None = None  # the paper's 384; 96 for CPU-sized archs
     pred_pos: str = "sincos"
+    init: str | None = None  # released (paper archs) | timm (archs with patches of 4 px or less)
     noise_on: str = "masked"
     cov: str = "learned"
     a_l1: float = 0.0
@@ -101,6 +103,8 @@ class PretrainConfig:
         small = patch <= 4
         if self.img_size is None:
             self.img_size = default_img_size(self.arch)
+        if self.init is None:
+            self.init = default_init(self.arch)
         if self.pred_width is None:
             self.pred_width = 96 if small else 384
         if self.pred_depth is None:

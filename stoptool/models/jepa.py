@@ -4,7 +4,7 @@ import copy
 
 from torch import nn
 
-from stoptool.models.encoder import build_encoder, encode, parse_arch
+from stoptool.models.encoder import build_encoder, default_init, encode, parse_arch
 from stoptool.models.predictor import Predictor
 
 
@@ -29,7 +29,8 @@ class JEPA(nn.Module):
 def build_jepa(cfg) -> JEPA:
     """Build from a PretrainConfig (or anything with the same model fields)."""
     spec, patch = parse_arch(cfg.arch)
-    encoder = build_encoder(cfg.arch, cfg.img_size)
+    init = getattr(cfg, "init", None) or default_init(cfg.arch)
+    encoder = build_encoder(cfg.arch, cfg.img_size, init)
     predictor = Predictor(
         grid=cfg.img_size // patch,
         embed_dim=spec.width,
@@ -40,5 +41,6 @@ def build_jepa(cfg) -> JEPA:
         noise_on=cfg.noise_on,
         cov=cfg.cov,
         pred_pos=cfg.pred_pos,
+        init=init,
     )
     return JEPA(encoder, predictor)

@@ -24,6 +24,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from stoptool.models.encoder import init_like_released_code
 from stoptool.models.pos_embed import sincos_2d
 
 NoiseOn = Literal["masked", "context", "both"]
@@ -44,6 +45,7 @@ class Predictor(nn.Module):
         cov: Covariance = "learned",
         pred_pos: PredPos = "sincos",
         init_std: float = 0.02,
+        init: str = "released",
     ):
         super().__init__()
         self.grid, self.embed_dim, self.pred_dim = grid, embed_dim, pred_dim
@@ -60,19 +62,14 @@ class Predictor(nn.Module):
         self.predictor_norm = norm(pred_dim)
         self.predictor_proj = nn.Linear(pred_dim, embed_dim)
         self.grad_checkpointing = False
-        self._init_weights(init_std)
+        self._init_weights(init_std, init)
 
-    def _init_weights(self, std: float) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=std)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        for layer, block in enumerate(self.predictor_blocks, start=1):
-            block.attn.proj.weight.data.div_(math.sqrt(2.0 * layer))
-            block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer))
+    def _init_weights(self, std: float, init: str) -> None:
+        init_like_released_code(self, std)
+        if init == "timm":  # depth-rescaled output projections, as the encoder's timm init
+            for layer, block in enumerate(self.predictor_blocks, start=1):
+                block.attn.proj.weight.data.div_(math.sqrt(2.0 * layer))
+                block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer))
         trunc_normal_(self.mask_token, std=std)
         with torch.no_grad():
             if self.pred_pos == "sincos":

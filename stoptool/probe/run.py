@@ -16,7 +16,7 @@ from stoptool.data.datasets import FolderDataset, ImageDataset, digits, open_dat
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import resolve_checkpoint
 from stoptool.io.paths import check_writable, write_report
-from stoptool.models.encoder import build_encoder, default_img_size, parse_arch
+from stoptool.models.encoder import build_encoder, default_img_size, default_init, parse_arch
 from stoptool.probe.features import (
     LAYERS,
     Features,
@@ -54,6 +54,7 @@ class ProbeConfig:
     which: str = "target"  # target | context
     random_init: bool = False
     arch: str | None = None
+    init: str | None = None  # how the --random-init encoder is drawn (default: as pretrain's for the arch)
     batch_size: int = 128
     device: str = "auto"
     precision: str = "auto"
@@ -103,12 +104,13 @@ def load_encoder(cfg: ProbeConfig) -> Encoder:
         img_size = default_img_size(cfg.arch) if cfg.img_size is None else cfg.img_size
         _check_img_size(cfg.arch, img_size)
         torch.manual_seed(cfg.seed)
-        return Encoder(build_encoder(cfg.arch, img_size).eval(), cfg.arch, img_size, "random-init",
-                       {"seed": cfg.seed})
+        init = cfg.init or default_init(cfg.arch)
+        return Encoder(build_encoder(cfg.arch, img_size, init).eval(), cfg.arch, img_size, "random-init",
+                       {"seed": cfg.seed, "init": init})
     if cfg.ckpt is None:
         raise UserError("give a checkpoint to probe, or --random-init --arch NAME")
-    if cfg.arch is not None:
-        raise UserError("--arch is for --random-init; a checkpoint names its own arch")
+    if cfg.arch is not None or cfg.init is not None:
+        raise UserError("--arch and --init are for --random-init; a checkpoint holds its own weights")
     from stoptool.io.models import load_model
 
     loaded = load_model(cfg.ckpt)

@@ -63,6 +63,7 @@ LATEST = "latest.safetensors"
 METRICS = "metrics.jsonl"
 # Fields that may change when a run is resumed; every other field must match the saved run.
 RESUMABLE_CHANGES = {
+    "init",  # how fresh weights are drawn: a resumed run loads its own
     "data_root",
     "download",
     "steps",

@@ -77,3 +77,42 @@ def test_unknown_arch_is_a_user_error(name):
 def test_image_size_must_divide_by_patch():
     with pytest.raises(UserError, match="not divisible"):
         build_encoder("vit_b16", 200)
+
+
+def _std(t):
+    return float(t.detach().float().std())
+
+
+def test_released_init_matches_the_released_scripts():
+    """Every linear layer and the patch convolution ~ N(0, 0.02²), biases 0, no depth rescaling."""
+    torch.manual_seed(0)
+    model = build_encoder("vit_s16", 224, "released")
+    assert abs(_std(model.patch_embed.proj.weight) - 0.02) < 0.001
+    for block in (model.blocks[0], model.blocks[-1]):
+        for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+            assert abs(_std(linear.weight) - 0.02) < 0.001
+            assert not linear.bias.any()
+        assert torch.equal(block.norm1.weight, torch.ones(384)) and not block.norm1.bias.any()
+
+
+def test_timm_init_rescales_output_projections_by_depth():
+    torch.manual_seed(0)
+    model = build_encoder("vit_s16", 224, "timm")
+    for layer in (1, 12):
+        block = model.blocks[layer - 1]
+        assert abs(_std(block.attn.qkv.weight) - 0.02) < 0.001
+        expected = 0.02 / math.sqrt(2 * layer)
+        assert abs(_std(block.mlp.fc2.weight) - expected) < 0.05 * expected
+    # the patch convolution keeps PyTorch's default: uniform with bound 1/sqrt(fan_in)
+    fan_in = 3 * 16 * 16
+    assert abs(_std(model.patch_embed.proj.weight) - 1 / math.sqrt(3 * fan_in)) < 0.001
+
+
+def test_default_init_by_arch():
+    from stoptool.config import PretrainConfig
+    from stoptool.models.encoder import default_init
+
+    assert default_init("vit_b16") == PretrainConfig(arch="vit_b16").init == "released"
+    assert default_init("vit_t4") == PretrainConfig(arch="vit_t4").init == "timm"
+    with pytest.raises(UserError, match="--init must be one of released, timm"):
+        build_encoder("vit_t4", 32, "xavier")

@@ -99,3 +99,16 @@ def test_forward_shape():
     p = make()
     out = p(torch.randn(3, 6, DE), torch.randint(0, 16, (3, 6)), torch.randint(0, 16, (3, 4, 2)))
     assert out.shape == (3, 4, 2, DE)
+
+
+@pytest.mark.parametrize("init, rescaled", [("released", False), ("timm", True)])
+def test_predictor_init_follows_the_encoder_scheme(init, rescaled):
+    torch.manual_seed(0)
+    pred = Predictor(grid=14, embed_dim=384, pred_dim=384, depth=6, num_heads=6, init=init)
+    for layer in (1, 6):
+        block = pred.predictor_blocks[layer - 1]
+        expected = 0.02 / (2 * layer) ** 0.5 if rescaled else 0.02
+        assert abs(float(block.mlp.fc2.weight.detach().std()) - expected) < 0.05 * expected
+        assert abs(float(block.attn.qkv.weight.detach().std()) - 0.02) < 0.001
+    embed = pred.predictor_embed
+    assert abs(float(embed.weight.detach().std()) - 0.02) < 0.001 and not embed.bias.any()

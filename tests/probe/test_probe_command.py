@@ -145,6 +145,7 @@ def test_train_and_val_dirs_with_subset(tmp_path, folder, tiny_cfg):
         (["--random-init", "--arch", "vit_t2", "--layers", "all"], "--layers must be one of last, last4"),
         (["--random-init", "--arch", "vit_t2", "--method", "svm"], "--method must be one of"),
         (["--random-init"], "--random-init needs --arch"),
+        (["--random-init", "--arch", "vit_t2", "--init", "xavier"], "--init must be one of released, timm"),
         ([], "give a checkpoint to probe"),
         (["--random-init", "--arch", "vit_t2", "--img-size", "15"],
          "not a positive multiple of the patch size 2"),
@@ -211,6 +212,22 @@ def test_a_folder_without_train_and_val_is_explained(tmp_path, folder):
     result = probe("--random-init", "--arch", "vit_t2", "--dataset", str(folder / "train"),
                    "--out", str(tmp_path / "r.json"), cache_dir=tmp_path / "c")
     assert result.exit_code == 2 and "needs train/ and val/" in result.stderr
+
+
+def test_init_is_for_random_init_only(tmp_path, tiny_cfg):
+    ckpt = make_ckpt(tmp_path / "c.safetensors", tiny_cfg)
+    result = probe(str(ckpt), "--init", "timm", "--out", str(tmp_path / "r.json"), cache_dir=tmp_path / "c")
+    assert result.exit_code == 2 and "--arch and --init are for --random-init" in result.stderr
+
+
+@pytest.mark.parametrize("init", ["released", "timm"])
+def test_random_init_baseline_is_drawn_like_pretrain(init, tiny_cfg):
+    torch.manual_seed(0)
+    built = build_jepa(tiny_cfg(init=init)).target_encoder
+    cfg = probe_run.ProbeConfig(random_init=True, arch="vit_t2", img_size=16, init=init)
+    enc = probe_run.load_encoder(cfg)
+    for (name, a), (_, b) in zip(built.state_dict().items(), enc.net.state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 def test_checkpoint_probe_at_image_size_0_is_refused(tmp_path, tiny_cfg):
