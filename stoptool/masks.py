@@ -31,10 +31,11 @@ class MaskConfig:
 
     @property
     def keep(self) -> int:
-        """min_keep: 10 patches on I-JEPA's 14×14 grid, scaled with the number of patches."""
+        """min_keep: I-JEPA's 10 patches, scaled down with the number of patches on grids
+        smaller than its 14×14 (never up: 224 px with 14-px patches keeps 10 too)."""
         if self.min_keep is not None:
             return self.min_keep
-        return max(1, round(10 * self.grid * self.grid / 196))
+        return min(10, max(1, round(10 * self.grid * self.grid / 196)))
 
     def validate(self) -> "MaskConfig":
         for name in ("target_scale", "context_scale"):

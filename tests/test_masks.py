@@ -82,6 +82,7 @@ def test_same_seed_same_masks_and_different_seed_differs():
 
 def test_min_keep_scales_with_grid():
     assert MaskConfig(grid=14).keep == 10
+    assert MaskConfig(grid=16).keep == MaskConfig(grid=28).keep == 10  # 224 px with 14-px or 8-px patches
     assert MaskConfig(grid=8).keep == 3
     assert MaskConfig(grid=8, min_keep=5).keep == 5
 
