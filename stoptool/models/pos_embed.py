@@ -1,7 +1,7 @@
 """Fixed 2-D sine-cosine positional embeddings, as in MAE and I-JEPA.
 
-Half of the channels encode the row, half the column; each half is [sin | cos] at
-frequencies 1 / 10000^(2k/d) for k = 0 .. d/4 - 1.
+Half of the channels encode the row, half the column; each half, of width h = d/2, is
+[sin | cos] at frequencies 1 / 10000^(2k/h) for k = 0 .. h/2 - 1.
 """
 
 import torch
