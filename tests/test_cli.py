@@ -1,5 +1,6 @@
 """The command line: a tiny default-like pretrain, presets, and one-line errors with exit 2."""
 
+import json
 import subprocess
 import sys
 
@@ -39,6 +40,8 @@ def test_tiny_pretrain_writes_the_run_directory(tmp_path):
     assert info.exit_code == 0
     for text in ("vit_t2", "sigma", "0.25", "step", "encoder params"):
         assert text in info.output
+    meta = json.loads(runner.invoke(app, ["info", str(out / "latest.safetensors"), "--json"]).stdout)
+    assert [meta[k] for k in ("arch", "img_size", "patch", "sigma", "step")] == ["vit_t2", 16, 2, 0.25, 2]
     # the run directory itself stands for its latest checkpoint
     assert runner.invoke(app, ["info", str(out)]).output == info.output
     exported = runner.invoke(app, ["export", str(out), str(tmp_path / "enc.safetensors")])

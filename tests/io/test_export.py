@@ -136,8 +136,8 @@ def test_bad_requests_are_one_line_errors(tmp_path, tiny_run):
         (["export", run, str(tmp_path)], "is a directory"),
     ):
         result = runner.invoke(app, args)
-        assert result.exit_code == 2 and message in result.output, result.output
-        assert "Traceback" not in result.output
+        assert result.exit_code == 2 and message in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and not result.stdout
     assert not (tmp_path / "out.safetensors").exists()
 
     export_timm(run, out)  # an exported file holds the target encoder only

@@ -56,7 +56,12 @@ def test_probe_prints_a_table_and_writes_json_beside_the_checkpoint(tmp_path, fo
     rows = {r["method"]: r for r in doc["results"]}
     assert set(rows) == {"logreg", "linear", "knn"}
     assert all(rows[m]["train"] == 24 and rows[m]["test"] == 12 and rows[m]["dim"] == 192 for m in rows)
-    assert all(0 <= rows[m]["top1"] <= 1 and rows[m]["top5"] is None for m in rows)
+    assert all(rows[m]["top5"] is None for m in rows)  # 3 classes: no top-5
+    # brightness tells the classes apart: the linear probes get them (chance is 1/3)
+    assert rows["logreg"]["top1"] >= 0.9 and rows["linear"]["top1"] >= 0.9, rows
+    for m, row in rows.items():  # the table prints the JSON's numbers
+        line = next(ln for ln in result.stdout.splitlines() if f" {m} " in ln)
+        assert f"{100 * row['top1']:.2f}" in line, (m, line)
     # a later probe with other layers adds its rows to the same file
     result = probe(str(ckpt), "--dataset", str(folder), "--layers", "last4", cache_dir=tmp_path / "c")
     assert result.exit_code == 0, result.output
@@ -197,6 +202,7 @@ def test_a_single_class_data_set_exits_2_before_extraction(tmp_path, folder):
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: a probe needs at least 2 classes; the training split has 1"
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "c").exists()
+
 
 def test_subset_naming_no_image_exits_2(tmp_path, folder):
     subset = tmp_path / "s.txt"

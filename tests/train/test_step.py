@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from torch.torch_version import TorchVersion
 
@@ -9,6 +10,7 @@ from stoptool.masks import MaskSampler
 from stoptool.models.jepa import build_jepa
 from stoptool.train.runtime import autocast_factory
 from stoptool.train.step import (
+    NonFiniteLoss,
     StepInputs,
     ema_update,
     make_optimizer,
@@ -132,3 +134,26 @@ def test_saved_groups_take_the_current_kernel_choice(tiny_cfg):
     groups = use_fused_like(opt, saved)
     assert [g["fused"] for g in groups] == [opt.param_groups[0]["fused"]] * len(groups)
     assert [g["lr"] for g in groups] == [0.5] * len(groups)
+
+
+def test_a_nan_loss_raises_before_any_weight_or_optimizer_state_changes(tiny_cfg):
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    model = build_jepa(cfg).train()
+    opt = make_optimizer(model, 1e-3, 0.04)
+    sampler = MaskSampler(cfg.mask_config())
+    gen = torch.Generator().manual_seed(0)
+    ac = autocast_factory(torch.device("cpu"), "fp32")
+    train_step(model, opt, _batch(cfg, sampler, gen, torch.randn(8, 3, 16, 16)), 1e-3, 0.04, 0.996, ac)
+    weights = copy.deepcopy(model.state_dict())
+    state = copy.deepcopy(opt.state_dict())
+    images = torch.randn(8, 3, 16, 16)
+    images[3, 0, 5, 5] = float("nan")  # one bad pixel poisons the loss through the real forward
+    with pytest.raises(NonFiniteLoss, match="loss is nan"):
+        train_step(model, opt, _batch(cfg, sampler, gen, images), 1e-3, 0.04, 0.996, ac)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name
+    after = opt.state_dict()["state"]
+    for key, saved in state["state"].items():
+        for field, value in saved.items():
+            assert torch.equal(after[key][field], value), (key, field)
