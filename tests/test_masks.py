@@ -64,11 +64,15 @@ def test_block_sizes_follow_scale_and_aspect_on_imagenet_grid():
     cfg = MaskConfig(grid=14)
     sampler = MaskSampler(cfg)
     gen = torch.Generator().manual_seed(0)
+    seen = set()
     for _ in range(200):
         (th, tw), (ch, cw) = sampler._sizes(gen)
-        assert 0.15 * 196 - 2 * 14 <= th * tw <= 0.2 * 196 + 14
-        assert 0.75 - 0.35 <= th / tw <= 1.5 + 0.5
+        seen.add((th, tw))
+        # by hand: area int(196 · [0.15, 0.2]) = 29..39 patches, aspect 0.75..1.5, sides rounded
+        assert 29 <= th * tw <= 40 and 0.8 <= th / tw <= 1.6
         assert ch == cw and 12 <= ch <= 13  # scale 0.85–1.0, aspect 1, capped at grid - 1
+    # scale and aspect grow together (one draw): the smallest and the tallest block both occur
+    assert seen == {(5, 6), (6, 5), (6, 6), (7, 5), (8, 5)}
 
 
 def test_same_seed_same_masks_and_different_seed_differs():
@@ -90,6 +94,9 @@ def test_min_keep_scales_with_grid():
 def test_random_mode_disjoint_and_sized():
     cfg = MaskConfig(grid=8, mode="random")
     ctx, tgt = MaskSampler(cfg)(4, torch.Generator().manual_seed(0))
+    # 4 targets, each as many patches as a block of scale 0.15–0.2 on 8×8 (int(64 · s) = 9..12)
+    assert tgt.shape[:2] == (4, 4) and 8 <= tgt.shape[2] <= 12
+    assert ctx.shape[1] > cfg.keep
     for b in range(4):
         t = tgt[b].flatten().tolist()
         assert len(set(t)) == len(t)
