@@ -144,13 +144,15 @@ def pretrain(
         except Interrupted as stop:
             bar.stop()
             if main_rank:
-                err_console.print(f"interrupted: checkpoint saved to {stop.checkpoint}")
+                err_console.print(f"interrupted: checkpoint saved to {stop.checkpoint}", highlight=False, markup=False,
+                                  soft_wrap=True)
             raise typer.Exit(128 + stop.signum) from None
     if not main_rank:
         return
     if result.already_done:
         console.print(f"run in {result.run_dir} is already complete at step {result.step}; "
-                      "use --steps/--epochs to go further or --no-resume to start over")
+                      "use --steps/--epochs to go further or --no-resume to start over",
+                      highlight=False, markup=False, soft_wrap=True)
         return
     print_table("pretrain", {
         "run directory": result.run_dir,
@@ -258,7 +260,7 @@ def info(ckpt: Path = typer.Argument(..., help="A stoptool checkpoint (.safetens
     print_table(f"checkpoint {ckpt.name}", rows)
     if "config" in meta:
         console.print("[bold]config[/]")
-        console.print(yaml.safe_dump(meta["config"], sort_keys=False), highlight=False, markup=False)
+        console.print(yaml.safe_dump(meta["config"], sort_keys=False), highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command("import")
@@ -490,7 +492,7 @@ def bench(
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2) + "\n")
-        console.print(f"wrote {json_out}")
+        console.print(f"wrote {json_out}", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -555,7 +557,7 @@ def probe(
     cached = "features from cache" if not report.extracted else f"extracted: {', '.join(report.extracted)}"
     if info["skipped_images"]:
         cached += f"; {info['skipped_images']} unreadable images skipped"
-    console.print(f"{cached}; results in {report.json_path}", highlight=False)
+    console.print(f"{cached}; results in {report.json_path}", highlight=False, markup=False, soft_wrap=True)
 
 
 class _ExtractBar:

@@ -295,3 +295,54 @@ def test_bf16_on_a_cpu_without_bf16_instructions_gets_a_note(tmp_path, monkeypat
     assert len(notes) == (0 if fast else 1)
     assert all(line.startswith("note:") and line.endswith("--precision auto picks fp32") for line in notes)
     assert (tmp_path / "r" / "latest.safetensors").exists()
+
+
+def _commands(group, prefix=()):
+    import typer.main
+
+    click_group = typer.main.get_command(group) if not hasattr(group, "commands") else group
+    for name, cmd in click_group.commands.items():
+        if hasattr(cmd, "commands"):
+            yield from _commands(cmd, (*prefix, name))
+        else:
+            yield (*prefix, name), cmd
+
+
+def test_every_command_and_option_has_help():
+    commands = dict(_commands(app))
+    assert {"pretrain", "probe", "info", "import", "export", "bench"} <= {c[0] for c in commands}
+    assert {("viz", "similarity"), ("viz", "heatmap"), ("viz", "masks"), ("viz", "curves")} <= set(commands)
+    for path, cmd in commands.items():
+        assert (cmd.help or "").strip(), path
+        for param in cmd.params:
+            assert (getattr(param, "help", None) or "").strip(), (path, param.name)
+        shown = runner.invoke(app, [*path, "--help"])
+        assert shown.exit_code == 0 and "Usage" in shown.stdout, path
+
+
+def test_sigterm_saves_latest_and_exits_143(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stoptool", "pretrain", *TINY, "--dataset", "digits", "--epochs", "50",
+         "--log-every", "1", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300  # a hang guard only
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert f"interrupted: checkpoint saved to {out / 'latest.safetensors'}" in err
+    from stoptool.io.checkpoint import read_meta
+
+    step = read_meta(out / "latest.safetensors")["step"]
+    logged = [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert step >= 1 and logged[-1] == step  # the step in flight finished and was saved
