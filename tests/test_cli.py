@@ -346,3 +346,26 @@ def test_sigterm_saves_latest_and_exits_143(tmp_path):
     step = read_meta(out / "latest.safetensors")["step"]
     logged = [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert step >= 1 and logged[-1] == step  # the step in flight finished and was saved
+
+
+def test_no_resume_starts_over_in_the_same_directory(tmp_path):
+    out = tmp_path / "run"
+    args = ["pretrain", *TINY, "--log-every", "1", "--out", str(out)]
+    assert runner.invoke(app, [*args, "--steps", "3"]).exit_code == 0
+    again = runner.invoke(app, [*args, "--steps", "1", "--no-resume"])
+    assert again.exit_code == 0, again.output
+    meta = json.loads(runner.invoke(app, ["info", str(out), "--json"]).stdout)
+    assert meta["step"] == 1
+    assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_viz_that_needs_a_predictor_refuses_an_encoder_only_file(tmp_path):
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["pretrain", *TINY, "--steps", "1", "--out", str(out)]).exit_code == 0
+    enc = tmp_path / "enc.safetensors"
+    assert runner.invoke(app, ["export", str(out), str(enc)]).exit_code == 0
+    for cmd in ("similarity", "heatmap"):
+        result = runner.invoke(app, ["viz", cmd, str(enc), "--out", str(tmp_path / f"{cmd}.png")])
+        assert result.exit_code == 2, result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and "predictor" in result.stderr
+        assert not (tmp_path / f"{cmd}.png").exists() and not (tmp_path / f"{cmd}.json").exists()

@@ -96,3 +96,22 @@ def test_stoptool_tag_with_damaged_metadata_is_refused(tmp_path, meta):
     save_file({"encoder.w": torch.zeros(2)}, str(path), {"format": "stoptool", "meta": json.dumps(meta)})
     with pytest.raises(UserError, match="metadata lacks the arch and image size"):
         load_checkpoint(path)
+
+
+def test_a_write_that_fails_midway_leaves_the_old_checkpoint_whole(tmp_path, monkeypatch):
+    import stoptool.io.checkpoint as ck
+
+    path = tmp_path / "latest.safetensors"
+    save_checkpoint(path, Checkpoint({**TINY_META, "step": 1}, {"encoder.w": torch.ones(3)}))
+
+    def dies_halfway(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 100)  # a partial file, then the disk fills up
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_file", dies_halfway)
+    with pytest.raises(OSError):
+        save_checkpoint(path, Checkpoint({**TINY_META, "step": 2}, {"encoder.w": torch.zeros(3)}))
+    back = load_checkpoint(path)
+    assert back.meta["step"] == 1 and torch.equal(back.tensors["encoder.w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.safetensors"]  # no temporary left

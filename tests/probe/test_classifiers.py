@@ -100,3 +100,11 @@ def test_topk_accuracy():
     assert topk_accuracy(scores, y, 1) == pytest.approx(1 / 3)
     assert topk_accuracy(scores, y, 2) == pytest.approx(2 / 3)
     assert topk_accuracy(scores, y, 3) == 1.0
+
+
+def test_logreg_standardizes_features():
+    """Scaling the features (as a different encoder width or norm would) changes nothing."""
+    x_train, y_train, x_test, y_test = separable(seed=3)
+    plain = logreg_probe(x_train, y_train, x_test, y_test, CLASSES)
+    scaled = logreg_probe(x_train * 1e4, y_train, x_test * 1e4, y_test, CLASSES)
+    assert scaled["top1"] == plain["top1"] and scaled["params"] == plain["params"]
