@@ -490,8 +490,10 @@ def bench(
         rows["attention"] = result["attn"]
     print_table("bench", rows)
     if json_out:
+        from stoptool.io.paths import write_report
+
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        write_report(json_out, result)
         console.print(f"wrote {json_out}", highlight=False, markup=False, soft_wrap=True)
 
 

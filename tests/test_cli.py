@@ -369,3 +369,16 @@ def test_viz_that_needs_a_predictor_refuses_an_encoder_only_file(tmp_path):
         assert result.exit_code == 2, result.output
         assert len(result.stderr.strip().splitlines()) == 1 and "predictor" in result.stderr
         assert not (tmp_path / f"{cmd}.png").exists() and not (tmp_path / f"{cmd}.json").exists()
+
+
+def test_progress_bar_shows_step_epoch_loss_lr_speed_and_eta(tmp_path):
+    out = tmp_path / "run"
+    args = [a for a in TINY if a != "-q"]
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(
+        app, ["pretrain", *args, "--steps", "3", "--log-every", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    last = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    bar = result.stderr.strip().splitlines()[-1]
+    for text in ("pretrain", "3/3", f"epoch {last['epoch']:.1f}", f"loss {last['loss']:.4f}",
+                 f"lr {last['lr']:.2e}", "img/s", "ETA"):
+        assert text in bar, (text, bar)

@@ -33,16 +33,21 @@ def report_path(out: Path, kind: str) -> Path:
     return out.with_name(f"{out.stem}.{kind}.json")
 
 
-def write_report(path: Path, data: dict[str, Any]) -> Path:
-    """Write `data` as JSON through a temporary file and a rename: whole or not at all."""
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write `text` through a temporary file and a rename: the file is whole or not there."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+        tmp.write_text(text)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_report(path: Path, data: dict[str, Any]) -> Path:
+    """Write `data` as JSON, atomically."""
+    return write_text_atomic(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(obj: Any) -> Any:

@@ -27,7 +27,7 @@ from stoptool.io.checkpoint import (
     optimizer_tensors,
     save_checkpoint,
 )
-from stoptool.io.paths import check_writable
+from stoptool.io.paths import check_writable, write_report, write_text_atomic
 from stoptool.masks import MaskSampler
 from stoptool.models.jepa import JEPA, build_jepa
 from stoptool.train.distributed import (
@@ -285,7 +285,7 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
     reduce = (lambda t: mean_over_ranks(t, world)) if world.distributed else None
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     log = MetricsLog(run_dir / METRICS, step) if world.main else _NoLog()
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     transform = PretrainTransform(cfg.img_size, cfg.crop_scale, cfg.hflip, cfg.blur, cfg.gray)
@@ -413,7 +413,7 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
         "world_size": world.size,
         **({"replicas_in_sync": in_sync} if world.distributed else {}),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_report(run_dir / "summary.json", summary)
     return RunResult(run_dir, latest, step, step // ipe, loss, seconds, summary["images_per_second"])
 
 
