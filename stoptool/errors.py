@@ -7,3 +7,13 @@ keeps its traceback.
 
 class UserError(Exception):
     """Bad input from the user: a wrong option, a missing file, a foreign checkpoint."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        # Raised in a DataLoader worker, it comes back as UserError("Caught UserError in
+        # DataLoader worker process N.\nOriginal Traceback ...\nstoptool.errors.UserError: msg"):
+        # the user's line is the last one.
+        if "\nOriginal Traceback" in text:
+            last = text.rstrip().splitlines()[-1]
+            return last.split("UserError: ", 1)[-1]
+        return text
