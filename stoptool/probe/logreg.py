@@ -53,10 +53,10 @@ def logreg_probe(x_train, y_train, x_test, y_test, num_classes: int, seed: int =
     xs_train, xs_test = scaler.transform(x_train), scaler.transform(x_test)
     c, val_scores = choose_c(xs_train, y_train, grid, seed=seed, max_iter=max_iter)
     clf = _fit(xs_train, y_train, c, max_iter)
-    scores = full_scores(clf.decision_function(xs_test).reshape(len(x_test), -1), clf.classes_, num_classes)
+    raw = clf.decision_function(xs_test)
     if len(clf.classes_) == 2:  # binary: sklearn returns one column, the positive class's
-        raw = clf.decision_function(xs_test)
-        scores = full_scores(np.stack([-raw, raw], 1), clf.classes_, num_classes)
+        raw = np.stack([-raw, raw], 1)
+    scores = full_scores(raw.reshape(len(x_test), -1), clf.classes_, num_classes)
     result = accuracies(scores, y_test, num_classes)
     result["params"] = {"C": c, "held_out_accuracy": {str(k): v for k, v in val_scores.items()}}
     return result

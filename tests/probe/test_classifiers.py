@@ -108,3 +108,20 @@ def test_logreg_standardizes_features():
     plain = logreg_probe(x_train, y_train, x_test, y_test, CLASSES)
     scaled = logreg_probe(x_train * 1e4, y_train, x_test * 1e4, y_test, CLASSES)
     assert scaled["top1"] == plain["top1"] and scaled["params"] == plain["params"]
+
+
+@pytest.mark.parametrize("num_classes", [2, 10])  # two classes present, of two or of ten
+def test_logreg_with_two_classes_agrees_with_sklearn(num_classes):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    y_train, y_test = rng.integers(0, 2, 200), rng.integers(0, 2, 100)
+    x_train = (y_train[:, None] * 1.0 + rng.normal(0, 1, (200, 5))).astype(np.float32)  # overlapping
+    x_test = (y_test[:, None] * 1.0 + rng.normal(0, 1, (100, 5))).astype(np.float32)
+    res = logreg_probe(x_train, y_train, x_test, y_test, num_classes)
+    scaler = StandardScaler().fit(x_train)
+    clf = LogisticRegression(C=res["params"]["C"], max_iter=1000, tol=1e-4)
+    clf.fit(scaler.transform(x_train), y_train)
+    expected = float((clf.predict(scaler.transform(x_test)) == y_test).mean())
+    assert 0.6 < expected < 1.0 and res["top1"] == pytest.approx(expected)
