@@ -105,3 +105,28 @@ def test_non_finite_loss_before_any_checkpoint_says_so(tiny_cfg, image_folder, t
     with pytest.raises(UserError, match="step 0: loss is nan; no checkpoint had been written yet"):
         pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "r"))
     assert not (tmp_path / "r" / "latest.safetensors").exists()
+
+
+def test_metrics_go_to_tensorboard_when_it_is_installed(tiny_cfg, image_folder, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    class SummaryWriter:
+        def __init__(self, logdir):
+            calls.append(("open", logdir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+        def close(self):
+            calls.append(("close",))
+
+    fake = types.SimpleNamespace(SummaryWriter=SummaryWriter)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "r"))
+    rows = [json.loads(r) for r in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert calls[0] == ("open", str(tmp_path / "r" / "tb")) and calls[-1] == ("close",)
+    assert [c for c in calls if c[0] == "loss"] == [("loss", r["loss"], r["step"]) for r in rows]
+    assert {c[0] for c in calls[1:-1]} >= {"loss", "lr", "wd", "momentum"}
