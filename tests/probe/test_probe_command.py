@@ -106,6 +106,20 @@ def test_cache_is_hit_then_invalidated_by_a_new_checkpoint(tmp_path, folder, tin
     assert probe_run.run_probe(cfg).extracted == ["train", "test"]
 
 
+def test_cache_is_invalidated_when_the_images_change(tmp_path, folder, tiny_cfg):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    ckpt = make_ckpt(tmp_path / "a.safetensors", tiny_cfg)
+    cfg = probe_run.ProbeConfig(ckpt=str(ckpt), dataset=str(data), cache_dir=str(tmp_path / "c"),
+                                precision="fp32", out=str(tmp_path / "r.json"))
+    assert probe_run.run_probe(cfg).extracted == ["train", "test"]
+    assert probe_run.run_probe(cfg).extracted == []
+    image = data / "val" / "dark" / "dark0.png"  # same path, other pixels
+    Image.fromarray(np.full((20, 20, 3), 200, np.uint8)).save(image)
+    assert probe_run.run_probe(cfg).extracted == ["test"]  # the training split is unchanged
+
 def test_cache_key_covers_layers_split_and_image_size(tmp_path, folder, tiny_cfg):
     ckpt = make_ckpt(tmp_path / "a.safetensors", tiny_cfg)
     base = dict(ckpt=str(ckpt), dataset=str(folder), cache_dir=str(tmp_path / "c"), precision="fp32",
