@@ -608,5 +608,6 @@ def main() -> None:
         code = 130
     sys.exit(code if isinstance(code, int) else 0)
 
+
 if __name__ == "__main__":
     main()

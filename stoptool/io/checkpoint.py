@@ -69,13 +69,16 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     atomic_save_file(tensors, Path(path), {"format": FORMAT, "meta": json.dumps(meta)})
 
 
+LATEST = "latest.safetensors"  # a run directory's resumable checkpoint
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or a run directory standing for its latest checkpoint."""
     path = Path(path)
     if path.is_dir():
-        if not (path / "latest.safetensors").is_file():
-            raise UserError(f"'{path}' is a directory without a latest.safetensors checkpoint")
-        return path / "latest.safetensors"
+        if not (path / LATEST).is_file():
+            raise UserError(f"'{path}' is a directory without a {LATEST} checkpoint")
+        return path / LATEST
     return path
 
 

@@ -21,6 +21,7 @@ from stoptool.data.loader import check_readable, pretrain_loader, stream_seed
 from stoptool.data.transforms import PretrainTransform
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import (
+    LATEST,
     Checkpoint,
     load_checkpoint,
     optimizer_state,
@@ -59,7 +60,6 @@ from stoptool.train.runtime import (
 from stoptool.train.schedules import make_schedules
 from stoptool.train.step import NonFiniteLoss, StepInputs, make_optimizer, train_step, use_fused_like
 
-LATEST = "latest.safetensors"
 METRICS = "metrics.jsonl"
 # Fields that may change when a run is resumed; every other field must match the saved run.
 RESUMABLE_CHANGES = {
