@@ -130,3 +130,25 @@ def test_metrics_go_to_tensorboard_when_it_is_installed(tiny_cfg, image_folder, 
     assert calls[0] == ("open", str(tmp_path / "r" / "tb")) and calls[-1] == ("close",)
     assert [c for c in calls if c[0] == "loss"] == [("loss", r["loss"], r["step"]) for r in rows]
     assert {c[0] for c in calls[1:-1]} >= {"loss", "lr", "wd", "momentum"}
+
+
+def test_ablation_flags_are_saved_and_rebuilt_by_the_loader(tiny_cfg, image_folder, tmp_path):
+    from stoptool.io.models import load_model
+
+    cfg = _cfg(tiny_cfg, image_folder, tmp_path / "r", steps=2, cov="fixed", pred_pos="learned",
+               noise_on="both", a_l1=0.01)
+    result = pretrain(cfg)
+    ckpt = load_checkpoint(result.checkpoint)
+    assert {k: ckpt.meta[k] for k in ("cov", "pred_pos", "noise_on", "a_l1")} == {
+        "cov": "fixed", "pred_pos": "learned", "noise_on": "both", "a_l1": 0.01}
+    pred = load_model(result.checkpoint, need_predictor=True).model.predictor
+    assert (pred.cov, pred.pred_pos, pred.noise_on) == ("fixed", "learned", "both")
+    saved = ckpt.part("predictor")
+    for name, tensor in pred.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+    # the learned positions were trained: they left their initial draw (pretrain seeds as here)
+    from stoptool.models.jepa import build_jepa
+
+    torch.manual_seed(cfg.seed)
+    start = build_jepa(cfg).predictor.predictor_pos_embed.detach()
+    assert not torch.equal(saved["predictor_pos_embed"], start)
