@@ -59,7 +59,7 @@ def main() -> None:
         row[f"{method}_target"] = probe(ckpt=ckpt, method=method)
         row[f"{method}_context"] = probe(ckpt=ckpt, method=method, which="context")
         row[f"{method}_random"] = probe(random_init=True, arch=cfg.arch, img_size=cfg.img_size, init=cfg.init,
-                                        method=method)
+                                        seed=cfg.seed, method=method)
         row[f"{method}_delta"] = round(row[f"{method}_target"] - row[f"{method}_random"], 4)
         row[f"{method}_seconds"] = round(time.perf_counter() - t, 1)
     line = json.dumps(row)

@@ -522,7 +522,7 @@ def probe(
     cache_dir: Path | None = typer.Option(None, help="Feature cache directory. (default: ~/.cache/stoptool/features)"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse and store extracted features."),
     seed: int = typer.Option(0, help="Seed of --fraction, the held-out split, the linear probe and --random-init."),
-    out: Path | None = typer.Option(None, help="JSON results file. (default: <ckpt stem>.probe-<dataset>.json beside the checkpoint)"),
+    out: Path | None = typer.Option(None, help="JSON results file. (default: <ckpt stem>.probe-<dataset>.json beside the checkpoint; runs/random-init-<arch>-<size>px.probe-<dataset>.json with --random-init)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Linear, logistic and k-NN probes of frozen encoder features (top-1, top-5), as a table and JSON."""

@@ -71,6 +71,7 @@ RESUMABLE_CHANGES = {
     "out",
     "device",
     "precision",
+    "attn",
     "workers",
     "log_every",
     "save_every",

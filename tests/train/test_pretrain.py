@@ -64,6 +64,10 @@ def test_resume_refuses_a_different_run(tiny_cfg, image_folder, tmp_path):
         pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "r", sigma=0.0))
     done = pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "r", steps=1))
     assert done.already_done
+    # runtime choices are not the run: they may change on resume
+    more = pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "r", steps=2, attn="math", workers=0,
+                         compile=False, log_every=2, save_every=3))
+    assert more.step == 2 and not more.already_done
 
 
 def test_sigint_finishes_the_step_and_saves(tiny_cfg, image_folder, tmp_path):
