@@ -183,16 +183,16 @@ class _ProgressBar:
                 MofNCompleteColumn,
                 Progress,
                 TextColumn,
-                TimeElapsedColumn,
                 TimeRemainingColumn,
             )
 
+            # the bar takes what the text leaves, so the numbers fit an 80-column terminal
             self.progress = Progress(
-                TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("[bold]pretrain"), BarColumn(bar_width=None), MofNCompleteColumn(),
                 TextColumn("epoch {task.fields[epoch]}"), TextColumn("loss {task.fields[loss]}"),
                 TextColumn("lr {task.fields[lr]}"), TextColumn("{task.fields[ips]} img/s"),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                console=err_console,
+                TextColumn("ETA"), TimeRemainingColumn(compact=True),
+                console=err_console, expand=True,
             )
             self.progress.start()
         return self
