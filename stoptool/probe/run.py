@@ -199,11 +199,15 @@ def default_json_path(cfg: ProbeConfig, enc: Encoder, tag: str) -> Path:
     return ckpt.with_name(f"{ckpt.stem}.probe-{tag}.json")
 
 
+def feature_cache_dir(cfg: ProbeConfig) -> Path:
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+
+
 def get_features(enc: Encoder, data: ImageDataset, split: str, cfg: ProbeConfig,
                  device: torch.device, precision: str, enc_hash: str,
                  progress: Callable | None, extracted: list[str]) -> Features:
     key = cache_key(enc_hash, dataset_fingerprint(data), split, cfg.layers, enc.img_size, precision)
-    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    cache_dir = feature_cache_dir(cfg)
     if cfg.cache:
         hit = load_cached(cache_dir, key)
         if hit is not None:
@@ -232,7 +236,7 @@ def run_probe(cfg: ProbeConfig, progress: Callable[[str, int, int], None] | None
         raise UserError(f"output path '{json_path}' is a directory")
     check_writable(json_path)
     if cfg.cache:
-        cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+        cache_dir = feature_cache_dir(cfg)
         if cache_dir.exists() and not cache_dir.is_dir():
             raise UserError(f"feature cache '{cache_dir}' is not a directory (see --cache-dir)")
         check_writable(cache_dir / "features.npz")

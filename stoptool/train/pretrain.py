@@ -205,8 +205,6 @@ class MetricsLog:
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
-            self._tb.close()  # flushes the last events
-        if self._tb is not None:
             self._tb.close()
 
 

@@ -132,6 +132,7 @@ def test_metrics_go_to_tensorboard_when_it_is_installed(tiny_cfg, image_folder, 
     pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "r"))
     rows = [json.loads(r) for r in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert calls[0] == ("open", str(tmp_path / "r" / "tb")) and calls[-1] == ("close",)
+    assert calls.count(("close",)) == 1
     assert [c for c in calls if c[0] == "loss"] == [("loss", r["loss"], r["step"]) for r in rows]
     assert {c[0] for c in calls[1:-1]} >= {"loss", "lr", "wd", "momentum"}
 
