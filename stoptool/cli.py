@@ -109,13 +109,14 @@ def pretrain(
     log_every: int | None = typer.Option(None, help="Log metrics every N steps. (default: 10)"),
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the transformer blocks (falls back to eager, with a note, where it fails). (default: off)"),
     grad_checkpoint: bool | None = typer.Option(None, "--grad-checkpoint/--no-grad-checkpoint", help="Recompute activations to save memory. (default: off)"),
+    fsdp: bool | None = typer.Option(None, "--fsdp/--no-fsdp", help="Under torchrun, shard weights, gradients and optimizer state across the processes (FSDP) instead of a whole replica in each (DDP); bf16 or fp32, not with --compile. (default: off)"),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Resume from the run directory's latest checkpoint."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as YAML and exit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Pretrain an encoder with I-JEPA + StoP (σ > 0) or plain I-JEPA (σ = 0).
 
-    Under torchrun (torchrun --nproc-per-node N -m stoptool pretrain ...) the processes train one model data-parallel; --batch-size is the global batch.
+    Under torchrun (torchrun --nproc-per-node N -m stoptool pretrain ...) the processes train one model data-parallel (--fsdp for models too large for a replica per GPU); --batch-size is the global batch.
     """
     overrides = {
         k: v for k, v in locals().items()

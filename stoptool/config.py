@@ -94,6 +94,7 @@ class PretrainConfig:
     log_every: int = 10
     compile: bool = False
     grad_checkpoint: bool = False
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -184,6 +185,8 @@ class PretrainConfig:
                 raise UserError(f"--{name} is a probability in [0, 1], got {getattr(self, name)}")
         if not (0 <= self.ema[0] <= self.ema[1] <= 1):
             raise UserError(f"ema momentum must satisfy 0 <= start <= end <= 1, got {self.ema}")
+        if self.fsdp and self.compile:
+            raise UserError("--fsdp and --compile do not go together: drop one of them")
         self.mask_config().validate()
         return self
 

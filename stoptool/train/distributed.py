@@ -8,9 +8,15 @@ The world comes from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); NCCL
 gloo on CPUs. `--batch-size` stays the global batch: each rank takes its own contiguous
 slice of every global batch and samples its own masks for it, as each process of the
 released code runs its own mask collator. Rank 0 alone writes the run directory.
+
+Two ways to keep the weights: DDP (every rank holds a whole replica) or, with `--fsdp`,
+FSDP2's `fully_shard` (every rank holds 1/N of each weight, gradient, AdamW moment and of the
+target encoder; a block's weights are gathered just for its forward and backward). Both
+average the same gradients; checkpoints hold whole tensors either way.
 """
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +25,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from stoptool.errors import UserError
-from stoptool.models.jepa import predict
+from stoptool.models.encoder import encode
+from stoptool.models.jepa import JEPA, predict
+
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # a torch built without distributed support: nothing is ever sharded
+    DTensor = ()
 
 
 @dataclass(frozen=True)
@@ -140,15 +152,30 @@ def replicas_agree(module: nn.Module, world: World, device: torch.device) -> boo
 
 
 class OnlineNet(nn.Module):
-    """Context encoder then predictor as one module, so that DistributedDataParallel sees
-    (and averages the gradients of) every trainable weight in one forward."""
+    """Context encoder then predictor as one module, so that DistributedDataParallel (or
+    FSDP) sees, and averages the gradients of, every trainable weight in one forward.
+
+    Returns the prediction and ‖A‖₁: under FSDP the predictor's A is whole only inside this
+    forward, so the l1 penalty on it is taken here."""
 
     def __init__(self, encoder: nn.Module, predictor: nn.Module):
         super().__init__()
         self.encoder, self.predictor = encoder, predictor
 
-    def forward(self, images: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor) -> torch.Tensor:
-        return predict(self.encoder, self.predictor, images, ctx_idx, tgt_idx)
+    def forward(self, images: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor):
+        pred = predict(self.encoder, self.predictor, images, ctx_idx, tgt_idx)
+        return pred, self.predictor.A.float().abs().sum()
+
+
+class TargetNet(nn.Module):
+    """The target encoder on whole images, as a module whose forward FSDP can hook."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return encode(self.encoder, images)
 
 
 def data_parallel(online: OnlineNet, world: World, device: torch.device) -> nn.Module:
@@ -158,3 +185,57 @@ def data_parallel(online: OnlineNet, world: World, device: torch.device) -> nn.M
     ids = [device.index] if device.type == "cuda" else None
     # gradients live in DDP's buckets instead of beside them: no second copy of them in memory
     return DistributedDataParallel(online, device_ids=ids, gradient_as_bucket_view=True)
+
+
+def fully_sharded(model: JEPA, world: World, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """Shard `model` across the ranks in place (FSDP2): every transformer block is a unit of
+    its own, the rest of the online network (patch embedding, norms, the predictor's A, b, m̃)
+    and of the target encoder form one unit each. Returns the online and the target network
+    to call in the step. Weights are taken from rank 0 first, as DDP does."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # The prediction comes back as a reshaped view; the step never changes it in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPOnlineNet\) returned a view")
+    broadcast_module(model, world)
+    mesh = init_device_mesh(device.type, (world.size,))
+    online, target = OnlineNet(model.encoder, model.predictor), TargetNet(model.target_encoder)
+    for blocks in (model.encoder.blocks, model.predictor.predictor_blocks, model.target_encoder.blocks):
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+    fully_shard(online, mesh=mesh)
+    fully_shard(target, mesh=mesh)
+    return online, target
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    return isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded tensor (a view: in-place updates reach the weight);
+    any other tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a shard (a collective: every rank must ask, in the same order)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def whole_state(tensors: dict) -> dict:
+    """A state dict (model or optimizer, nested) with every shard gathered into a whole tensor."""
+    return {
+        k: whole_state(v) if isinstance(v, dict) else whole(v) if torch.is_tensor(v) else v
+        for k, v in tensors.items()
+    }
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After loading whole-tensor AdamW moments into an optimizer over sharded weights, keep
+    only this rank's shard of each, laid out as its weight."""
+    for p, state in optimizer.state.items():
+        if isinstance(p, DTensor):
+            for key, value in state.items():
+                if torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == p.shape:
+                    state[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)

@@ -40,11 +40,15 @@ from stoptool.train.distributed import (
     check_batch,
     check_same_step,
     data_parallel,
+    fully_sharded,
     init_world,
     leave_world,
     mean_over_ranks,
     replicas_agree,
+    shard_optimizer_state,
     sum_over_ranks,
+    whole,
+    whole_state,
     world_from_env,
 )
 from stoptool.train.runtime import (
@@ -77,6 +81,7 @@ RESUMABLE_CHANGES = {
     "save_every",
     "compile",
     "grad_checkpoint",
+    "fsdp",  # checkpoints hold whole tensors either way
 }
 
 
@@ -114,9 +119,10 @@ def model_meta(cfg: PretrainConfig) -> dict:
 
 
 def model_tensors(model: JEPA) -> dict[str, torch.Tensor]:
+    """Every weight of the three networks, whole (gathered from the ranks under FSDP)."""
     tensors = {}
     for part in ("encoder", "target_encoder", "predictor"):
-        tensors.update({f"{part}.{k}": v for k, v in getattr(model, part).state_dict().items()})
+        tensors.update({f"{part}.{k}": v for k, v in whole_state(getattr(model, part).state_dict()).items()})
     return tensors
 
 
@@ -220,6 +226,10 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
     check_batch(world, cfg.batch_size)
     device = init_world(world, resolve_device(cfg.device))  # before any CUDA work: this rank's GPU
     precision = resolve_precision(cfg.precision, device)
+    if cfg.fsdp and world.distributed and precision == "fp16":
+        raise UserError(
+            "--fsdp trains in bf16 or fp32, and fp16 was picked for this GPU: pass --precision fp32"
+        )
     try:
         return _pretrain(cfg, resume, progress, notify, world, device, precision)
     finally:
@@ -246,13 +256,10 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
 
     torch.manual_seed(cfg.seed)
     model = build_jepa(cfg).to(device)
-    optimizer = make_optimizer(model, cfg.start_lr, cfg.wd)
     step = 0
     if saved is not None:
         for part in ("encoder", "target_encoder", "predictor"):
             getattr(model, part).load_state_dict(saved.part(part))
-        groups = use_fused_like(optimizer, saved.meta["optimizer_groups"])
-        optimizer.load_state_dict(optimizer_state(saved.part_raw("opt."), groups))
         step = saved.meta["step"]
         torch.set_rng_state(saved.tensors["rng.cpu"])
         if device.type == "cuda" and "rng.cuda" in saved.tensors:
@@ -279,10 +286,23 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
         compiled = failure is None
         if failure and notify:
             notify(f"torch.compile is unavailable here, running eagerly ({failure})")
-    broadcast_module(model.target_encoder, world)  # DDP keeps the rest in sync
-    online = None
-    if world.distributed:
+    sharded = cfg.fsdp and world.distributed
+    online = target = None
+    if sharded:
+        online, target = fully_sharded(model, world, device)
+    elif world.distributed:
+        broadcast_module(model.target_encoder, world)  # DDP keeps the rest in sync
         online = data_parallel(OnlineNet(model.encoder, model.predictor), world, device)
+    elif cfg.fsdp and notify:
+        notify("--fsdp shards the weights across the processes of a torchrun launch; "
+               "one process holds them all")
+    # built after any sharding, over the parameters the step updates
+    optimizer = make_optimizer(model, cfg.start_lr, cfg.wd)
+    if saved is not None:
+        groups = use_fused_like(optimizer, saved.meta["optimizer_groups"])
+        optimizer.load_state_dict(optimizer_state(saved.part_raw("opt."), groups))
+        if sharded:
+            shard_optimizer_state(optimizer)
     reduce = (lambda t: mean_over_ranks(t, world)) if world.distributed else None
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -306,12 +326,15 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
     }
 
     def save(path: Path, with_state: bool = True) -> None:
+        if not world.main and not sharded:
+            return
+        tensors = model_tensors(model)  # under FSDP every rank takes part in gathering them
+        state = whole_state(optimizer.state_dict()) if with_state else None
         if not world.main:
             return
-        tensors = model_tensors(model)
         extra = {"step": step, "epoch": step // ipe}
         if with_state:
-            opt_tensors, groups = optimizer_tensors(optimizer.state_dict())
+            opt_tensors, groups = optimizer_tensors(state)
             tensors.update(opt_tensors)
             tensors["rng.cpu"] = torch.get_rng_state()
             if device.type == "cuda":
@@ -356,7 +379,7 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
                     )
                     lr, wd, m = sched.lr_at(step), sched.wd_at(step), sched.momentum_at(step)
                     args = (model, optimizer, inputs, lr, wd, m, autocast, scaler, cfg.a_l1, cfg.clip_grad,
-                            online, reduce)
+                            online, reduce, target)
                     try:
                         if compiled and not world.distributed:
                             loss = eager_on_compile_failure(partial(train_step, *args), model, compile_failed)
@@ -393,7 +416,7 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
     finally:
         log.close()
     seconds = time.perf_counter() - start_time
-    in_sync = replicas_agree(model, world, device)
+    in_sync = sharded or replicas_agree(model, world, device)  # shards differ by design
     skipped = round(sum_over_ranks(skipped, world, device))  # each rank loaded its own slice
     if not in_sync and notify:
         notify("the processes ended with different weights; rank 0's were saved")
@@ -412,7 +435,7 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
         "device": str(device),
         "workers": workers,
         "world_size": world.size,
-        **({"replicas_in_sync": in_sync} if world.distributed else {}),
+        **({"sharded": True} if sharded else {"replicas_in_sync": in_sync} if world.distributed else {}),
     }
     write_report(run_dir / "summary.json", summary)
     return RunResult(run_dir, latest, step, step // ipe, loss, seconds, summary["images_per_second"])
@@ -429,8 +452,8 @@ def _metrics_row(model: JEPA, step, ipe, window, batch, lr, wd, m) -> dict:
         "lr": lr,
         "wd": wd,
         "momentum": m,
-        "A_norm": pred.A.detach().float().norm().item(),
-        "mask_token_norm": pred.mask_token.detach().float().norm().item(),
+        "A_norm": whole(pred.A.detach()).float().norm().item(),
+        "mask_token_norm": whole(pred.mask_token.detach()).float().norm().item(),
         "img_per_s": window["steps"] * batch / elapsed if elapsed > 0 else math.nan,
         "time": time.time(),
     }

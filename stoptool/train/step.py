@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from stoptool.models.encoder import encode
 from stoptool.models.jepa import JEPA, predict
+from stoptool.train.distributed import local
 
 
 @dataclass
@@ -29,34 +30,46 @@ def gather_targets(tokens: torch.Tensor, tgt_idx: torch.Tensor) -> torch.Tensor:
     return tokens[batch, tgt_idx]
 
 
-def compute_targets(model: JEPA, inputs: StepInputs, autocast: Callable[[], AbstractContextManager]):
-    """f̄_θ on the whole image, layer-normed over features (no affine), gathered per block."""
+def compute_targets(
+    model: JEPA, inputs: StepInputs, autocast: Callable[[], AbstractContextManager], target=None
+):
+    """f̄_θ on the whole image, layer-normed over features (no affine), gathered per block.
+    `target`, if given, is the sharded target encoder (a TargetNet under FSDP)."""
     with torch.no_grad(), autocast():
-        h = encode(model.target_encoder, inputs.images)
+        if target is not None:
+            h = target(inputs.images)
+            target.reshard()  # FSDP keeps a root's weights gathered after a forward without backward
+        else:
+            h = encode(model.target_encoder, inputs.images)
     h = F.layer_norm(h.float(), h.shape[-1:])
     return gather_targets(h, inputs.tgt_idx)
 
 
-def jepa_loss(model: JEPA, inputs: StepInputs, autocast, a_l1: float = 0.0, online=None) -> torch.Tensor:
+def jepa_loss(
+    model: JEPA, inputs: StepInputs, autocast, a_l1: float = 0.0, online=None, target=None
+) -> torch.Tensor:
     """The loss of one batch. `online`, if given, runs context encoder and predictor in one
-    call (a DistributedDataParallel wrapper of both); it computes exactly what the default does."""
-    targets = compute_targets(model, inputs, autocast)
+    call (an OnlineNet wrapped by DDP or FSDP) and `target` the target encoder (under FSDP);
+    they compute exactly what the default does."""
+    targets = compute_targets(model, inputs, autocast, target)
     with autocast():
         if online is not None:
-            pred = online(inputs.images, inputs.ctx_idx, inputs.tgt_idx)
+            pred, a_norm = online(inputs.images, inputs.ctx_idx, inputs.tgt_idx)
         else:
             pred = predict(model.encoder, model.predictor, inputs.images, inputs.ctx_idx, inputs.tgt_idx)
+            a_norm = model.predictor.A.float().abs().sum() if a_l1 else None
     loss = F.smooth_l1_loss(pred.float(), targets, beta=1.0)
     if a_l1:
-        loss = loss + a_l1 * model.predictor.A.float().abs().sum()
+        loss = loss + a_l1 * a_norm
     return loss
 
 
 @torch.no_grad()
 def ema_update(model: JEPA, momentum: float) -> None:
-    """f̄_θ <- m f̄_θ + (1 - m) f_θ, in place and in fp32."""
-    target = [p for p in model.target_encoder.parameters()]
-    online = [p.detach() for p in model.encoder.parameters()]
+    """f̄_θ <- m f̄_θ + (1 - m) f_θ, in place and in fp32 (shard by shard under FSDP: both
+    encoders are sharded alike)."""
+    target = [local(p) for p in model.target_encoder.parameters()]
+    online = [local(p.detach()) for p in model.encoder.parameters()]
     torch._foreach_mul_(target, momentum)
     torch._foreach_add_(target, online, alpha=1.0 - momentum)
 
@@ -85,14 +98,16 @@ def train_step(
     clip_grad: float | None = None,
     online=None,
     reduce: Callable[[torch.Tensor], float] | None = None,
+    target=None,
 ) -> float:
     """Run one step; return the loss. Raises NonFiniteLoss before touching any weight.
 
-    Under data parallelism `online` is the wrapped context encoder + predictor and `reduce`
-    averages the loss over ranks, so that every rank takes the same decision on it.
+    Under data parallelism `online` is the wrapped context encoder + predictor (and, under
+    FSDP, `target` the sharded target encoder), and `reduce` averages the loss over ranks, so
+    that every rank takes the same decision on it.
     """
     set_hyperparams(optimizer, lr, wd)
-    loss = jepa_loss(model, inputs, autocast, a_l1, online)
+    loss = jepa_loss(model, inputs, autocast, a_l1, online, target)
     value = reduce(loss.detach()) if reduce is not None else loss.item()
     if not math.isfinite(value):
         raise NonFiniteLoss(f"loss is {value}")

@@ -1,6 +1,7 @@
 """Run by tests/train/test_distributed.py under torchrun (2 CPU processes, gloo): each rank
-takes its half of a fixed batch through the data-parallel context encoder + predictor, and
-rank 0 saves the averaged gradients to the file named on the command line."""
+takes its half of a fixed batch through the data-parallel context encoder + predictor (DDP,
+or FSDP with `fsdp` as second argument), and rank 0 saves the averaged gradients, whole, to
+the file named on the command line."""
 
 import sys
 
@@ -10,7 +11,15 @@ from safetensors.torch import save_file
 from stoptool.config import PretrainConfig
 from stoptool.masks import MaskSampler
 from stoptool.models.jepa import build_jepa
-from stoptool.train.distributed import OnlineNet, data_parallel, init_world, leave_world, world_from_env
+from stoptool.train.distributed import (
+    OnlineNet,
+    data_parallel,
+    fully_sharded,
+    init_world,
+    leave_world,
+    whole,
+    world_from_env,
+)
 from stoptool.train.runtime import autocast_factory
 from stoptool.train.step import StepInputs, jepa_loss
 
@@ -28,7 +37,7 @@ def config() -> PretrainConfig:
     ).validate()
 
 
-def main(out: str) -> None:
+def main(out: str, mode: str = "ddp") -> None:
     world = world_from_env()
     device = init_world(world, torch.device("cpu"))
     cfg = config()
@@ -37,14 +46,18 @@ def main(out: str) -> None:
     batch = fixed_batch(cfg, 8)
     half = slice(4 * world.rank, 4 * world.rank + 4)
     mine = StepInputs(batch.images[half], batch.ctx_idx[half], batch.tgt_idx[half])
-    online = data_parallel(OnlineNet(model.encoder, model.predictor), world, device)
-    jepa_loss(model, mine, autocast_factory(device, "fp32"), online=online).backward()
+    target = None
+    if mode == "fsdp":
+        online, target = fully_sharded(model, world, device)
+    else:
+        online = data_parallel(OnlineNet(model.encoder, model.predictor), world, device)
+    jepa_loss(model, mine, autocast_factory(device, "fp32"), online=online, target=target).backward()
+    grads = {f"{part}.{name}": whole(p.grad) for part in ("encoder", "predictor")
+             for name, p in getattr(model, part).named_parameters() if p.grad is not None}
     if world.main:
-        grads = {f"{part}.{name}": p.grad for part in ("encoder", "predictor")
-                 for name, p in getattr(model, part).named_parameters() if p.grad is not None}
         save_file(grads, out)
     leave_world(world)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

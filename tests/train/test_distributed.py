@@ -1,11 +1,14 @@
-"""Data-parallel pretraining: batch sharding, averaged gradients, and a torchrun launch."""
+"""Data-parallel pretraining: batch sharding, averaged gradients, and torchrun launches (DDP
+and FSDP)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -16,6 +19,7 @@ from stoptool.data.loader import epoch_batches, pretrain_loader
 from stoptool.data.transforms import PretrainTransform
 from stoptool.masks import MaskSampler
 from stoptool.models.jepa import build_jepa
+from stoptool.train.pretrain import METRICS
 from stoptool.train.runtime import autocast_factory
 from stoptool.train.step import jepa_loss
 
@@ -67,11 +71,13 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*TORCHRUN, *args], env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_two_processes_average_to_the_one_process_gradient(tmp_path):
-    """Each rank's half of a batch, gradients averaged by DDP = the whole batch in one process
-    (σ = 0, the same masks: the loss is a mean over equal halves)."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_average_to_the_one_process_gradient(tmp_path, mode):
+    """Each rank's half of a batch, gradients averaged by DDP (or reduce-scattered by FSDP and
+    gathered back) = the whole batch in one process (σ = 0, the same masks: the loss is a mean
+    over equal halves)."""
     out = tmp_path / "grads.safetensors"
-    proc = _torchrun(str(HERE / "ddp_grads.py"), str(out))
+    proc = _torchrun(str(HERE / "ddp_grads.py"), str(out), mode)
     assert proc.returncode == 0, proc.stderr[-2000:]
     sys.path.insert(0, str(HERE))
     try:
@@ -90,19 +96,71 @@ def test_two_processes_average_to_the_one_process_gradient(tmp_path):
         torch.testing.assert_close(ddp[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_torchrun_pretrain_writes_one_run_and_resumes(tmp_path):
-    run = tmp_path / "run"
-    launch = ["-m", "stoptool", "pretrain", *TINY, "--out", str(run)]
-    first = _torchrun(*launch, "--steps", "4")
-    assert first.returncode == 0, first.stderr[-2000:]
-    summary = json.loads((run / "summary.json").read_text())
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    """The same tiny run under torchrun with DDP and with FSDP: 4 steps, then resumed to 6."""
+    root = tmp_path_factory.mktemp("torchrun")
+    runs = {}
+    for mode, flags in (("ddp", []), ("fsdp", ["--fsdp"])):
+        run = root / mode
+        launch = ["-m", "stoptool", "pretrain", *TINY, "--a-l1", "1e-4", *flags, "--out", str(run)]
+        first = _torchrun(*launch, "--steps", "4")
+        assert first.returncode == 0, first.stderr[-2000:]
+        summary = json.loads((run / "summary.json").read_text())
+        second = _torchrun(*launch, "--steps", "6")
+        assert second.returncode == 0, second.stderr[-2000:]
+        runs[mode] = {"run": run, "first": first, "summary_at_4": summary}
+    return runs
+
+
+def test_torchrun_pretrain_writes_one_run_and_resumes(launches):
+    run, first = launches["ddp"]["run"], launches["ddp"]["first"]
+    summary = launches["ddp"]["summary_at_4"]
     assert summary["world_size"] == 2 and summary["replicas_in_sync"] is True
     assert summary["step"] == 4
-    assert [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4]
     assert first.stdout.count("run directory") == 1  # rank 0 alone reports
-    second = _torchrun(*launch, "--steps", "6")
-    assert second.returncode == 0, second.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] == 6 and summary["replicas_in_sync"] is True
     assert [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6]
     assert sorted(p.name for p in run.glob("*.safetensors")) == ["latest.safetensors"]
+
+
+def test_fsdp_trains_the_same_weights_as_ddp_and_writes_whole_tensors(launches):
+    """Sharded weights, gradients and AdamW moments, gathered for the checkpoint and scattered
+    again on resume, end where the DDP run ends: weights, target encoder and optimizer state."""
+    run, first = launches["fsdp"]["run"], launches["fsdp"]["first"]
+    assert first.stdout.count("run directory") == 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 6 and summary["world_size"] == 2 and summary["sharded"] is True
+    fsdp = load_file(str(run / "latest.safetensors"))
+    ddp = load_file(str(launches["ddp"]["run"] / "latest.safetensors"))
+    assert fsdp.keys() == ddp.keys() and any(k.startswith("opt.") for k in fsdp)
+    for name, t in ddp.items():
+        assert fsdp[name].shape == t.shape, name  # whole tensors, not one rank's shard
+        torch.testing.assert_close(fsdp[name], t, rtol=1e-6, atol=1e-8, msg=name)
+    def rows(mode: str) -> list[dict]:
+        return [json.loads(r) for r in (launches[mode]["run"] / METRICS).read_text().splitlines()]
+
+    for a, b in zip(rows("fsdp"), rows("ddp"), strict=True):
+        assert a["step"] == b["step"]
+        for key in ("loss", "A_norm", "mask_token_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6), key
+
+
+def test_an_fsdp_checkpoint_resumes_in_one_process(launches, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(launches["fsdp"]["run"], run)
+    result = CliRunner().invoke(app, ["pretrain", *TINY, "--a-l1", "1e-4", "--steps", "7", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "summary.json").read_text())["step"] == 7
+
+
+def test_fsdp_refuses_compile_and_notes_a_single_process(tmp_path):
+    result = CliRunner().invoke(app, ["pretrain", *TINY, "--fsdp", "--compile", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2
+    assert "--fsdp and --compile do not go together" in result.output
+    assert not (tmp_path / "a").exists()
+    single = ["pretrain", *TINY, "--fsdp", "--steps", "1", "--out", str(tmp_path / "b")]
+    result = CliRunner().invoke(app, single)
+    assert result.exit_code == 0, result.output
+    assert "one process holds them all" in result.output
