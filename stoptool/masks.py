@@ -52,19 +52,7 @@ class MaskConfig:
             raise UserError(f"num-targets must be at least 1, got {self.num_targets}")
         if self.grid < 2:
             raise UserError(f"the patch grid must be at least 2×2, got {self.grid}×{self.grid}")
-        # scale and aspect share one draw, so the extreme block sizes are found by scanning it
-        areas = [
-            h * w
-            for h, w in (
-                block_size(
-                    self.grid,
-                    self.target_scale[0] + u / 64 * (self.target_scale[1] - self.target_scale[0]),
-                    *self.target_aspect,
-                    u / 64,
-                )
-                for u in range(65)
-            )
-        ]
+        areas = [h * w for h, w in self.block_sizes("target")]
         if min(areas) <= self.keep:
             raise UserError(
                 f"target blocks of scale {self.target_scale[0]} on a {self.grid}×{self.grid} grid "
@@ -78,7 +66,31 @@ class MaskConfig:
                 f"{self.grid}×{self.grid} grid leaves {max(left, 0)} context patches, not more than "
                 f"min-keep {self.keep}: lower num-targets or the target scale"
             )
+        if self.mode == "multiblock":
+            self._check_context()
         return self
+
+    def block_sizes(self, kind: str) -> list[tuple[int, int]]:
+        """The block sizes (h, w) that `kind` ("target" or "context") can take. Scale and aspect
+        share one draw, so scanning that draw finds them all, the extremes included."""
+        lo, hi = getattr(self, f"{kind}_scale")
+        aspect = getattr(self, f"{kind}_aspect")
+        return [block_size(self.grid, lo + u / 64 * (hi - lo), *aspect, u / 64) for u in range(65)]
+
+    def _check_context(self) -> None:
+        """Refuse, before any training, a context block that cannot keep more than min-keep
+        patches: one too small by itself, or one that the largest targets leave no room for
+        (tried on 64 rows with a tenth of the sampler's retries: a size pair that needs more
+        would stall or stop training sooner or later)."""
+        smallest = min(self.block_sizes("context"), key=lambda hw: hw[0] * hw[1])
+        if smallest[0] * smallest[1] <= self.keep:
+            raise UserError(
+                f"context blocks of scale {self.context_scale[0]} on a {self.grid}×{self.grid} grid "
+                f"hold {smallest[0] * smallest[1]} patches, not more than min-keep {self.keep}: raise "
+                "the context scale or lower min-keep"
+            )
+        largest = max(self.block_sizes("target"), key=lambda hw: hw[0] * hw[1])
+        _multiblock(self, 64, torch.Generator().manual_seed(0), largest, smallest, rounds=10)
 
 
 def block_size(grid: int, scale: float, ar_lo: float, ar_hi: float, u: float) -> tuple[int, int]:
@@ -117,6 +129,51 @@ def _first_k(mask: torch.Tensor, k: int) -> torch.Tensor:
     return keep.nonzero()[:, -1].view(*mask.shape[:-1], k)
 
 
+def _multiblock(
+    c: MaskConfig,
+    batch: int,
+    gen: torch.Generator,
+    target: tuple[int, int],
+    context: tuple[int, int],
+    max_tries: int = 20,
+    rounds: int = 100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-block masks with blocks of the given sizes: ctx_idx [B, Nc], tgt_idx [B, M, th*tw].
+
+    A row whose context keeps too few patches draws a new context box; after `max_tries`
+    such draws its targets are placed anew too. After `rounds` of that, give up."""
+    n = c.grid * c.grid
+    (th, tw), (ch, cw) = target, context
+
+    def place(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target indices [rows, M, th*tw] and the patches they cover [rows, N]."""
+        targets = _box_indices(c.grid, th, tw, *_corners(c.grid, th, tw, (rows, c.num_targets), gen))
+        covered = torch.zeros(rows, n, dtype=torch.bool)
+        covered.scatter_(1, targets.flatten(1), True)
+        return targets, covered
+
+    targets, covered = place(batch)
+    context = _box_masks(c.grid, ch, cw, *_corners(c.grid, ch, cw, (batch,), gen)) & ~covered
+    bad = context.sum(-1) <= c.keep
+    tries = 0
+    while bad.any():
+        rows = int(bad.sum())
+        tries += 1
+        if tries % max_tries == 0:  # this context size cannot avoid these targets
+            targets[bad], covered[bad] = place(rows)
+        box = _box_masks(c.grid, ch, cw, *_corners(c.grid, ch, cw, (rows,), gen))
+        context[bad] = box & ~covered[bad]
+        bad = context.sum(-1) <= c.keep
+        if tries > rounds * max_tries:
+            raise UserError(
+                f"cannot place a context block of {ch}×{cw} that keeps more than {c.keep} "
+                f"patches beside {c.num_targets} targets of {th}×{tw} on a {c.grid}×{c.grid} "
+                "grid: lower the target scale or min-keep"
+            )
+    n_ctx = int(context.sum(-1).min())
+    return _first_k(context, n_ctx), targets
+
+
 class MaskSampler:
     """Callable: `sampler(batch_size, gen)` -> (ctx_idx [B, Nc], tgt_idx [B, M, K])."""
 
@@ -127,7 +184,8 @@ class MaskSampler:
     def __call__(self, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cfg.mode == "random":
             return self._random(batch, gen)
-        return self._multiblock(batch, gen)
+        target, context = self._sizes(gen)
+        return _multiblock(self.cfg, batch, gen, target, context, self.max_tries)
 
     def _sizes(self, gen: torch.Generator) -> tuple[tuple[int, int], tuple[int, int]]:
         c = self.cfg
@@ -138,39 +196,6 @@ class MaskSampler:
             block_size(c.grid, t_scale, *c.target_aspect, u_t),
             block_size(c.grid, c_scale, *c.context_aspect, u_c),
         )
-
-    def _multiblock(self, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.cfg
-        n = c.grid * c.grid
-        (th, tw), (ch, cw) = self._sizes(gen)
-
-        def place(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-            """Target indices [rows, M, th*tw] and the patches they cover [rows, N]."""
-            targets = _box_indices(c.grid, th, tw, *_corners(c.grid, th, tw, (rows, c.num_targets), gen))
-            covered = torch.zeros(rows, n, dtype=torch.bool)
-            covered.scatter_(1, targets.flatten(1), True)
-            return targets, covered
-
-        targets, covered = place(batch)
-        context = _box_masks(c.grid, ch, cw, *_corners(c.grid, ch, cw, (batch,), gen)) & ~covered
-        bad = context.sum(-1) <= c.keep
-        tries = 0
-        while bad.any():
-            rows = int(bad.sum())
-            tries += 1
-            if tries % self.max_tries == 0:  # this context size cannot avoid these targets
-                targets[bad], covered[bad] = place(rows)
-            box = _box_masks(c.grid, ch, cw, *_corners(c.grid, ch, cw, (rows,), gen))
-            context[bad] = box & ~covered[bad]
-            bad = context.sum(-1) <= c.keep
-            if tries > 100 * self.max_tries:
-                raise UserError(
-                    f"cannot place a context block of {ch}×{cw} that keeps more than {c.keep} "
-                    f"patches beside {c.num_targets} targets of {th}×{tw} on a {c.grid}×{c.grid} "
-                    "grid: lower the target scale or min-keep"
-                )
-        n_ctx = int(context.sum(-1).min())
-        return _first_k(context, n_ctx), targets
 
     def _random(self, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """MAE-style: targets are random patch sets of the block sizes; context is the rest."""

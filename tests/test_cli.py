@@ -198,6 +198,25 @@ def test_random_masks_with_no_room_for_context_are_refused_before_any_output(tmp
     assert "random masking with 8 targets" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
 
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        # the context block alone is too small for min-keep
+        (["--context-scale", "0.02,0.05"], "context blocks of scale 0.02 on a 8×8 grid hold"),
+        # six targets of 3×3 on a 4×4 grid leave a context no room: used to stop at a batch
+        (["--img-size", "8", "--num-targets", "6", "--target-scale", "0.83,0.87",
+          "--context-scale", "0.82,0.87"],
+         "cannot place a context block of 3×3 that keeps more than 1 patches beside 6 targets of 3×3"),
+    ],
+)
+def test_multiblock_masks_with_no_room_for_context_are_refused_before_any_output(tmp_path, flags, message):
+    out = tmp_path / "r"
+    result = runner.invoke(app, ["pretrain", *TINY, *flags, "--steps", "1", "--out", str(out)])
+    assert result.exit_code == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
 def test_pretrain_help_states_the_config_defaults():
     import re
 
