@@ -208,10 +208,6 @@ def fully_sharded(model: JEPA, world: World, device: torch.device) -> tuple[nn.M
     return online, target
 
 
-def is_sharded(t: torch.Tensor) -> bool:
-    return isinstance(t, DTensor)
-
-
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a sharded tensor (a view: in-place updates reach the weight);
     any other tensor as it is."""
@@ -223,19 +219,36 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def whole_state(tensors: dict) -> dict:
-    """A state dict (model or optimizer, nested) with every shard gathered into a whole tensor."""
-    return {
-        k: whole_state(v) if isinstance(v, dict) else whole(v) if torch.is_tensor(v) else v
-        for k, v in tensors.items()
-    }
+def whole_state(tensors: dict, keep: bool = True) -> dict:
+    """A state dict (model or optimizer, nested) with every shard gathered into a whole tensor,
+    one tensor at a time and moved to the CPU, so that a device never holds more than one
+    whole tensor beside its shards. Every rank must call it (the gathers are collectives); only
+    a rank with `keep` holds the result (the others get None in place of each gathered tensor)."""
+    out = {}
+    for k, v in tensors.items():
+        if isinstance(v, dict):
+            out[k] = whole_state(v, keep)
+        elif isinstance(v, DTensor):
+            out[k] = v.full_tensor().cpu() if keep else None
+        else:
+            out[k] = v
+    return out
 
 
-def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """After loading whole-tensor AdamW moments into an optimizer over sharded weights, keep
-    only this rank's shard of each, laid out as its weight."""
-    for p, state in optimizer.state.items():
+def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A saved optimizer state dict (whole AdamW moments, as the checkpoint holds them) with each
+    moment cut to this rank's shard of its weight, before it is loaded into an optimizer over
+    sharded weights: no device ever holds the whole state. Each rank cuts its own chunk from
+    its own copy (the checkpoint is the same everywhere), with no communication."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sharded = {}
+    for idx, values in state["state"].items():
+        p = params[idx]
         if isinstance(p, DTensor):
-            for key, value in state.items():
-                if torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == p.shape:
-                    state[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
+            values = {
+                key: distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
+                if torch.is_tensor(v) and v.shape == p.shape else v
+                for key, v in values.items()
+            }
+        sharded[idx] = values
+    return {**state, "state": sharded}

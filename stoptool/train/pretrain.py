@@ -118,11 +118,13 @@ def model_meta(cfg: PretrainConfig) -> dict:
     }
 
 
-def model_tensors(model: JEPA) -> dict[str, torch.Tensor]:
-    """Every weight of the three networks, whole (gathered from the ranks under FSDP)."""
+def model_tensors(model: JEPA, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Every weight of the three networks, whole (gathered from the ranks under FSDP; see
+    `whole_state` for `keep`)."""
     tensors = {}
     for part in ("encoder", "target_encoder", "predictor"):
-        tensors.update({f"{part}.{k}": v for k, v in whole_state(getattr(model, part).state_dict()).items()})
+        state = whole_state(getattr(model, part).state_dict(), keep)
+        tensors.update({f"{part}.{k}": v for k, v in state.items()})
     return tensors
 
 
@@ -225,12 +227,11 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
     world = world_from_env()
     check_batch(world, cfg.batch_size)
     device = init_world(world, resolve_device(cfg.device))  # before any CUDA work: this rank's GPU
-    precision = resolve_precision(cfg.precision, device)
-    if cfg.fsdp and world.distributed and precision == "fp16":
-        raise UserError(
-            "--fsdp trains in bf16 or fp32, and fp16 was picked for this GPU: pass --precision fp32"
-        )
     try:
+        precision = resolve_precision(cfg.precision, device)
+        if cfg.fsdp and world.distributed and precision == "fp16":
+            picked = " (what --precision auto picks on this GPU)" if cfg.precision == "auto" else ""
+            raise UserError(f"--fsdp trains in bf16 or fp32, not fp16{picked}: pass --precision fp32")
         return _pretrain(cfg, resume, progress, notify, world, device, precision)
     finally:
         leave_world(world)
@@ -300,9 +301,10 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
     optimizer = make_optimizer(model, cfg.start_lr, cfg.wd)
     if saved is not None:
         groups = use_fused_like(optimizer, saved.meta["optimizer_groups"])
-        optimizer.load_state_dict(optimizer_state(saved.part_raw("opt."), groups))
-        if sharded:
-            shard_optimizer_state(optimizer)
+        state = optimizer_state(saved.part_raw("opt."), groups)
+        optimizer.load_state_dict(shard_optimizer_state(state, optimizer) if sharded else state)
+        del state
+    del saved  # the whole checkpoint, in every process's memory until here
     reduce = (lambda t: mean_over_ranks(t, world)) if world.distributed else None
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -328,8 +330,9 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
     def save(path: Path, with_state: bool = True) -> None:
         if not world.main and not sharded:
             return
-        tensors = model_tensors(model)  # under FSDP every rank takes part in gathering them
-        state = whole_state(optimizer.state_dict()) if with_state else None
+        # under FSDP every rank takes part in gathering the tensors; rank 0 alone keeps them
+        tensors = model_tensors(model, keep=world.main)
+        state = whole_state(optimizer.state_dict(), keep=world.main) if with_state else None
         if not world.main:
             return
         extra = {"step": step, "epoch": step // ipe}
