@@ -229,7 +229,9 @@ def whole_state(tensors: dict, keep: bool = True) -> dict:
         if isinstance(v, dict):
             out[k] = whole_state(v, keep)
         elif isinstance(v, DTensor):
-            out[k] = v.full_tensor().cpu() if keep else None
+            gathered = v.full_tensor()  # on every rank: it is a collective
+            out[k] = gathered.cpu() if keep else None
+            del gathered
         else:
             out[k] = v
     return out

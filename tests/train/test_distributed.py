@@ -4,6 +4,7 @@ and FSDP)."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -67,8 +68,17 @@ def test_batch_not_divisible_by_the_processes_is_refused(tmp_path):
 def _torchrun(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    # the timeout only guards against a hang: a busy 2-core machine may be slow
-    return subprocess.run([*TORCHRUN, *args], env=env, capture_output=True, text=True, timeout=600)
+    # The timeout only guards against a hang (a busy 2-core machine may be slow); on a hang the
+    # whole process group goes, workers included, and the test fails with what they printed.
+    proc = subprocess.Popen([*TORCHRUN, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun {' '.join(args)} hung for 600 s:\n{err[-2000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
