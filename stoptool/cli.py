@@ -195,13 +195,13 @@ class _ProgressBar:
                 TextColumn("ETA"), TimeRemainingColumn(compact=True),
                 console=err_console, expand=True,
             )
-            self.progress.start()
         return self
 
     def update(self, step: int, total: int, row: dict | None) -> None:
         if self.progress is None:
             return
-        if self.task is None:
+        if self.task is None:  # shown from the first step on: an error in the checks before it prints alone
+            self.progress.start()
             self.task = self.progress.add_task("pretrain", total=total, completed=step, **self.fields)
         if row is not None:
             self.fields = {
@@ -212,7 +212,8 @@ class _ProgressBar:
 
     def stop(self):
         if self.progress is not None:
-            self.progress.stop()
+            if self.task is not None:
+                self.progress.stop()
             self.progress = None
 
     def __exit__(self, *exc):

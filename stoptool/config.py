@@ -151,7 +151,8 @@ class PretrainConfig:
         spec, patch = parse_arch(self.arch)
         if self.img_size <= 0 or self.img_size % patch:
             raise UserError(
-                f"image size {self.img_size} is not divisible by the patch size {patch} of {self.arch}"
+                f"image size {self.img_size} is not a positive multiple of the patch size {patch} "
+                f"of {self.arch}"
             )
         if self.sigma < 0:
             raise UserError(f"sigma must be >= 0 (it is the noise standard deviation), got {self.sigma}")
@@ -185,6 +186,8 @@ class PretrainConfig:
                 raise UserError(f"--{name} is a probability in [0, 1], got {getattr(self, name)}")
         if not (0 <= self.ema[0] <= self.ema[1] <= 1):
             raise UserError(f"ema momentum must satisfy 0 <= start <= end <= 1, got {self.ema}")
+        if self.out is not None and not str(self.out).strip():
+            raise UserError("--out is empty: give a run directory, or leave it out for the default")
         if self.fsdp and self.compile:
             raise UserError("--fsdp and --compile do not go together: drop one of them")
         self.mask_config().validate()
@@ -201,7 +204,8 @@ def read_config_file(name_or_path: str) -> dict[str, Any]:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or os.sep in name_or_path:
         if not path.is_file():
-            raise UserError(f"config file '{name_or_path}' does not exist")
+            what = "is not a file" if path.exists() else "does not exist"
+            raise UserError(f"config file '{name_or_path}' {what}")
         text = path.read_text()
     else:
         preset = resources.files("stoptool.configs") / f"{name_or_path}.yaml"

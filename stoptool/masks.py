@@ -48,6 +48,8 @@ class MaskConfig:
                 raise UserError(f"{name.replace('_', '-')} must satisfy 0 < min <= max, got {lo}, {hi}")
         if self.mode not in ("multiblock", "random"):
             raise UserError(f"mask mode must be 'multiblock' or 'random', got '{self.mode}'")
+        if self.min_keep is not None and self.min_keep < 0:
+            raise UserError(f"--min-keep must be >= 0, got {self.min_keep}")
         if self.num_targets < 1:
             raise UserError(f"num-targets must be at least 1, got {self.num_targets}")
         if self.grid < 2:

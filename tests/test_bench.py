@@ -93,7 +93,7 @@ def test_mask_bench(tmp_path):
     [
         (["--what", "everything"], "--what must be train, extract or masks"),
         (["--attn", "flash"], "--attn must be auto, sdpa or math"),
-        (["--arch", "vit_b16", "--img-size", "100"], "not divisible"),
+        (["--arch", "vit_b16", "--img-size", "100"], "not a positive multiple of the patch size"),
         (["--steps", "0"], "--steps must be positive"),
     ],
 )

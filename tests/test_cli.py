@@ -57,7 +57,9 @@ def test_tiny_pretrain_writes_the_run_directory(tmp_path):
     "args, message",
     [
         (["--arch", "vit_q16"], "unknown arch 'vit_q16'"),
-        (["--img-size", "17"], "image size 17 is not divisible by the patch size 2"),
+        (["--img-size", "17"], "image size 17 is not a positive multiple of the patch size 2"),
+        (["--img-size", "0"], "image size 0 is not a positive multiple of the patch size 2"),
+        (["--min-keep", "-5"], "--min-keep must be >= 0, got -5"),
         (["--sigma", "-0.1"], "sigma must be >= 0"),
         (["--target-scale", "0.1,1.5"], "target-scale must satisfy 0 < min <= max <= 1"),
         (["--context-scale", "0,0.5"], "context-scale must satisfy"),
@@ -401,3 +403,19 @@ def test_progress_bar_shows_step_epoch_loss_lr_speed_and_eta(tmp_path):
     for text in ("pretrain", "3/3", f"epoch {last['epoch']:.1f}", f"loss {last['loss']:.4f}",
                  f"lr {last['lr']:.2e}", "img/s", "ETA"):
         assert text in bar, (text, bar)
+
+
+def test_without_quiet_a_refused_pretrain_prints_its_error_alone(tmp_path):
+    """The progress bar appears with the first step, so an error found before it is the only
+    line on stderr (no blank line left by a bar that had started)."""
+    proc = subprocess.run([sys.executable, "-m", "stoptool", "pretrain", "--device", "foo",
+                           "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: unknown device 'foo': use auto, cpu, cuda or cuda:N\n"
+
+
+def test_an_empty_out_is_refused_not_taken_for_the_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["pretrain", *TINY, "--steps", "1", "--out", ""])
+    assert result.exit_code == 2 and "--out is empty" in result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -89,8 +89,15 @@ class FolderDataset(ImageDataset):
 def _apply_subset(root: Path, files: list[tuple[Path, int]], subset: Path) -> list[tuple[Path, int]]:
     """Keep the files named in `subset`: one per line, as a relative path or a bare file name."""
     if not subset.is_file():
-        raise UserError(f"subset file '{subset}' does not exist")
-    wanted = {line.strip() for line in subset.read_text().splitlines() if line.strip()}
+        what = "is not a file" if subset.exists() else "does not exist"
+        raise UserError(f"subset file '{subset}' {what}")
+    try:
+        text = subset.read_text()
+    except UnicodeDecodeError:
+        raise UserError(
+            f"subset file '{subset}' is not text: it lists image file names, one per line"
+        ) from None
+    wanted = {line.strip() for line in text.splitlines() if line.strip()}
     kept = [
         (f, label) for f, label in files
         if f.name in wanted or f.relative_to(root).as_posix() in wanted
@@ -113,6 +120,11 @@ def open_dataset(name: str, split: str = "train", subset: str | None = None,
 
         return load_cifar(name, split, root, download)
     path = Path(name).expanduser()
+    if not path.exists() and name.lower() == "imagenet":  # the paper presets name it so
+        raise UserError(
+            "ImageNet is not bundled: pass --dataset PATH, an ImageFolder tree of it "
+            "(train/ and val/, one folder per class)"
+        )
     if not path.exists():
         raise UserError(
             f"unknown dataset '{name}': use digits, cifar10, cifar100 or a path to an "

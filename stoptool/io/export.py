@@ -14,12 +14,11 @@ import torch
 
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
-from stoptool.io.models import TIMM_ENCODER, stoptool_view
+from stoptool.io.models import TIMM_ENCODER, WHICH, check_holds, stoptool_view
 from stoptool.io.official import check_state, encoder_shapes
-from stoptool.io.paths import check_writable, report_path, write_report
+from stoptool.io.paths import check_checkpoint_out, report_path, write_report
 from stoptool.models.encoder import parse_arch
 
-WHICH = {"target": "target_encoder", "context": "encoder"}
 # A registered timm name per size letter; the shape keyword arguments make it the right network.
 TIMM_NAMES = {
     "t": "vit_tiny_patch16_224", "s": "vit_small_patch16_224", "b": "vit_base_patch16_224",
@@ -70,19 +69,11 @@ def export_timm(ckpt_path: str | Path, out: str | Path, which: str = "target") -
     ckpt_path, out = resolve_checkpoint(ckpt_path), Path(out)
     if which not in WHICH:
         raise UserError(f"--which must be target or context, got '{which}'")
-    if out.exists() and (out.is_dir() or out.resolve() == ckpt_path.resolve()):
-        raise UserError(f"'{out}' is a directory or the input itself; give a new file name")
-    check_writable(out)
-    if report_path(out, "export").is_dir():
-        raise UserError(f"'{report_path(out, 'export')}' (the JSON report beside '{out}') is a directory")
+    check_checkpoint_out(out, ckpt_path, "export")
     ckpt = stoptool_view(load_checkpoint(ckpt_path))
     meta = ckpt.meta
     part = WHICH[which]
-    if not ckpt.has(part):
-        held = [w for w, p in WHICH.items() if ckpt.has(p)]
-        if not held:
-            raise UserError(f"'{ckpt_path}' holds no encoder weights")
-        raise UserError(f"'{ckpt_path}' holds only the {held[0]} encoder; use --which {held[0]}")
+    check_holds(ckpt, which, ckpt_path)
     if "arch" not in meta or "img_size" not in meta:
         raise UserError(f"'{ckpt_path}' does not say its arch and image size")
 

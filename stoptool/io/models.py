@@ -36,6 +36,20 @@ def stoptool_view(ckpt: Checkpoint) -> Checkpoint:
     return Checkpoint(ckpt.meta, {f"{part}.{k}": v for k, v in ckpt.tensors.items()})
 
 
+WHICH = {"target": "target_encoder", "context": "encoder"}  # --which: the part it names
+
+
+def check_holds(ckpt: Checkpoint, which: str, path) -> None:
+    """Refuse a checkpoint that lacks the `which` encoder (e.g. the context encoder of a file
+    exported with the target encoder alone), naming the one it holds."""
+    if ckpt.has(WHICH[which]):
+        return
+    held = [w for w, part in WHICH.items() if ckpt.has(part)]
+    if not held:
+        raise UserError(f"'{path}' holds no encoder weights")
+    raise UserError(f"'{path}' holds only the {held[0]} encoder; use --which {held[0]}")
+
+
 def model_from_checkpoint(ckpt: Checkpoint, source: str = "checkpoint") -> JEPA:
     meta = ckpt.meta
     if ckpt.has("predictor"):

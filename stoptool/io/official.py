@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import FORMAT, Checkpoint, save_checkpoint
-from stoptool.io.paths import check_writable, report_path, write_report
+from stoptool.io.paths import check_checkpoint_out, report_path, write_report
 from stoptool.models.encoder import ARCHS, parse_arch, timm_kwargs
 from stoptool.models.pos_embed import sincos_2d
 from stoptool.models.predictor import Predictor
@@ -147,10 +147,15 @@ def read_source(path: str | Path) -> dict[str, Any]:
     """The top-level dict of `path` (.pth.tar/.pth/.pt/.bin via torch, or .safetensors)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"'{path}' does not exist")
+        raise UserError(f"'{path}' " + ("is not a file" if path.exists() else "does not exist"))
     with open(path, "rb") as f:
         head = f.read(16)
     looks_safetensors = path.suffix == ".safetensors" or (len(head) > 8 and head[8:9] == b"{")
+    if not looks_safetensors and not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        raise UserError(
+            f"'{path}' is not a checkpoint: torch.save writes a zip archive or a pickle, and "
+            "safetensors files start with a JSON header; this file is none of them"
+        )
     raw = _read_safetensors(path) if looks_safetensors else _torch_load(path)
     if not isinstance(raw, Mapping):
         raise UserError(f"'{path}' holds a {type(raw).__name__}, not a dict of state dicts")
@@ -347,11 +352,7 @@ def import_checkpoint(
         raise UserError(f"--kind must be one of {', '.join(METHODS)}, got '{method}'")
     if sigma is not None and (sigma < 0 or not math.isfinite(sigma)):
         raise UserError(f"--sigma must be >= 0 (it is the noise standard deviation), got {sigma}")
-    if out.exists() and (out.is_dir() or out.resolve() == src.resolve()):
-        raise UserError(f"'{out}' is a directory or the input itself; give a new file name")
-    check_writable(out)
-    if report_path(out, "import").is_dir():
-        raise UserError(f"'{report_path(out, 'import')}' (the JSON report beside '{out}') is a directory")
+    check_checkpoint_out(out, src, "import")
 
     raw = read_source(src)
     parts, layout = split_parts(raw, src)

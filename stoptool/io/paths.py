@@ -3,6 +3,7 @@ JSON reports written beside outputs."""
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,32 @@ def check_writable(path: str | Path) -> Path:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"cannot write '{path}': '{parent}' is not a directory")
-            if not os.access(parent, os.W_OK):
-                raise UserError(f"cannot write '{path}': '{parent}' is not writable")
+            _try_create_in(parent, path)
             break
     return path
+
+
+def _try_create_in(directory: Path, path: Path) -> None:
+    """Create and remove a file in `directory`: permission bits do not tell (root ignores
+    them, and a read-only or virtual filesystem refuses root too)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".stoptool-write-check-"):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise UserError(f"cannot write '{path}': '{directory}' is not writable ({reason})") from None
+
+
+def check_checkpoint_out(out: Path, src: Path, kind: str) -> None:
+    """A new checkpoint file `out` made from `src`, with its `<stem>.<kind>.json` report beside:
+    a .safetensors name (what the printed loaders read), not a directory, not the input."""
+    if out.exists() and (out.is_dir() or out.resolve() == src.resolve()):
+        raise UserError(f"'{out}' is a directory or the input itself; give a new file name")
+    if out.suffix != ".safetensors":
+        raise UserError(f"'{out}' must end in .safetensors (the file is written in that format)")
+    check_writable(out)
+    if report_path(out, kind).is_dir():
+        raise UserError(f"'{report_path(out, kind)}' (the JSON report beside '{out}') is a directory")
 
 
 def report_path(out: Path, kind: str) -> Path:

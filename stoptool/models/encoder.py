@@ -103,8 +103,10 @@ def default_init(arch: str) -> str:
 
 def build_encoder(arch: str, img_size: int, init: str | None = None) -> VisionTransformer:
     spec, patch = parse_arch(arch)
-    if img_size % patch:
-        raise UserError(f"image size {img_size} is not divisible by the patch size {patch} of {arch}")
+    if img_size <= 0 or img_size % patch:
+        raise UserError(
+            f"image size {img_size} is not a positive multiple of the patch size {patch} of {arch}"
+        )
     init = init or default_init(arch)
     if init not in INITS:
         raise UserError(f"--init must be one of {', '.join(INITS)}, got '{init}'")

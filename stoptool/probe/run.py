@@ -111,9 +111,10 @@ def load_encoder(cfg: ProbeConfig) -> Encoder:
         raise UserError("give a checkpoint to probe, or --random-init --arch NAME")
     if cfg.arch is not None or cfg.init is not None:
         raise UserError("--arch and --init are for --random-init; a checkpoint holds its own weights")
-    from stoptool.io.models import load_model
+    from stoptool.io.models import check_holds, load_model
 
     loaded = load_model(cfg.ckpt)
+    check_holds(loaded.checkpoint, cfg.which, cfg.ckpt)
     meta = loaded.meta
     net = loaded.model.target_encoder if cfg.which == "target" else loaded.model.encoder
     arch, img_size = meta["arch"], meta["img_size"]

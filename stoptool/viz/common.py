@@ -41,6 +41,10 @@ def sample_image_path() -> Path:
 def check_out(out: str | Path | None, default: Path) -> Path:
     """The figure's path: `out` or `default`; the extension picks the format (.png if none)."""
     path = Path(out) if out is not None else default
+    if path.is_dir():
+        raise UserError(
+            f"--out '{path}' is a directory; give a file name such as {path / default.name}"
+        )
     if path.suffix == "":
         path = path.with_suffix(".png")
     if path.suffix.lower() not in FORMATS:
@@ -94,7 +98,7 @@ def load_image(path: str | Path | None, size: int) -> tuple[torch.Tensor, np.nda
     an RGB uint8 array of the same region, at least DISPLAY_SIZE wide, to draw on."""
     path = Path(path) if path is not None else sample_image_path()
     if not path.is_file():
-        raise UserError(f"image '{path}' does not exist")
+        raise UserError(f"image '{path}' " + ("is not a file" if path.exists() else "does not exist"))
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")

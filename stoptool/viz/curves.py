@@ -63,20 +63,37 @@ def read_run(run_dir: str | Path) -> Run:
             f"'{run_dir}' has no {METRICS}: not a stoptool run directory "
             "(stoptool pretrain writes one)"
         )
-    lines = log.read_text().splitlines()
+    try:
+        lines = log.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"'{log}' is not text: not a metrics log written by stoptool pretrain") from None
     rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             if number == len(lines):  # a run still writing may leave half a line at the end
                 break
             raise UserError(f"'{log}' line {number} is not valid JSON") from None
+        if not _is_metrics_row(row):
+            raise UserError(f"'{log}' line {number} is not a metrics row (an object with a numeric step)")
+        rows.append(row)
     if not rows:
         raise UserError(f"'{log}' holds no logged steps yet")
     return Run(run_dir, _sigma(run_dir), rows)
+
+
+def _is_metrics_row(row) -> bool:
+    """A JSON object whose step and plotted values, where present, are numbers."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    return (
+        isinstance(row, dict) and number(row.get("step"))
+        and all(number(row[key]) for key, _ in PANELS if row.get(key) is not None)
+    )
 
 
 def _sigma(run_dir: Path) -> float | None:

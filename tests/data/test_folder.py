@@ -47,3 +47,13 @@ def test_subset_naming_no_image_is_a_user_error(tree, tmp_path_factory):
     subset.write_text("nothing.JPEG\n")
     with pytest.raises(UserError, match="names no image"):
         FolderDataset(tree, subset)
+
+
+def test_a_subset_that_is_not_a_text_file_is_a_user_error(tree, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("s")
+    binary = folder / "list.bin"
+    binary.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(UserError, match="is not text: it lists image file names"):
+        FolderDataset(tree, binary)
+    with pytest.raises(UserError, match=f"subset file '{folder}' is not a file"):
+        FolderDataset(tree, folder)

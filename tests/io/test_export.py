@@ -134,6 +134,8 @@ def test_bad_requests_are_one_line_errors(tmp_path, tiny_run):
         (["export", str(tmp_path / "missing.safetensors"), out], "does not exist"),
         (["export", run, run], "the input itself"),
         (["export", run, str(tmp_path)], "is a directory"),
+        # timm reads a .pt or .pth with torch.load: the printed line would fail on it
+        (["export", run, str(tmp_path / "enc.pt")], "must end in .safetensors"),
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and message in result.stderr, result.output
@@ -143,3 +145,6 @@ def test_bad_requests_are_one_line_errors(tmp_path, tiny_run):
     export_timm(run, out)  # an exported file holds the target encoder only
     with pytest.raises(UserError, match="holds only the target encoder"):
         export_timm(out, tmp_path / "again.safetensors", which="context")
+    probe = runner.invoke(app, ["probe", out, "--which", "context", "--method", "knn"])
+    assert probe.exit_code == 2 and "holds only the target encoder; use --which target" in probe.stderr
+    assert not (tmp_path / "out.probe-digits.json").exists()

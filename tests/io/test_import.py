@@ -431,6 +431,9 @@ def test_numpy_scalars_are_read_not_refused(tmp_path):
 def test_not_a_checkpoint_is_refused(tmp_path):
     bad = tmp_path / "bad.pth.tar"
     bad.write_bytes(b"not a checkpoint at all" * 10)
+    with pytest.raises(UserError, match="is not a checkpoint: torch.save writes a zip archive or a pickle"):
+        import_checkpoint(bad, tmp_path / "out.safetensors")
+    bad.write_bytes(b"PK\x03\x04" + b"truncated zip" * 10)  # looks like torch.save's, is not whole
     with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
         import_checkpoint(bad, tmp_path / "out.safetensors")
     with pytest.raises(UserError, match="does not exist"):

@@ -1,23 +1,23 @@
 """Output paths are checked before any work; reports are written whole or not at all."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from stoptool.errors import UserError
-from stoptool.io import paths
 from stoptool.io.paths import check_writable, report_path, write_report
 
 
-def test_a_read_only_directory_is_named(tmp_path, monkeypatch):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    # os.access, not chmod: the test may run as root, whom permissions do not stop
-    monkeypatch.setattr(paths.os, "access", lambda p, mode: str(p) != str(ro))
-    with pytest.raises(UserError, match=f"cannot write '{ro / 'a' / 'b.json'}': '{ro}' is not writable"):
-        check_writable(ro / "a" / "b.json")
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_directory_that_refuses_files_is_named(tmp_path):
+    """/proc takes no new files from anyone, root included, whom permission bits do not stop:
+    the check tries to create one instead of reading the bits."""
+    with pytest.raises(UserError, match=r"cannot write '/proc/a/b.json': '/proc' is not writable \("):
+        check_writable("/proc/a/b.json")
     assert check_writable(tmp_path / "new" / "x.json") == tmp_path / "new" / "x.json"
+    assert list(tmp_path.iterdir()) == []  # the trial file is gone, nothing was created
 
 
 def test_a_file_where_a_directory_belongs_is_named(tmp_path):

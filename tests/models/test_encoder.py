@@ -75,7 +75,7 @@ def test_unknown_arch_is_a_user_error(name):
 
 
 def test_image_size_must_divide_by_patch():
-    with pytest.raises(UserError, match="not divisible"):
+    with pytest.raises(UserError, match="not a positive multiple of the patch size"):
         build_encoder("vit_b16", 200)
 
 

@@ -51,6 +51,22 @@ def test_a_broken_line_in_the_middle_is_an_error(tmp_path):
         read_run(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"step": 1}\n[1, 2]\n{"step": 3}\n', "line 2 is not a metrics row"),
+        (b'{"step": "x", "loss": "y"}\n{"step": 2}\n', "line 1 is not a metrics row"),
+        (b'{"step": 1, "loss": "high"}\n{"step": 2}\n', "line 1 is not a metrics row"),
+        (bytes(range(128, 256)), "is not text: not a metrics log"),
+    ],
+)
+def test_a_log_that_is_not_metrics_is_an_error(tmp_path, content, message):
+    (tmp_path / "metrics.jsonl").write_bytes(content)
+    result = runner.invoke(app, ["viz", "curves", str(tmp_path), "--out", str(tmp_path / "c.png")])
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "c.png").exists()
+
+
 def test_directory_without_metrics_fails_with_one_line(tiny_run, tmp_path):
     result = runner.invoke(app, ["viz", "curves", str(tiny_run), str(tmp_path),
                                  "--out", str(tmp_path / "c.png")])

@@ -173,3 +173,13 @@ def test_heatmap_unreadable_image(tiny_ckpt, tmp_path):
 def test_masks_bad_input(tmp_path, args, message):
     one_line_error(["masks", *args, "--out", tmp_path / "m.png"], message)
     assert not (tmp_path / "m.png").exists()
+
+
+def test_an_existing_directory_as_out_is_refused_with_or_without_a_suffix(tmp_path):
+    for name in ("fig", "fig.png"):
+        folder = tmp_path / name
+        folder.mkdir()
+        result = runner.invoke(app, ["viz", "masks", "--out", str(folder)])
+        assert result.exit_code == 2 and f"--out '{folder}' is a directory" in result.stderr, result.output
+    assert all(p.is_dir() for p in tmp_path.iterdir())  # the two folders, no figure written beside them
+    assert not any((tmp_path / "fig").iterdir())
