@@ -4,10 +4,13 @@ Tensor names are prefixed by their part: `encoder.`, `target_encoder.`, `predict
 `opt.state.<i>.<name>` (AdamW moments) and `rng.cpu`. The metadata block holds
 `{"format": "stoptool", "meta": "<json>"}`, where the JSON names what the file holds (`kind`:
 `pretrain`, `encoder`), the arch, image size, patch, σ, ablation flags, step, epoch, config,
-data description and stoptool version. Writes go to a temporary file that is renamed over
-the target, so a reader never sees a half-written checkpoint.
+data description and stoptool version; `sha256` is the digest of every tensor's name and
+bytes, checked whenever the tensors are read, so a file damaged after it was written is
+refused instead of loaded. Writes go to a temporary file that is renamed over the target, so a
+reader never sees a half-written checkpoint.
 """
 
+import hashlib
 import json
 import os
 import tempfile
@@ -62,11 +65,22 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
         raise
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of `tensors`, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     meta = dict(ckpt.meta)
     meta.setdefault("stoptool_version", __version__)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in ckpt.tensors.items()}
-    atomic_save_file(tensors, Path(path), {"format": FORMAT, "meta": json.dumps(meta)})
+    metadata = {"format": FORMAT, "meta": json.dumps(meta), "sha256": tensors_digest(tensors)}
+    atomic_save_file(tensors, Path(path), metadata)
 
 
 LATEST = "latest.safetensors"  # a run directory's resumable checkpoint
@@ -114,6 +128,8 @@ def _open(path: str | Path, tensors: bool) -> Checkpoint:
             and isinstance(meta.get("img_size"), int)):
         raise UserError(f"'{path}' is tagged as a stoptool checkpoint but its metadata lacks the arch "
                         "and image size (a damaged or hand-made file)")
+    if tensors and "sha256" in raw and tensors_digest(data) != raw["sha256"]:  # older files have none
+        raise UserError(f"'{path}' is damaged: its tensors do not match the checksum written with them")
     return Checkpoint(meta, data)
 
 

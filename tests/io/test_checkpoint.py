@@ -64,6 +64,28 @@ def test_truncated_file_is_rejected(tmp_path):
         load_checkpoint(path)
 
 
+def test_bytes_damaged_in_the_middle_are_caught_by_the_checksum(tmp_path):
+    """A file of the right size and a whole header, with one weight's bytes changed."""
+    path = tmp_path / "c.safetensors"
+    tensors = {"encoder.w": torch.randn(100, 100), "encoder.b": torch.zeros(100, dtype=torch.bfloat16)}
+    save_checkpoint(path, Checkpoint(TINY_META, tensors))
+    assert torch.equal(load_checkpoint(path).tensors["encoder.w"], tensors["encoder.w"])
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert read_meta(path)["arch"] == "vit_t4"  # the metadata alone still reads
+    with pytest.raises(UserError, match="is damaged: its tensors do not match the checksum"):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_without_a_checksum_still_loads(tmp_path):
+    """Files written before checksums (or by hand) carry none: nothing to check."""
+    path = tmp_path / "old.safetensors"
+    metadata = {"format": "stoptool", "meta": json.dumps(TINY_META)}
+    save_file({"encoder.w": torch.ones(2)}, str(path), metadata=metadata)
+    assert torch.equal(load_checkpoint(path).tensors["encoder.w"], torch.ones(2))
+
+
 def test_foreign_safetensors_is_rejected(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file({"w": torch.zeros(2)}, str(path))
