@@ -163,6 +163,7 @@ def pretrain(
         "final loss": f"{result.loss:.5f}" if result.loss is not None else "-",
         "seconds": f"{result.seconds:.1f}",
         "img/s": result.images_per_second,
+        **({"skipped images": f"{result.skipped_images} (unreadable)"} if result.skipped_images else {}),
         "metrics": result.run_dir / "metrics.jsonl",
         "summary": result.run_dir / "summary.json",
     })

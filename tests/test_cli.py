@@ -419,3 +419,13 @@ def test_an_empty_out_is_refused_not_taken_for_the_default(tmp_path, monkeypatch
     result = runner.invoke(app, ["pretrain", *TINY, "--steps", "1", "--out", ""])
     assert result.exit_code == 2 and "--out is empty" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_pretrain_table_counts_the_unreadable_images_it_skipped(image_folder, tmp_path):
+    out = tmp_path / "r"
+    result = runner.invoke(app, ["pretrain", *TINY, "--dataset", str(image_folder), "--steps", "2",
+                                 "--workers", "0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    skipped = json.loads((out / "summary.json").read_text())["skipped_images"]
+    assert skipped > 0  # the fixture holds a broken file
+    assert f"skipped images │ {skipped} (unreadable)" in result.stdout

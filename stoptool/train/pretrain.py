@@ -101,6 +101,7 @@ class RunResult:
     seconds: float
     images_per_second: float | None
     already_done: bool = False
+    skipped_images: int = 0  # unreadable images passed over (summed over the processes)
 
 
 def model_meta(cfg: PretrainConfig) -> dict:
@@ -441,7 +442,8 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
         **({"sharded": True} if sharded else {"replicas_in_sync": in_sync} if world.distributed else {}),
     }
     write_report(run_dir / "summary.json", summary)
-    return RunResult(run_dir, latest, step, step // ipe, loss, seconds, summary["images_per_second"])
+    return RunResult(run_dir, latest, step, step // ipe, loss, seconds, summary["images_per_second"],
+                     skipped_images=skipped)
 
 
 def _metrics_row(model: JEPA, step, ipe, window, batch, lr, wd, m) -> dict:

@@ -37,6 +37,7 @@ def test_run_directory_contents(tiny_cfg, image_folder, tmp_path):
     assert meta["config"]["dataset"] == str(image_folder)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["skipped_images"] > 0  # the broken file was skipped, not fatal
+    assert result.skipped_images == summary["skipped_images"]
 
 
 def test_resumed_run_reaches_the_same_weights(tiny_cfg, image_folder, tmp_path):
