@@ -66,11 +66,12 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of `tensors`, in name order."""
+    """sha256 over the names, shapes, dtypes and bytes of `tensors`, in name order (also the
+    probe's key for an encoder's features)."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
         digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()
 

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from stoptool.data.datasets import ArrayDataset, FolderDataset, ImageDataset
 from stoptool.data.transforms import center_crop, to_tensor
+from stoptool.io.checkpoint import tensors_digest
 from stoptool.models.encoder import block_outputs, encode
 from stoptool.train.runtime import autocast_factory
 
@@ -122,12 +123,7 @@ def default_cache_dir() -> Path:
 
 def encoder_fingerprint(encoder: torch.nn.Module) -> str:
     """sha256 over the names, shapes, dtypes and bytes of the encoder's tensors."""
-    h = hashlib.sha256()
-    for name, t in sorted(encoder.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return tensors_digest(encoder.state_dict())
 
 
 def dataset_fingerprint(data: ImageDataset) -> str:
