@@ -260,6 +260,8 @@ def info(ckpt: Path = typer.Argument(..., help="A stoptool checkpoint (.safetens
             rows[f"{part} params"] = f"{n:,}"
     rows["holds"] = ", ".join(p.replace("_", " ") for p in ("encoder", "target_encoder", "predictor")
                               if ck.has(p)) + ("" if ck.has("predictor") else " (no predictor)")
+    rows["sha256"] = (f"{ck.digest[:16]}… (tensors checked)" if ck.digest
+                      else "none (written before checkpoints carried one)")
     print_table(f"checkpoint {ckpt.name}", rows)
     if "config" in meta:
         console.print("[bold]config[/]")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -129,6 +130,23 @@ def test_outputs_under_a_regular_file_are_refused_before_any_work(tmp_path):
 def test_bench_threads_must_be_positive(threads):
     result = runner.invoke(app, ["bench", "--what", "masks", "--threads", threads])
     assert result.exit_code == 2 and f"--threads must be positive, got {threads}" in result.stderr
+
+
+def test_info_shows_the_checked_sha256_or_says_there_is_none(tmp_path):
+    from safetensors.torch import save_file
+
+    from stoptool.io.checkpoint import Checkpoint, save_checkpoint, tensors_digest
+
+    tensors = {"encoder.w": torch.ones(3)}
+    meta = {"kind": "pretrain", "arch": "vit_t4", "img_size": 32}
+    save_checkpoint(tmp_path / "new.safetensors", Checkpoint(meta, tensors))
+    result = runner.invoke(app, ["info", str(tmp_path / "new.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert f"{tensors_digest(tensors)[:16]}… (tensors checked)" in result.stdout
+    save_file(tensors, str(tmp_path / "old.safetensors"),
+              metadata={"format": "stoptool", "meta": json.dumps(meta)})
+    result = runner.invoke(app, ["info", str(tmp_path / "old.safetensors")])
+    assert result.exit_code == 0 and "none (written before checkpoints carried one)" in result.stdout
 
 
 def test_info_rejects_a_file_that_is_not_a_checkpoint(tmp_path):

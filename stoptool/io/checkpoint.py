@@ -32,6 +32,7 @@ FORMAT = "stoptool"
 class Checkpoint:
     meta: dict[str, Any]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    digest: str | None = None  # the sha256 the tensors were checked against; None: none written
 
     def part(self, prefix: str) -> dict[str, torch.Tensor]:
         """The state dict stored under `prefix.` (e.g. "encoder")."""
@@ -131,7 +132,7 @@ def _open(path: str | Path, tensors: bool) -> Checkpoint:
                         "and image size (a damaged or hand-made file)")
     if tensors and "sha256" in raw and tensors_digest(data) != raw["sha256"]:  # older files have none
         raise UserError(f"'{path}' is damaged: its tensors do not match the checksum written with them")
-    return Checkpoint(meta, data)
+    return Checkpoint(meta, data, raw.get("sha256") if tensors else None)
 
 
 def optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict]]:

@@ -33,7 +33,7 @@ def stoptool_view(ckpt: Checkpoint) -> Checkpoint:
     if ckpt.meta.get("kind") != TIMM_ENCODER:
         return ckpt
     part = "encoder" if ckpt.meta.get("which") == "context" else "target_encoder"
-    return Checkpoint(ckpt.meta, {f"{part}.{k}": v for k, v in ckpt.tensors.items()})
+    return Checkpoint(ckpt.meta, {f"{part}.{k}": v for k, v in ckpt.tensors.items()}, ckpt.digest)
 
 
 WHICH = {"target": "target_encoder", "context": "encoder"}  # --which: the part it names

@@ -14,6 +14,7 @@ from stoptool.io.checkpoint import (
     optimizer_tensors,
     read_meta,
     save_checkpoint,
+    tensors_digest,
 )
 
 TINY_META = {"kind": "pretrain", "arch": "vit_t4", "img_size": 32}
@@ -69,7 +70,9 @@ def test_bytes_damaged_in_the_middle_are_caught_by_the_checksum(tmp_path):
     path = tmp_path / "c.safetensors"
     tensors = {"encoder.w": torch.randn(100, 100), "encoder.b": torch.zeros(100, dtype=torch.bfloat16)}
     save_checkpoint(path, Checkpoint(TINY_META, tensors))
-    assert torch.equal(load_checkpoint(path).tensors["encoder.w"], tensors["encoder.w"])
+    back = load_checkpoint(path)
+    assert torch.equal(back.tensors["encoder.w"], tensors["encoder.w"])
+    assert back.digest == tensors_digest(tensors) and len(back.digest) == 64
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -83,7 +86,8 @@ def test_a_checkpoint_without_a_checksum_still_loads(tmp_path):
     path = tmp_path / "old.safetensors"
     metadata = {"format": "stoptool", "meta": json.dumps(TINY_META)}
     save_file({"encoder.w": torch.ones(2)}, str(path), metadata=metadata)
-    assert torch.equal(load_checkpoint(path).tensors["encoder.w"], torch.ones(2))
+    back = load_checkpoint(path)
+    assert torch.equal(back.tensors["encoder.w"], torch.ones(2)) and back.digest is None
 
 
 def test_foreign_safetensors_is_rejected(tmp_path):
