@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from stoptool.errors import UserError
+from stoptool.io.paths import check_file
 from stoptool.masks import MaskConfig
 from stoptool.models.encoder import INITS, default_img_size, default_init, parse_arch
 
@@ -203,9 +204,7 @@ def read_config_file(name_or_path: str) -> dict[str, Any]:
     """Read a preset by name (see `preset_names`) or a YAML file by path."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or os.sep in name_or_path:
-        if not path.is_file():
-            what = "is not a file" if path.exists() else "does not exist"
-            raise UserError(f"config file '{name_or_path}' {what}")
+        check_file(name_or_path, "config file")
         text = path.read_text()
     else:
         preset = resources.files("stoptool.configs") / f"{name_or_path}.yaml"

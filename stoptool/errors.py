@@ -17,3 +17,11 @@ class UserError(Exception):
             last = text.rstrip().splitlines()[-1]
             return last.split("UserError: ", 1)[-1]
         return text
+
+
+def plural(n: int, noun: str) -> str:
+    """"1 patch", "0 patches", "3 images": a count for a message (nouns in -s, -x, -ch, -sh
+    take -es)."""
+    if n == 1:
+        return f"{n} {noun}"
+    return f"{n} {noun}{'es' if noun.endswith(('s', 'x', 'ch', 'sh')) else 's'}"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stoptool.errors import UserError
+from stoptool.errors import UserError, plural
 
 
 @dataclass(frozen=True)
@@ -58,15 +58,15 @@ class MaskConfig:
         if min(areas) <= self.keep:
             raise UserError(
                 f"target blocks of scale {self.target_scale[0]} on a {self.grid}×{self.grid} grid "
-                f"hold {min(areas)} patches, not more than min-keep {self.keep}: raise the scale or "
-                "lower min-keep"
+                f"hold {plural(min(areas), 'patch')}, not more than min-keep {self.keep}: raise the scale "
+                "or lower min-keep"
             )
         left = self.grid * self.grid - self.num_targets * max(areas)
         if self.mode == "random" and left <= self.keep:
             raise UserError(
-                f"random masking with {self.num_targets} targets of up to {max(areas)} patches on a "
-                f"{self.grid}×{self.grid} grid leaves {max(left, 0)} context patches, not more than "
-                f"min-keep {self.keep}: lower num-targets or the target scale"
+                f"random masking with {self.num_targets} targets of up to {plural(max(areas), 'patch')} "
+                f"on a {self.grid}×{self.grid} grid leaves {plural(max(left, 0), 'context patch')}, "
+                f"not more than min-keep {self.keep}: lower num-targets or the target scale"
             )
         if self.mode == "multiblock":
             self._check_context()
@@ -88,8 +88,8 @@ class MaskConfig:
         if smallest[0] * smallest[1] <= self.keep:
             raise UserError(
                 f"context blocks of scale {self.context_scale[0]} on a {self.grid}×{self.grid} grid "
-                f"hold {smallest[0] * smallest[1]} patches, not more than min-keep {self.keep}: raise "
-                "the context scale or lower min-keep"
+                f"hold {plural(smallest[0] * smallest[1], 'patch')}, not more than min-keep {self.keep}: "
+                "raise the context scale or lower min-keep"
             )
         largest = max(self.block_sizes("target"), key=lambda hw: hw[0] * hw[1])
         _multiblock(self, 64, torch.Generator().manual_seed(0), largest, smallest, rounds=10)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from stoptool.errors import UserError
+from stoptool.errors import UserError, plural
 
 
 class _Refuses(torch.utils.data.Dataset):
@@ -24,3 +24,9 @@ def test_user_error_from_a_worker_is_one_line():
 
 def test_plain_user_error_is_its_message():
     assert str(UserError("--lr must be >= 0")) == "--lr must be >= 0"
+
+
+def test_plural_counts_read_as_english():
+    assert [plural(n, "patch") for n in (0, 1, 2)] == ["0 patches", "1 patch", "2 patches"]
+    assert (plural(1, "image"), plural(5, "image"), plural(3, "context patch")) == (
+        "1 image", "5 images", "3 context patches")

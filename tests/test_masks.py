@@ -108,9 +108,9 @@ def test_random_mode_disjoint_and_sized():
     [
         ({"target_scale": (0.0, 0.2)}, "target-scale"),
         ({"context_scale": (0.5, 1.2)}, "context-scale"),
-        ({"target_scale": (0.01, 0.02)}, "min-keep"),
+        ({"target_scale": (0.01, 0.02)}, "hold 1 patch, not more than min-keep 3"),
         ({"mode": "checkerboard"}, "mask mode"),
-        ({"mode": "random", "num_targets": 8}, "random masking with 8 targets"),
+        ({"mode": "random", "num_targets": 8}, "random masking with 8 targets of up to 12 patches"),
     ],
 )
 def test_bad_mask_configs_are_user_errors(kwargs, message):

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from stoptool.errors import UserError
+from stoptool.io.paths import check_file
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
 
@@ -88,9 +89,7 @@ class FolderDataset(ImageDataset):
 
 def _apply_subset(root: Path, files: list[tuple[Path, int]], subset: Path) -> list[tuple[Path, int]]:
     """Keep the files named in `subset`: one per line, as a relative path or a bare file name."""
-    if not subset.is_file():
-        what = "is not a file" if subset.exists() else "does not exist"
-        raise UserError(f"subset file '{subset}' {what}")
+    check_file(subset, "subset file")
     try:
         text = subset.read_text()
     except UnicodeDecodeError:

@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import FORMAT, Checkpoint, save_checkpoint
-from stoptool.io.paths import check_checkpoint_out, report_path, write_report
+from stoptool.io.paths import check_checkpoint_out, check_file, report_path, write_report
 from stoptool.models.encoder import ARCHS, parse_arch, timm_kwargs
 from stoptool.models.pos_embed import sincos_2d
 from stoptool.models.predictor import Predictor
@@ -146,8 +146,7 @@ def _kind(meta: dict[str, str]) -> str | None:
 def read_source(path: str | Path) -> dict[str, Any]:
     """The top-level dict of `path` (.pth.tar/.pth/.pt/.bin via torch, or .safetensors)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"'{path}' " + ("is not a file" if path.exists() else "does not exist"))
+    check_file(path, "source file")
     with open(path, "rb") as f:
         head = f.read(16)
     looks_safetensors = path.suffix == ".safetensors" or (len(head) > 8 and head[8:9] == b"{")

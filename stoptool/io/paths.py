@@ -12,6 +12,16 @@ import numpy as np
 from stoptool.errors import UserError
 
 
+def check_file(path: str | Path, what: str) -> Path:
+    """`path` is an existing regular file; else UserError "<what> '<path>' does not exist" (or
+    "is not a file", for a directory or a device)."""
+    path = Path(path)
+    if not path.is_file():
+        state = "is not a file" if path.exists() else "does not exist"
+        raise UserError(f"{what} '{path}' {state}")
+    return path
+
+
 def check_writable(path: str | Path) -> Path:
     """`path` can be created: its nearest existing ancestor is a writable directory.
 

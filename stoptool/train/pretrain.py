@@ -19,7 +19,7 @@ from stoptool.config import PretrainConfig
 from stoptool.data.datasets import ArrayDataset, open_dataset
 from stoptool.data.loader import check_readable, pretrain_loader, stream_seed
 from stoptool.data.transforms import PretrainTransform
-from stoptool.errors import UserError
+from stoptool.errors import UserError, plural
 from stoptool.io.checkpoint import (
     LATEST,
     Checkpoint,
@@ -243,7 +243,8 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
     data = open_dataset(cfg.dataset, "train", cfg.subset, root=cfg.data_root, download=cfg.download)
     check_readable(data)
     if len(data) < cfg.batch_size:
-        raise UserError(f"the data set has {len(data)} images, fewer than the batch size {cfg.batch_size}")
+        raise UserError(f"the data set has {plural(len(data), 'image')}, "
+                        f"fewer than the batch size {cfg.batch_size}")
     ipe = len(data) // cfg.batch_size
     sched = make_schedules(cfg, ipe)
     last_step = cfg.epochs * ipe if cfg.steps is None else min(cfg.epochs * ipe, cfg.steps)

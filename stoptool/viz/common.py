@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from stoptool.data.transforms import to_tensor
 from stoptool.errors import UserError
-from stoptool.io.paths import check_writable, write_report
+from stoptool.io.paths import check_file, check_writable, write_report
 
 
 @dataclass
@@ -97,8 +97,7 @@ def load_image(path: str | Path | None, size: int) -> tuple[torch.Tensor, np.nda
     """The central square of an image: a normalized [3, size, size] tensor for the model and
     an RGB uint8 array of the same region, at least DISPLAY_SIZE wide, to draw on."""
     path = Path(path) if path is not None else sample_image_path()
-    if not path.is_file():
-        raise UserError(f"image '{path}' " + ("is not a file" if path.exists() else "does not exist"))
+    check_file(path, "image")
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")

@@ -58,7 +58,11 @@ def parse_queries(text: str | None, grid: int) -> list[tuple[int, int]]:
     if text is None:
         return default_queries(grid)
     if text.strip().isdigit():
-        return default_queries(grid, int(text))
+        n = int(text)
+        if n > grid:
+            raise UserError(f"--queries {n} asks for a {n}×{n} spread of patches, but the patch grid "
+                            f"is {grid}×{grid}: give at most {grid}")
+        return default_queries(grid, n)
     return parse_cells(text, grid, "--queries")
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from stoptool.errors import UserError
-from stoptool.io.paths import check_writable, report_path, write_report
+from stoptool.io.paths import check_file, check_writable, report_path, write_report
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
@@ -35,3 +35,12 @@ def test_report_is_whole_json_beside_the_output(tmp_path):
         write_report(path, {"bad": {1, 2}})
     assert json.loads(path.read_text())["top1"] == 0.5  # the old report is whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["enc.export.json"]  # no temporary left
+
+
+def test_input_files_are_named_with_what_is_wrong(tmp_path):
+    (tmp_path / "a.yaml").write_text("x: 1\n")
+    assert check_file(tmp_path / "a.yaml", "config file") == tmp_path / "a.yaml"
+    with pytest.raises(UserError, match=f"^config file '{tmp_path / 'b.yaml'}' does not exist$"):
+        check_file(tmp_path / "b.yaml", "config file")
+    with pytest.raises(UserError, match=f"^image '{tmp_path}' is not a file$"):
+        check_file(tmp_path, "image")
