@@ -1,12 +1,13 @@
-"""Calibrate the demo: pretrain one configuration on digits, then probe it beside random init.
+"""Calibrate the demo: pretrain one configuration, then probe it beside random init.
 
     python benchmarks/calibrate_demo.py --set pred_width=192 --set pred_depth=2 --name p2x192
 
 Each `--set key=value` overrides a `PretrainConfig` default (values are YAML: `0.3,1.0` is
 written `[0.3,1.0]`). Prints, and appends to `--log` as one JSON line: the configuration, the
-training time and img/s, the final loss, and logistic-probe top-1 on digits (`last` features)
-of the trained target encoder, of the context encoder, and of a random-init encoder of the
-same arch and image size. `--no-train RUN_DIR` only probes an existing run.
+training time and img/s, the final loss, and logistic-probe top-1 (`last` features) on the
+data set it trained on (digits by default; `--set dataset=count` for the counting set) of the
+trained target encoder, of the context encoder, and of a random-init encoder of the same arch
+and image size. `--no-train RUN_DIR` only probes an existing run.
 """
 
 import argparse
@@ -54,12 +55,13 @@ def main() -> None:
                    img_per_s=result.images_per_second, steps=result.step,
                    final_loss=result.loss)
     ckpt = str(run_dir / "latest.safetensors")
+    probe_on = {"dataset": cfg.dataset, "data_root": cfg.data_root}
     for method in args.methods.split(","):
         t = time.perf_counter()
-        row[f"{method}_target"] = probe(ckpt=ckpt, method=method)
-        row[f"{method}_context"] = probe(ckpt=ckpt, method=method, which="context")
+        row[f"{method}_target"] = probe(ckpt=ckpt, method=method, **probe_on)
+        row[f"{method}_context"] = probe(ckpt=ckpt, method=method, which="context", **probe_on)
         row[f"{method}_random"] = probe(random_init=True, arch=cfg.arch, img_size=cfg.img_size, init=cfg.init,
-                                        seed=cfg.seed, method=method)
+                                        seed=cfg.seed, method=method, **probe_on)
         row[f"{method}_delta"] = round(row[f"{method}_target"] - row[f"{method}_random"], 4)
         row[f"{method}_seconds"] = round(time.perf_counter() - t, 1)
     line = json.dumps(row)

@@ -66,7 +66,7 @@ def print_table(title: str, rows: dict) -> None:
 def pretrain(
     arch: str | None = typer.Option(None, help="Encoder: vit_{t,s,b,l,h,g}<patch>, e.g. vit_b16, vit_t4. (default: vit_t4)"),
     sigma: float | None = typer.Option(None, help="StoP noise standard deviation σ; 0 is plain I-JEPA. (default: 0.25)"),
-    dataset: str | None = typer.Option(None, help="digits (bundled) | cifar10 | cifar100 | a path to an ImageFolder tree (its train/ when present). (default: digits)"),
+    dataset: str | None = typer.Option(None, help="digits (bundled) | count (synthetic, drawn on demand) | cifar10 | cifar100 | a path to an ImageFolder tree (its train/ when present). (default: digits)"),
     data_root: str | None = typer.Option(None, help="Where CIFAR's release archive or extracted folder lives. (default: ~/.cache/stoptool/data)"),
     download: bool | None = typer.Option(None, "--download", help="Fetch the CIFAR archive into --data-root when it is missing. (default: off)"),
     config: str | None = typer.Option(None, "--config", help="A preset name (e.g. stop-vitb16-in1k) or a YAML file; flags override it."),
@@ -506,7 +506,7 @@ def bench(
 @user_errors
 def probe(
     ckpt: Path | None = typer.Argument(None, help="A stoptool checkpoint (pretrain, imported or encoder-only), or a run directory (its latest)."),
-    dataset: str = typer.Option("digits", help="digits (bundled) | cifar10 | cifar100 | PATH with train/ and val/ ImageFolder trees."),
+    dataset: str = typer.Option("digits", help="digits (bundled) | count (synthetic, drawn on demand) | cifar10 | cifar100 | PATH with train/ and val/ ImageFolder trees."),
     data_root: Path | None = typer.Option(None, help="Where CIFAR's release archive or extracted folder lives. (default: ~/.cache/stoptool/data)"),
     download: bool = typer.Option(False, "--download", help="Fetch the CIFAR archive into --data-root when it is missing."),
     train_dir: Path | None = typer.Option(None, help="ImageFolder tree of training images (with --val-dir, instead of --dataset)."),

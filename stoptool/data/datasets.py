@@ -1,6 +1,7 @@
 """Labelled image sets behind one small interface: `len`, `load(i)` -> RGB PIL image, `labels`.
 
-Bundled and offline: scikit-learn's digits. On disk: CIFAR-10/100 in the release format
+Bundled and offline: scikit-learn's digits, and `count`, a synthetic counting set drawn on
+demand (`stoptool.data.count`). On disk: CIFAR-10/100 in the release format
 (`stoptool.data.cifar`) and any ImageFolder tree (`root/class/img.jpg`), optionally
 restricted by a subset file of relative paths.
 """
@@ -14,6 +15,7 @@ from PIL import Image
 from stoptool.errors import UserError
 from stoptool.io.paths import check_file
 
+BUILTIN = ("digits", "count", "cifar10", "cifar100")  # data set names that are not paths
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
 
 
@@ -108,12 +110,16 @@ def _apply_subset(root: Path, files: list[tuple[Path, int]], subset: Path) -> li
 
 def open_dataset(name: str, split: str = "train", subset: str | None = None,
                  root: str | Path | None = None, download: bool = False) -> ImageDataset:
-    """`digits`, `cifar10`/`cifar100` (from `root`, see `stoptool.data.cifar`), or a path to an
-    ImageFolder tree (its `split` sub-directory when present)."""
-    if name in ("digits", "cifar10", "cifar100") and subset is not None:
+    """`digits`, `count`, `cifar10`/`cifar100` (from `root`, see `stoptool.data.cifar`), or a
+    path to an ImageFolder tree (its `split` sub-directory when present)."""
+    if name in BUILTIN and subset is not None:
         raise UserError(f"--subset keeps images of an ImageFolder tree; {name} has none to name")
     if name == "digits":
         return digits(split)
+    if name == "count":
+        from stoptool.data.count import count_dataset
+
+        return count_dataset(split)
     if name in ("cifar10", "cifar100"):
         from stoptool.data.cifar import load_cifar
 
@@ -126,7 +132,7 @@ def open_dataset(name: str, split: str = "train", subset: str | None = None,
         )
     if not path.exists():
         raise UserError(
-            f"unknown dataset '{name}': use digits, cifar10, cifar100 or a path to an "
+            f"unknown dataset '{name}': use digits, count, cifar10, cifar100 or a path to an "
             "ImageFolder directory"
         )
     if (path / split).is_dir():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from stoptool.data.datasets import FolderDataset, ImageDataset, digits, open_dataset
+from stoptool.data.datasets import BUILTIN, FolderDataset, ImageDataset, open_dataset
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import resolve_checkpoint
 from stoptool.io.paths import check_writable, write_report
@@ -35,7 +35,6 @@ from stoptool.probe.subset import balanced_subset
 from stoptool.train.runtime import default_workers, resolve_device, resolve_precision
 
 METHODS = ("logreg", "linear", "knn")
-BUILTIN = ("digits", "cifar10", "cifar100")
 
 
 @dataclass
@@ -141,17 +140,14 @@ def open_splits(cfg: ProbeConfig) -> tuple[ImageDataset, ImageDataset, str]:
     elif cfg.dataset in BUILTIN:
         if cfg.subset is not None:
             raise UserError("--subset keeps images of an ImageFolder tree; use it with a PATH data set")
-        if cfg.dataset == "digits":
-            train, test = digits("train"), digits("test")
-        else:
-            train = open_dataset(cfg.dataset, "train", root=cfg.data_root, download=cfg.download)
-            test = open_dataset(cfg.dataset, "test", root=cfg.data_root)
+        train = open_dataset(cfg.dataset, "train", root=cfg.data_root, download=cfg.download)
+        test = open_dataset(cfg.dataset, "test", root=cfg.data_root)
         tag = cfg.dataset
     else:
         root = Path(cfg.dataset).expanduser()
         if not root.is_dir():
             raise UserError(
-                f"unknown dataset '{cfg.dataset}': use digits, cifar10, cifar100 or a directory "
+                f"unknown dataset '{cfg.dataset}': use digits, count, cifar10, cifar100 or a directory "
                 "with train/ and val/ ImageFolder trees"
             )
         val = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
