@@ -110,6 +110,7 @@ def pretrain(
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the transformer blocks (falls back to eager, with a note, where it fails). (default: off)"),
     grad_checkpoint: bool | None = typer.Option(None, "--grad-checkpoint/--no-grad-checkpoint", help="Recompute activations to save memory. (default: off)"),
     fsdp: bool | None = typer.Option(None, "--fsdp/--no-fsdp", help="Under torchrun, shard weights, gradients and optimizer state across the processes (FSDP) instead of a whole replica in each (DDP); bf16 or fp32, not with --compile. (default: off)"),
+    shard_group: int | None = typer.Option(None, help="With --fsdp: shard each copy of the weights over groups of N processes and replicate across groups (hybrid sharding; N = processes per node keeps the weight gathers inside a node). (default: all processes, one copy)"),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Resume from the run directory's latest checkpoint."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as YAML and exit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),

@@ -96,6 +96,7 @@ class PretrainConfig:
     compile: bool = False
     grad_checkpoint: bool = False
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2)
+    shard_group: int | None = None  # with fsdp: processes per sharded copy (None: all; HSDP below)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -191,6 +192,10 @@ class PretrainConfig:
             raise UserError("--out is empty: give a run directory, or leave it out for the default")
         if self.fsdp and self.compile:
             raise UserError("--fsdp and --compile do not go together: drop one of them")
+        if self.shard_group is not None and not self.fsdp:
+            raise UserError("--shard-group sets how --fsdp shards: add --fsdp, or drop --shard-group")
+        if self.shard_group is not None and self.shard_group < 1:
+            raise UserError(f"--shard-group must be at least 1, got {self.shard_group}")
         self.mask_config().validate()
         return self
 

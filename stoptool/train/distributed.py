@@ -11,8 +11,9 @@ released code runs its own mask collator. Rank 0 alone writes the run directory.
 
 Two ways to keep the weights: DDP (every rank holds a whole replica) or, with `--fsdp`,
 FSDP2's `fully_shard` (every rank holds 1/N of each weight, gradient, AdamW moment and of the
-target encoder; a block's weights are gathered just for its forward and backward). Both
-average the same gradients; checkpoints hold whole tensors either way.
+target encoder; a block's weights are gathered just for its forward and backward), within
+groups of `--shard-group` processes when given (hybrid sharding: one sharded copy per group).
+All average the same gradients; checkpoints hold whole tensors either way.
 """
 
 import os
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from stoptool.errors import UserError
+from stoptool.errors import UserError, plural
 from stoptool.models.encoder import encode
 from stoptool.models.jepa import JEPA, predict
 
@@ -187,18 +188,38 @@ def data_parallel(online: OnlineNet, world: World, device: torch.device) -> nn.M
     return DistributedDataParallel(online, device_ids=ids, gradient_as_bucket_view=True)
 
 
-def fully_sharded(model: JEPA, world: World, device: torch.device) -> tuple[nn.Module, nn.Module]:
+def check_shard_group(world: World, shard_group: int | None) -> int:
+    """The number of processes that share one copy of the weights: all of them by default."""
+    group = world.size if shard_group is None else shard_group
+    if group < 1 or world.size % group:
+        raise UserError(f"--shard-group {group} does not divide the {plural(world.size, 'process')} of "
+                        "this launch: give a divisor, e.g. the processes per node")
+    return group
+
+
+def fully_sharded(model: JEPA, world: World, device: torch.device,
+                  shard_group: int | None = None) -> tuple[nn.Module, nn.Module]:
     """Shard `model` across the ranks in place (FSDP2): every transformer block is a unit of
     its own, the rest of the online network (patch embedding, norms, the predictor's A, b, m̃)
     and of the target encoder form one unit each. Returns the online and the target network
-    to call in the step. Weights are taken from rank 0 first, as DDP does."""
+    to call in the step. Weights are taken from rank 0 first, as DDP does.
+
+    With `shard_group` G below the world size (hybrid sharding), consecutive groups of G ranks
+    (a node, with G = processes per node) each hold one sharded copy: gradients are
+    reduce-scattered inside a group and all-reduced between groups, so the gathers that every
+    block's forward and backward need stay inside the group."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     # The prediction comes back as a reshaped view; the step never changes it in place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPOnlineNet\) returned a view")
+    group = check_shard_group(world, shard_group)
     broadcast_module(model, world)
-    mesh = init_device_mesh(device.type, (world.size,))
+    if group == world.size:
+        mesh = init_device_mesh(device.type, (world.size,))
+    else:  # a 2-D mesh: FSDP2 replicates along the first dimension and shards along the second
+        mesh = init_device_mesh(device.type, (world.size // group, group),
+                                mesh_dim_names=("replicate", "shard"))
     online, target = OnlineNet(model.encoder, model.predictor), TargetNet(model.target_encoder)
     for blocks in (model.encoder.blocks, model.predictor.predictor_blocks, model.target_encoder.blocks):
         for block in blocks:

@@ -39,6 +39,7 @@ from stoptool.train.distributed import (
     broadcast_module,
     check_batch,
     check_same_step,
+    check_shard_group,
     data_parallel,
     fully_sharded,
     init_world,
@@ -82,6 +83,7 @@ RESUMABLE_CHANGES = {
     "compile",
     "grad_checkpoint",
     "fsdp",  # checkpoints hold whole tensors either way
+    "shard_group",
 }
 
 
@@ -227,6 +229,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
     cfg.validate()
     world = world_from_env()
     check_batch(world, cfg.batch_size)
+    if cfg.fsdp and world.distributed:
+        check_shard_group(world, cfg.shard_group)
     device = init_world(world, resolve_device(cfg.device))  # before any CUDA work: this rank's GPU
     try:
         precision = resolve_precision(cfg.precision, device)
@@ -292,7 +296,7 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
     sharded = cfg.fsdp and world.distributed
     online = target = None
     if sharded:
-        online, target = fully_sharded(model, world, device)
+        online, target = fully_sharded(model, world, device, cfg.shard_group)
     elif world.distributed:
         broadcast_module(model.target_encoder, world)  # DDP keeps the rest in sync
         online = data_parallel(OnlineNet(model.encoder, model.predictor), world, device)
@@ -440,7 +444,8 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
         "device": str(device),
         "workers": workers,
         "world_size": world.size,
-        **({"sharded": True} if sharded else {"replicas_in_sync": in_sync} if world.distributed else {}),
+        **({"sharded": True, "shard_group": check_shard_group(world, cfg.shard_group)} if sharded
+           else {"replicas_in_sync": in_sync} if world.distributed else {}),
     }
     write_report(run_dir / "summary.json", summary)
     return RunResult(run_dir, latest, step, step // ipe, loss, seconds, summary["images_per_second"],

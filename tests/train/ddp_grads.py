@@ -44,11 +44,14 @@ def main(out: str, mode: str = "ddp") -> None:
     torch.manual_seed(0)
     model = build_jepa(cfg).train()
     batch = fixed_batch(cfg, 8)
-    half = slice(4 * world.rank, 4 * world.rank + 4)
-    mine = StepInputs(batch.images[half], batch.ctx_idx[half], batch.tgt_idx[half])
+    n = 8 // world.size
+    part = slice(n * world.rank, n * world.rank + n)
+    mine = StepInputs(batch.images[part], batch.ctx_idx[part], batch.tgt_idx[part])
     target = None
     if mode == "fsdp":
         online, target = fully_sharded(model, world, device)
+    elif mode == "hsdp":  # two groups of two: each group holds one sharded copy
+        online, target = fully_sharded(model, world, device, shard_group=2)
     else:
         online = data_parallel(OnlineNet(model.encoder, model.predictor), world, device)
     jepa_loss(model, mine, autocast_factory(device, "fp32"), online=online, target=target).backward()

@@ -65,12 +65,27 @@ def test_batch_not_divisible_by_the_processes_is_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def _torchrun(*args: str) -> subprocess.CompletedProcess:
+def test_a_shard_group_that_does_not_divide_the_processes_is_refused(tmp_path):
+    runner = CliRunner(env={"WORLD_SIZE": "4", "RANK": "0", "LOCAL_RANK": "0"})
+    args = ["pretrain", *TINY, "--fsdp", "--shard-group", "3", "--steps", "1", "--out", str(tmp_path / "run")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "--shard-group 3 does not divide the 4 processes of this launch" in result.stderr
+    assert not (tmp_path / "run").exists()
+    for flags, message in ((["--shard-group", "2"], "--shard-group sets how --fsdp shards: add --fsdp"),
+                           (["--fsdp", "--shard-group", "0"], "--shard-group must be at least 1, got 0")):
+        result = CliRunner().invoke(app, ["pretrain", *TINY, *flags, "--out", str(tmp_path / "b")])
+        assert result.exit_code == 2 and message in result.stderr, result.output
+    assert not (tmp_path / "b").exists()
+
+
+def _torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     # The timeout only guards against a hang (a busy 2-core machine may be slow); on a hang the
     # whole process group goes, workers included, and the test fails with what they printed.
-    proc = subprocess.Popen([*TORCHRUN, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    launcher = [*TORCHRUN[:-1], str(nproc)]
+    proc = subprocess.Popen([*launcher, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=600)
@@ -81,13 +96,14 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_average_to_the_one_process_gradient(tmp_path, mode):
-    """Each rank's half of a batch, gradients averaged by DDP (or reduce-scattered by FSDP and
-    gathered back) = the whole batch in one process (σ = 0, the same masks: the loss is a mean
-    over equal halves)."""
+@pytest.mark.parametrize("mode, nproc", [("ddp", 2), ("fsdp", 2), ("hsdp", 4)])
+def test_processes_average_to_the_one_process_gradient(tmp_path, mode, nproc):
+    """Each rank's part of a batch, gradients averaged by DDP (or reduce-scattered by FSDP and
+    gathered back; with hybrid sharding, 2 groups of 2, reduce-scattered in a group and
+    all-reduced between them) = the whole batch in one process (σ = 0, the same masks: the
+    loss is a mean over equal parts)."""
     out = tmp_path / "grads.safetensors"
-    proc = _torchrun(str(HERE / "ddp_grads.py"), str(out), mode)
+    proc = _torchrun(str(HERE / "ddp_grads.py"), str(out), mode, nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-2000:]
     sys.path.insert(0, str(HERE))
     try:
@@ -108,10 +124,11 @@ def test_two_processes_average_to_the_one_process_gradient(tmp_path, mode):
 
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory):
-    """The same tiny run under torchrun with DDP and with FSDP: 4 steps, then resumed to 6."""
+    """The same tiny run under torchrun with DDP, FSDP and hybrid FSDP (each process its own
+    group: the 2-D mesh, replicated across groups): 4 steps, then resumed to 6."""
     root = tmp_path_factory.mktemp("torchrun")
     runs = {}
-    for mode, flags in (("ddp", []), ("fsdp", ["--fsdp"])):
+    for mode, flags in (("ddp", []), ("fsdp", ["--fsdp"]), ("hsdp", ["--fsdp", "--shard-group", "1"])):
         run = root / mode
         launch = ["-m", "stoptool", "pretrain", *TINY, "--a-l1", "1e-4", *flags, "--out", str(run)]
         first = _torchrun(*launch, "--steps", "4")
@@ -135,23 +152,25 @@ def test_torchrun_pretrain_writes_one_run_and_resumes(launches):
     assert sorted(p.name for p in run.glob("*.safetensors")) == ["latest.safetensors"]
 
 
-def test_fsdp_trains_the_same_weights_as_ddp_and_writes_whole_tensors(launches):
+@pytest.mark.parametrize("mode, group", [("fsdp", 2), ("hsdp", 1)])
+def test_fsdp_trains_the_same_weights_as_ddp_and_writes_whole_tensors(launches, mode, group):
     """Sharded weights, gradients and AdamW moments, gathered for the checkpoint and scattered
     again on resume, end where the DDP run ends: weights, target encoder and optimizer state."""
-    run, first = launches["fsdp"]["run"], launches["fsdp"]["first"]
+    run, first = launches[mode]["run"], launches[mode]["first"]
     assert first.stdout.count("run directory") == 1
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] == 6 and summary["world_size"] == 2 and summary["sharded"] is True
+    assert summary["shard_group"] == group
     fsdp = load_file(str(run / "latest.safetensors"))
     ddp = load_file(str(launches["ddp"]["run"] / "latest.safetensors"))
     assert fsdp.keys() == ddp.keys() and any(k.startswith("opt.") for k in fsdp)
     for name, t in ddp.items():
         assert fsdp[name].shape == t.shape, name  # whole tensors, not one rank's shard
         torch.testing.assert_close(fsdp[name], t, rtol=1e-6, atol=1e-8, msg=name)
-    def rows(mode: str) -> list[dict]:
-        return [json.loads(r) for r in (launches[mode]["run"] / METRICS).read_text().splitlines()]
+    def rows(name: str) -> list[dict]:
+        return [json.loads(r) for r in (launches[name]["run"] / METRICS).read_text().splitlines()]
 
-    for a, b in zip(rows("fsdp"), rows("ddp"), strict=True):
+    for a, b in zip(rows(mode), rows("ddp"), strict=True):
         assert a["step"] == b["step"]
         for key in ("loss", "A_norm", "mask_token_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-6), key
