@@ -46,7 +46,8 @@ def main() -> None:
     name = args.name or ("-".join(f"{k}{v}" for k, v in overrides.items()) or "defaults")
     run_dir = Path(args.no_train or Path(args.root) / name)
     overrides["out"] = str(run_dir)
-    cfg = build_config(None, overrides)
+    # with --no-train, the run's own settings (data set, arch, seed) come first, then any --set
+    cfg = build_config(str(run_dir / "config.yaml") if args.no_train else None, overrides)
     row = {"name": name, "overrides": {k: v for k, v in overrides.items() if k != "out"}}
     if args.no_train is None:
         start = time.perf_counter()

@@ -243,7 +243,7 @@ def info(ckpt: Path = typer.Argument(..., help="A stoptool checkpoint (.safetens
     ck = stoptool_view(load_checkpoint(ckpt))
     meta = ck.meta
     if json_out:
-        sys.stdout.write(json.dumps(meta, indent=2) + "\n")
+        sys.stdout.write(json.dumps({**meta, "tensors_sha256": ck.digest}, indent=2) + "\n")
         return
     rows = {"file": ckpt, "kind": meta.get("kind", "?"), "size": f"{ckpt.stat().st_size / 2**20:.1f} MiB"}
     for key in ("arch", "img_size", "patch", "sigma", "pred_depth", "pred_width", "pred_pos",
@@ -261,8 +261,8 @@ def info(ckpt: Path = typer.Argument(..., help="A stoptool checkpoint (.safetens
             rows[f"{part} params"] = f"{n:,}"
     rows["holds"] = ", ".join(p.replace("_", " ") for p in ("encoder", "target_encoder", "predictor")
                               if ck.has(p)) + ("" if ck.has("predictor") else " (no predictor)")
-    rows["sha256"] = (f"{ck.digest[:16]}… (tensors checked)" if ck.digest
-                      else "none (written before checkpoints carried one)")
+    rows["tensors sha256"] = (f"{ck.digest} (checked)" if ck.digest
+                              else "none (written before checkpoints carried one)")
     print_table(f"checkpoint {ckpt.name}", rows)
     if "config" in meta:
         console.print("[bold]config[/]")

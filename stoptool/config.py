@@ -192,8 +192,6 @@ class PretrainConfig:
             raise UserError("--out is empty: give a run directory, or leave it out for the default")
         if self.fsdp and self.compile:
             raise UserError("--fsdp and --compile do not go together: drop one of them")
-        if self.shard_group is not None and not self.fsdp:
-            raise UserError("--shard-group sets how --fsdp shards: add --fsdp, or drop --shard-group")
         if self.shard_group is not None and self.shard_group < 1:
             raise UserError(f"--shard-group must be at least 1, got {self.shard_group}")
         self.mask_config().validate()

@@ -142,11 +142,15 @@ def test_info_shows_the_checked_sha256_or_says_there_is_none(tmp_path):
     save_checkpoint(tmp_path / "new.safetensors", Checkpoint(meta, tensors))
     result = runner.invoke(app, ["info", str(tmp_path / "new.safetensors")])
     assert result.exit_code == 0, result.output
-    assert f"{tensors_digest(tensors)[:16]}… (tensors checked)" in result.stdout
+    assert f"{tensors_digest(tensors)} (checked)" in result.stdout
+    as_json = json.loads(runner.invoke(app, ["info", str(tmp_path / "new.safetensors"), "--json"]).stdout)
+    assert as_json["tensors_sha256"] == tensors_digest(tensors) and as_json["arch"] == "vit_t4"
     save_file(tensors, str(tmp_path / "old.safetensors"),
               metadata={"format": "stoptool", "meta": json.dumps(meta)})
     result = runner.invoke(app, ["info", str(tmp_path / "old.safetensors")])
     assert result.exit_code == 0 and "none (written before checkpoints carried one)" in result.stdout
+    as_json = json.loads(runner.invoke(app, ["info", str(tmp_path / "old.safetensors"), "--json"]).stdout)
+    assert as_json["tensors_sha256"] is None
 
 
 def test_info_rejects_a_file_that_is_not_a_checkpoint(tmp_path):

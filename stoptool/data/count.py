@@ -3,9 +3,11 @@
 Each 32 × 32 image shows one to six flat objects (discs, squares and triangles of random
 colour and size, apart from each other) on a plain background of another random colour; the
 label is how many there are. Nothing is downloaded or stored: image `i` of a split is drawn
-from a random generator seeded with (split, i), so every machine and every run sees the same
-pixels. The training split holds 5,000 images and the test split 1,000, with the counts
-equally represented and shuffled.
+from a random generator seeded with (split, i), so every run sees the same pixels (with the
+same numpy and Pillow: their random streams and edge drawing are not promised to stay fixed
+across versions; the probe's feature cache hashes the pixels, so it notices). The training
+split holds 5,000 images and the test split 1,000, with the counts equally represented and
+shuffled.
 
 Counting asks an encoder for something digits do not: the number of separate things in the
 image, whatever their shape, colour, size and place, which no single pixel or position tells.
@@ -17,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from stoptool.data.datasets import ArrayDataset
+from stoptool.errors import UserError
 
 COUNTS = tuple(range(1, 7))
 SIZES = {"train": 5000, "test": 1000}
@@ -30,6 +33,8 @@ _SPLIT_ID = {"train": 0, "test": 1}
 
 def count_dataset(split: str = "train") -> ArrayDataset:
     """The `count` split: "train" or "test"."""
+    if split not in SIZES:
+        raise UserError(f"the count data set has the splits train and test, not '{split}'")
     images, labels = _drawn(split)
     return ArrayDataset(f"count/{split}", images, labels, [str(c) for c in COUNTS])
 

@@ -16,6 +16,7 @@ groups of `--shard-group` processes when given (hybrid sharding: one sharded cop
 All average the same gradients; checkpoints hold whole tensors either way.
 """
 
+import inspect
 import os
 import warnings
 from dataclasses import dataclass
@@ -188,6 +189,20 @@ def data_parallel(online: OnlineNet, world: World, device: torch.device) -> nn.M
     return DistributedDataParallel(online, device_ids=ids, gradient_as_bucket_view=True)
 
 
+def check_fsdp_support(distribute=None) -> None:
+    """--fsdp needs FSDP2 (`fully_shard`) and `distribute_tensor(..., src_data_rank=None)`: a
+    torch without them gets one line saying so, before any process group is made."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+        distribute = distribute or distribute_tensor
+        supported = "src_data_rank" in inspect.signature(distribute).parameters
+    except (ImportError, NameError):
+        supported = False
+    if not supported:
+        raise UserError(f"--fsdp needs a newer torch than {torch.__version__} (FSDP2's fully_shard and "
+                        "distribute_tensor's src_data_rank): upgrade torch, or train without --fsdp")
+
+
 def check_shard_group(world: World, shard_group: int | None) -> int:
     """The number of processes that share one copy of the weights: all of them by default."""
     group = world.size if shard_group is None else shard_group
@@ -261,8 +276,9 @@ def whole_state(tensors: dict, keep: bool = True) -> dict:
 def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
     """A saved optimizer state dict (whole AdamW moments, as the checkpoint holds them) with each
     moment cut to this rank's shard of its weight, before it is loaded into an optimizer over
-    sharded weights: no device ever holds the whole state. Each rank cuts its own chunk from
-    its own copy (the checkpoint is the same everywhere), with no communication."""
+    sharded weights: a device holds one whole moment at most, briefly, while its shard is cut.
+    Each rank cuts its own chunk from its own copy (the checkpoint is the same everywhere), with
+    no communication."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     sharded = {}
     for idx, values in state["state"].items():

@@ -38,6 +38,7 @@ from stoptool.train.distributed import (
     barrier,
     broadcast_module,
     check_batch,
+    check_fsdp_support,
     check_same_step,
     check_shard_group,
     data_parallel,
@@ -230,6 +231,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
     world = world_from_env()
     check_batch(world, cfg.batch_size)
     if cfg.fsdp and world.distributed:
+        check_fsdp_support()
         check_shard_group(world, cfg.shard_group)
     device = init_world(world, resolve_device(cfg.device))  # before any CUDA work: this rank's GPU
     try:
@@ -303,6 +305,8 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
     elif cfg.fsdp and notify:
         notify("--fsdp shards the weights across the processes of a torchrun launch; "
                "one process holds them all")
+    if cfg.shard_group is not None and not cfg.fsdp and notify:
+        notify(f"--shard-group {cfg.shard_group} sets how --fsdp shards; without --fsdp it changes nothing")
     # built after any sharding, over the parameters the step updates
     optimizer = make_optimizer(model, cfg.start_lr, cfg.wd)
     if saved is not None:

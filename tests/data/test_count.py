@@ -7,7 +7,6 @@ from scipy import ndimage
 from typer.testing import CliRunner
 
 from stoptool.cli import app
-from stoptool.config import PretrainConfig
 from stoptool.data.count import COUNTS, IMG, SIZES, count_dataset, draw_image
 from stoptool.data.datasets import open_dataset
 from stoptool.errors import UserError
@@ -57,10 +56,12 @@ def test_open_dataset_names_it_and_refuses_a_subset():
         open_dataset("count", "train", subset="list.txt")
 
 
-def test_probe_and_pretrain_take_it_by_name():
+def test_probe_takes_it_by_name_and_other_splits_are_refused():
     train, test, tag = open_splits(ProbeConfig(dataset="count"))
     assert (len(train), len(test), tag) == (5000, 1000, "count")
-    assert PretrainConfig(dataset="count").validate().dataset == "count"
+    assert np.array_equal(test.images, count_dataset("test").images)
+    with pytest.raises(UserError, match="the count data set has the splits train and test, not 'val'"):
+        open_dataset("count", "val")
 
 
 def test_pretrain_on_it_records_the_data_set(tmp_path):

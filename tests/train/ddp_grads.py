@@ -1,7 +1,7 @@
-"""Run by tests/train/test_distributed.py under torchrun (2 CPU processes, gloo): each rank
-takes its half of a fixed batch through the data-parallel context encoder + predictor (DDP,
-or FSDP with `fsdp` as second argument), and rank 0 saves the averaged gradients, whole, to
-the file named on the command line."""
+"""Run by tests/train/test_distributed.py under torchrun (CPU processes, gloo): each rank takes
+its part of a fixed batch through the data-parallel context encoder + predictor (DDP; FSDP with
+`fsdp` as second argument; hybrid FSDP over 2 groups of 2 with `hsdp`, on 4 processes), and
+rank 0 saves the averaged gradients, whole, to the file named on the command line."""
 
 import sys
 
@@ -52,6 +52,9 @@ def main(out: str, mode: str = "ddp") -> None:
         online, target = fully_sharded(model, world, device)
     elif mode == "hsdp":  # two groups of two: each group holds one sharded copy
         online, target = fully_sharded(model, world, device, shard_group=2)
+        mesh = model.encoder.blocks[0].attn.qkv.weight.device_mesh
+        # rows are replicas, columns shards: ranks 0 and 1 share a copy (a node's processes)
+        assert mesh.mesh.tolist() == [[0, 1], [2, 3]] and mesh.mesh_dim_names == ("replicate", "shard")
     else:
         online = data_parallel(OnlineNet(model.encoder, model.predictor), world, device)
     jepa_loss(model, mine, autocast_factory(device, "fp32"), online=online, target=target).backward()

@@ -18,8 +18,10 @@ from stoptool.cli import app
 from stoptool.data.datasets import open_dataset
 from stoptool.data.loader import epoch_batches, pretrain_loader
 from stoptool.data.transforms import PretrainTransform
+from stoptool.errors import UserError
 from stoptool.masks import MaskSampler
 from stoptool.models.jepa import build_jepa
+from stoptool.train.distributed import check_fsdp_support
 from stoptool.train.pretrain import METRICS
 from stoptool.train.runtime import autocast_factory
 from stoptool.train.step import jepa_loss
@@ -72,11 +74,24 @@ def test_a_shard_group_that_does_not_divide_the_processes_is_refused(tmp_path):
     assert result.exit_code == 2
     assert "--shard-group 3 does not divide the 4 processes of this launch" in result.stderr
     assert not (tmp_path / "run").exists()
-    for flags, message in ((["--shard-group", "2"], "--shard-group sets how --fsdp shards: add --fsdp"),
-                           (["--fsdp", "--shard-group", "0"], "--shard-group must be at least 1, got 0")):
-        result = CliRunner().invoke(app, ["pretrain", *TINY, *flags, "--out", str(tmp_path / "b")])
-        assert result.exit_code == 2 and message in result.stderr, result.output
+    zero = ["pretrain", *TINY, "--fsdp", "--shard-group", "0", "--out", str(tmp_path / "b")]
+    result = CliRunner().invoke(app, zero)
+    assert result.exit_code == 2 and "--shard-group must be at least 1, got 0" in result.stderr
     assert not (tmp_path / "b").exists()
+    # a config that sets it for a sharded run may be reused without --fsdp: a note, not an error
+    result = CliRunner().invoke(app, ["pretrain", *TINY, "--shard-group", "2", "--steps", "1",
+                                      "--out", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    assert "--shard-group 2 sets how --fsdp shards; without --fsdp it changes nothing" in result.output
+
+
+def test_a_torch_without_fsdp2_gets_one_line():
+    def old_distribute_tensor(tensor, device_mesh=None, placements=None):
+        return tensor
+
+    with pytest.raises(UserError, match=r"--fsdp needs a newer torch than .* upgrade torch, or train"):
+        check_fsdp_support(old_distribute_tensor)
+    check_fsdp_support()  # the torch installed here has both
 
 
 def _torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -124,17 +139,18 @@ def test_processes_average_to_the_one_process_gradient(tmp_path, mode, nproc):
 
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory):
-    """The same tiny run under torchrun with DDP, FSDP and hybrid FSDP (each process its own
-    group: the 2-D mesh, replicated across groups): 4 steps, then resumed to 6."""
+    """The same tiny run under torchrun with DDP and FSDP on 2 processes, and with DDP and
+    hybrid FSDP (2 groups of 2, a 2-D mesh) on 4: 4 steps, then resumed to 6."""
     root = tmp_path_factory.mktemp("torchrun")
     runs = {}
-    for mode, flags in (("ddp", []), ("fsdp", ["--fsdp"]), ("hsdp", ["--fsdp", "--shard-group", "1"])):
+    for mode, nproc, flags in (("ddp", 2, []), ("fsdp", 2, ["--fsdp"]), ("ddp4", 4, []),
+                               ("hsdp", 4, ["--fsdp", "--shard-group", "2"])):
         run = root / mode
         launch = ["-m", "stoptool", "pretrain", *TINY, "--a-l1", "1e-4", *flags, "--out", str(run)]
-        first = _torchrun(*launch, "--steps", "4")
+        first = _torchrun(*launch, "--steps", "4", nproc=nproc)
         assert first.returncode == 0, first.stderr[-2000:]
         summary = json.loads((run / "summary.json").read_text())
-        second = _torchrun(*launch, "--steps", "6")
+        second = _torchrun(*launch, "--steps", "6", nproc=nproc)
         assert second.returncode == 0, second.stderr[-2000:]
         runs[mode] = {"run": run, "first": first, "summary_at_4": summary}
     return runs
@@ -152,17 +168,18 @@ def test_torchrun_pretrain_writes_one_run_and_resumes(launches):
     assert sorted(p.name for p in run.glob("*.safetensors")) == ["latest.safetensors"]
 
 
-@pytest.mark.parametrize("mode, group", [("fsdp", 2), ("hsdp", 1)])
-def test_fsdp_trains_the_same_weights_as_ddp_and_writes_whole_tensors(launches, mode, group):
+@pytest.mark.parametrize("mode, ddp_mode, world, group", [("fsdp", "ddp", 2, 2), ("hsdp", "ddp4", 4, 2)])
+def test_fsdp_trains_the_same_weights_as_ddp_and_writes_whole_tensors(launches, mode, ddp_mode, world,
+                                                                     group):
     """Sharded weights, gradients and AdamW moments, gathered for the checkpoint and scattered
     again on resume, end where the DDP run ends: weights, target encoder and optimizer state."""
     run, first = launches[mode]["run"], launches[mode]["first"]
     assert first.stdout.count("run directory") == 1
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["step"] == 6 and summary["world_size"] == 2 and summary["sharded"] is True
+    assert summary["step"] == 6 and summary["world_size"] == world and summary["sharded"] is True
     assert summary["shard_group"] == group
     fsdp = load_file(str(run / "latest.safetensors"))
-    ddp = load_file(str(launches["ddp"]["run"] / "latest.safetensors"))
+    ddp = load_file(str(launches[ddp_mode]["run"] / "latest.safetensors"))
     assert fsdp.keys() == ddp.keys() and any(k.startswith("opt.") for k in fsdp)
     for name, t in ddp.items():
         assert fsdp[name].shape == t.shape, name  # whole tensors, not one rank's shard
@@ -170,7 +187,7 @@ def test_fsdp_trains_the_same_weights_as_ddp_and_writes_whole_tensors(launches, 
     def rows(name: str) -> list[dict]:
         return [json.loads(r) for r in (launches[name]["run"] / METRICS).read_text().splitlines()]
 
-    for a, b in zip(rows(mode), rows("ddp"), strict=True):
+    for a, b in zip(rows(mode), rows(ddp_mode), strict=True):
         assert a["step"] == b["step"]
         for key in ("loss", "A_norm", "mask_token_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-6), key
