@@ -225,7 +225,7 @@ def run_probe(cfg: ProbeConfig, progress: Callable[[str, int, int], None] | None
     """Probe per `cfg`. `progress(split, done, total)` is called during feature extraction."""
     validate(cfg)
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, fp16=False)
     enc = load_encoder(cfg)
     train, test, tag = open_splits(cfg)
     json_path = default_json_path(cfg, enc, tag)

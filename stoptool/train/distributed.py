@@ -65,10 +65,17 @@ def world_from_env() -> World:
 
 
 def init_world(world: World, device: torch.device) -> torch.device:
-    """Join the process group (once) and return this rank's device."""
+    """Join the process group (once) and return this rank's device, made the current CUDA
+    device (so that nothing, pinned-memory threads included, opens a context on GPU 0)."""
     if not world.distributed:
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)
         return device
     if device.type == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            raise UserError(f"process {world.local_rank} of this node has no GPU: the node has "
+                            f"{plural(torch.cuda.device_count(), 'GPU')}; launch at most that many "
+                            "processes per node (--nproc-per-node)")
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():

@@ -314,13 +314,15 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
         state = optimizer_state(saved.part_raw("opt."), groups)
         optimizer.load_state_dict(shard_optimizer_state(state, optimizer) if sharded else state)
         del state
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    if scaler is not None and saved is not None and "grad_scaler" in saved.meta:
+        scaler.load_state_dict(saved.meta["grad_scaler"])  # else the scale starts over, and overflows
     del saved  # the whole checkpoint, in every process's memory until here
     reduce = (lambda t: mean_over_ranks(t, world)) if world.distributed else None
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     log = MetricsLog(run_dir / METRICS, step) if world.main else _NoLog()
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     transform = PretrainTransform(cfg.img_size, cfg.crop_scale, cfg.hflip, cfg.blur, cfg.gray)
     sampler = MaskSampler(cfg.mask_config())
     workers = (
@@ -353,6 +355,8 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
             if device.type == "cuda":
                 tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
             extra["optimizer_groups"] = groups
+            if scaler is not None:  # fp16: the loss scale it has settled on, and its growth count
+                extra["grad_scaler"] = scaler.state_dict()
         save_checkpoint(path, Checkpoint({**meta, **extra}, tensors))
 
     def compile_failed(reason: str) -> None:

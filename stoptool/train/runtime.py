@@ -41,13 +41,22 @@ def cpu_has_fast_bf16() -> bool:
         return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def gpu_has_bf16(device: torch.device) -> bool:
+    """bf16 in hardware: compute capability 8.0 and up (Ampere on). Older GPUs emulate it
+    (slowly), which `torch.cuda.is_bf16_supported()` counts as support."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def resolve_precision(precision: str, device: torch.device, fp16: bool = True) -> str:
+    """What `precision` means on `device`. "auto": bf16 where the hardware has it; on older GPUs
+    fp16 (training, with a gradient scaler) or, with `fp16` False (forward-only extraction,
+    where nothing guards against overflow), fp32; fp32 on CPUs without fast bf16."""
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
             raise UserError("fp16 is for GPUs; use bf16 or fp32 on the CPU")
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if gpu_has_bf16(device) else ("fp16" if fp16 else "fp32")
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 

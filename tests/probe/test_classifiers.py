@@ -70,6 +70,24 @@ def test_linear_probe_is_repeatable():
     assert a["top1"] == b["top1"]
 
 
+def test_features_too_large_for_the_gpu_are_sent_a_minibatch_at_a_time(monkeypatch):
+    """The path for features over half the GPU's free memory trains the same classifier as
+    the path that moves them whole (run here on the CPU, where both apply)."""
+    import torch
+
+    from stoptool.probe import linear
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 4000))
+    gpu = torch.device("cuda", 0)
+    assert linear.fits_on(gpu, 500) and not linear.fits_on(gpu, 501)
+    assert linear.fits_on(torch.device("cpu"), 10**15)
+    data = separable(seed=4)
+    whole = linear_probe(*data, CLASSES, seed=2, min_steps=60)
+    monkeypatch.setattr(linear, "fits_on", lambda device, nbytes: False)
+    streamed = linear_probe(*data, CLASSES, seed=2, min_steps=60)
+    assert streamed["top1"] == whole["top1"] and streamed["top5"] == whole["top5"]
+
+
 def brute_force_knn(x_train, y_train, x_test, k, temperature, classes):
     """One test image at a time, in plain Python, straight from the definition."""
     out = np.zeros((len(x_test), classes))

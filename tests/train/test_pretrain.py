@@ -158,3 +158,27 @@ def test_ablation_flags_are_saved_and_rebuilt_by_the_loader(tiny_cfg, image_fold
     torch.manual_seed(cfg.seed)
     start = build_jepa(cfg).predictor.predictor_pos_embed.detach()
     assert not torch.equal(saved["predictor_pos_embed"], start)
+
+
+def test_an_fp16_run_saves_its_loss_scale_and_resumes_with_it(tiny_cfg, image_folder, tmp_path, monkeypatch):
+    """fp16 runs on GPUs; here fp16 autocast and the scaler run on the CPU in its place. The
+    scale the scaler has settled on goes into the checkpoint and comes back on resume (a fresh
+    scaler would start at 65536 again and skip steps on overflow)."""
+    made, real = [], torch.amp.GradScaler
+
+    def cpu_scaler(device):
+        made.append(real("cpu", init_scale=2.0**10, growth_interval=2))
+        return made[-1]
+
+    monkeypatch.setattr(engine, "resolve_precision", lambda *args, **kw: "fp16")
+    monkeypatch.setattr(torch.amp, "GradScaler", cpu_scaler)
+    pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "run", steps=4))
+    saved = load_checkpoint(tmp_path / "run" / "latest.safetensors").meta["grad_scaler"]
+    assert saved == made[0].state_dict()
+    pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "run", steps=5))
+    assert len(made) == 2
+    resumed_at = load_checkpoint(tmp_path / "run" / "latest.safetensors").meta["grad_scaler"]
+    # one step on from the saved state (4 steps from 2^10, doubling every 2: 2^12), not from 2^10
+    assert made[1].state_dict() == resumed_at
+    assert saved["scale"] == 2.0**12
+    assert resumed_at == {**saved, "_growth_tracker": saved["_growth_tracker"] + 1}

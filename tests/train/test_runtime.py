@@ -47,6 +47,37 @@ def test_a_gpu_index_past_the_last_gpu_is_refused(monkeypatch):
         resolve_device("cuda:7")
 
 
+@pytest.mark.parametrize("capability, training, extraction", [
+    ((9, 0), "bf16", "bf16"),  # Hopper
+    ((8, 0), "bf16", "bf16"),  # Ampere
+    ((7, 5), "fp16", "fp32"),  # Turing: bf16 only emulated; fp16 needs the scaler training has
+    ((7, 0), "fp16", "fp32"),  # Volta
+])
+def test_auto_precision_on_a_gpu_follows_its_compute_capability(monkeypatch, capability, training,
+                                                                extraction):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation counts there
+    gpu = torch.device("cuda", 1)
+    assert resolve_precision("auto", gpu) == training
+    assert resolve_precision("auto", gpu, fp16=False) == extraction
+    assert resolve_precision("fp32", gpu) == "fp32" and asked == [gpu, gpu]  # the chosen GPU's
+
+
+def test_a_process_past_the_node_gpus_is_refused(monkeypatch):
+    from stoptool.train.distributed import World, init_world
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UserError, match=r"process 2 of this node has no GPU: the node has 2 GPUs; "
+                                        r"launch at most that many processes per node"):
+        init_world(World(rank=2, size=4, local_rank=2, local_size=4), torch.device("cuda"))
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert init_world(World(), torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert current == [torch.device("cuda", 1)]  # one process on cuda:1 makes it the current GPU
+    assert init_world(World(), torch.device("cpu")) == torch.device("cpu") and len(current) == 1
+
+
 class FakeInductorError(RuntimeError):
     """Stands for an error of torch.compile's backend (a missing compiler, a broken cache)."""
 
