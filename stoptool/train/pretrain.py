@@ -405,8 +405,9 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
                     except NonFiniteLoss as err:
                         kept = (f"the last good checkpoint is kept in '{latest}'" if latest.exists()
                                 else "no checkpoint had been written yet")
-                        raise UserError(f"training stopped at step {step}: {err}; {kept} "
-                                        "(try a lower --lr)") from None
+                        hint = "try a lower --lr" + (", or --precision fp32: fp16 activations overflow "
+                                                     "past 65504" if precision == "fp16" else "")
+                        raise UserError(f"training stopped at step {step}: {err}; {kept} ({hint})") from None
                     step += 1
                     skipped += n_skipped
                     window["steps"] += 1

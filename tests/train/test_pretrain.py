@@ -102,14 +102,21 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, image_fo
     assert not list((tmp_path / "r").glob("epoch*.safetensors"))
 
 
+@pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled, but CUDA is not available")
 def test_non_finite_loss_before_any_checkpoint_says_so(tiny_cfg, image_folder, tmp_path, monkeypatch):
     def failing(*args, **kw):
         raise engine.NonFiniteLoss("loss is nan")
 
     monkeypatch.setattr(engine, "train_step", failing)
-    with pytest.raises(UserError, match="step 0: loss is nan; no checkpoint had been written yet"):
+    with pytest.raises(UserError, match=r"step 0: loss is nan; no checkpoint had been written yet "
+                                        r"\(try a lower --lr\)$"):
         pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "r"))
     assert not (tmp_path / "r" / "latest.safetensors").exists()
+    # in fp16 (a GPU's, stood in for here) overflow is the other suspect
+    monkeypatch.setattr(engine, "resolve_precision", lambda *args, **kw: "fp16")
+    with pytest.raises(UserError, match=r"\(try a lower --lr, or --precision fp32: fp16 activations "
+                                        r"overflow past 65504\)$"):
+        pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "r16"))
 
 
 def test_metrics_go_to_tensorboard_when_it_is_installed(tiny_cfg, image_folder, tmp_path, monkeypatch):
