@@ -65,11 +65,8 @@ def world_from_env() -> World:
 
 
 def init_world(world: World, device: torch.device) -> torch.device:
-    """Join the process group (once) and return this rank's device, made the current CUDA
-    device (so that nothing, pinned-memory threads included, opens a context on GPU 0)."""
+    """Join the process group (once) and return this rank's device."""
     if not world.distributed:
-        if device.type == "cuda" and device.index is not None:
-            torch.cuda.set_device(device)
         return device
     if device.type == "cuda":
         if world.local_rank >= torch.cuda.device_count():

@@ -12,6 +12,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device `name` stands for. A GPU named by index becomes the current one, so that
+    nothing (pinned-memory threads, libraries that use the current device) opens a context on
+    GPU 0 beside it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -25,6 +28,8 @@ def resolve_device(name: str) -> torch.device:
                         f"CUDA GPU(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"unsupported device '{name}': use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     return device
 
 

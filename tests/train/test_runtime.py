@@ -41,7 +41,11 @@ def test_device_and_precision_errors():
 def test_a_gpu_index_past_the_last_gpu_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
     assert resolve_device("cuda:1") == torch.device("cuda:1")
+    assert current == [torch.device("cuda:1")]  # the named GPU becomes the current one
+    assert resolve_device("cuda") == torch.device("cuda") and len(current) == 1
     message = r"'cuda:7' asked for, but this machine has 2 CUDA GPU\(s\): use cuda:0 to cuda:1"
     with pytest.raises(UserError, match=message):
         resolve_device("cuda:7")
@@ -71,11 +75,6 @@ def test_a_process_past_the_node_gpus_is_refused(monkeypatch):
     with pytest.raises(UserError, match=r"process 2 of this node has no GPU: the node has 2 GPUs; "
                                         r"launch at most that many processes per node"):
         init_world(World(rank=2, size=4, local_rank=2, local_size=4), torch.device("cuda"))
-    current = []
-    monkeypatch.setattr(torch.cuda, "set_device", current.append)
-    assert init_world(World(), torch.device("cuda", 1)) == torch.device("cuda", 1)
-    assert current == [torch.device("cuda", 1)]  # one process on cuda:1 makes it the current GPU
-    assert init_world(World(), torch.device("cpu")) == torch.device("cpu") and len(current) == 1
 
 
 class FakeInductorError(RuntimeError):
