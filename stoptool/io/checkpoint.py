@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from stoptool import __version__
 from stoptool.errors import UserError
+from stoptool.io.paths import check_file
 
 FORMAT = "stoptool"
 
@@ -108,9 +109,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def _open(path: str | Path, tensors: bool) -> Checkpoint:
-    path = resolve_checkpoint(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint '{path}' does not exist")
+    path = check_file(resolve_checkpoint(path), "checkpoint")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}

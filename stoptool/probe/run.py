@@ -15,7 +15,7 @@ import torch
 from stoptool.data.datasets import BUILTIN, FolderDataset, ImageDataset, open_dataset
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import resolve_checkpoint
-from stoptool.io.paths import check_writable, write_report
+from stoptool.io.paths import check_file, check_writable, write_report
 from stoptool.models.encoder import build_encoder, default_img_size, default_init, parse_arch
 from stoptool.probe.features import (
     LAYERS,
@@ -180,10 +180,8 @@ def validate(cfg: ProbeConfig) -> None:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, all; got '{cfg.method}'")
     if cfg.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {cfg.batch_size}")
-    if cfg.ckpt is not None:
-        cfg.ckpt = str(resolve_checkpoint(cfg.ckpt))  # a run directory stands for its latest
-    if cfg.ckpt is not None and not Path(cfg.ckpt).is_file():
-        raise UserError(f"checkpoint '{cfg.ckpt}' does not exist")
+    if cfg.ckpt is not None:  # a run directory stands for its latest
+        cfg.ckpt = str(check_file(resolve_checkpoint(cfg.ckpt), "checkpoint"))
 
 
 def default_json_path(cfg: ProbeConfig, enc: Encoder, tag: str) -> Path:
