@@ -236,8 +236,7 @@ def _note_slow_bf16(precision: str, device: str) -> None:
 def info(ckpt: Path = typer.Argument(..., help="A stoptool checkpoint (.safetensors), or a run directory (its latest)."),
          json_out: bool = typer.Option(False, "--json", help="Print the metadata as JSON.")):
     """Show what a checkpoint holds: arch, σ, step, data, config, parameter counts."""
-    from stoptool.io.checkpoint import load_checkpoint, resolve_checkpoint
-    from stoptool.io.models import stoptool_view
+    from stoptool.io.checkpoint import load_checkpoint, resolve_checkpoint, stoptool_view
 
     ckpt = resolve_checkpoint(ckpt)
     ck = stoptool_view(load_checkpoint(ckpt))

@@ -27,6 +27,7 @@ from stoptool.errors import UserError
 from stoptool.io.paths import check_file
 
 FORMAT = "stoptool"
+TIMM_ENCODER = "timm-encoder"  # the `kind` of an encoder exported for timm
 
 
 @dataclass
@@ -47,6 +48,18 @@ class Checkpoint:
     def has(self, prefix: str) -> bool:
         p = prefix + "."
         return any(k.startswith(p) for k in self.tensors)
+
+
+def stoptool_view(ckpt: Checkpoint) -> Checkpoint:
+    """`ckpt` with its tensors under the usual part prefixes.
+
+    An exported timm file names its tensors as timm does (`blocks.0.attn.qkv.weight`); it
+    holds the target encoder, or the context encoder when exported with `--which context`.
+    """
+    if ckpt.meta.get("kind") != TIMM_ENCODER:
+        return ckpt
+    part = "encoder" if ckpt.meta.get("which") == "context" else "target_encoder"
+    return Checkpoint(ckpt.meta, {f"{part}.{k}": v for k, v in ckpt.tensors.items()}, ckpt.digest)
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

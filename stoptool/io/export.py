@@ -13,8 +13,15 @@ from typing import Any
 import torch
 
 from stoptool.errors import UserError
-from stoptool.io.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
-from stoptool.io.models import TIMM_ENCODER, WHICH, check_holds, stoptool_view
+from stoptool.io.checkpoint import (
+    TIMM_ENCODER,
+    Checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    stoptool_view,
+)
+from stoptool.io.models import WHICH, check_holds
 from stoptool.io.official import check_state, encoder_shapes
 from stoptool.io.paths import check_checkpoint_out, report_path, write_report
 from stoptool.models.encoder import parse_arch

@@ -10,11 +10,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from stoptool.errors import UserError
-from stoptool.io.checkpoint import Checkpoint, load_checkpoint
+from stoptool.io.checkpoint import Checkpoint, load_checkpoint, stoptool_view
 from stoptool.models.encoder import build_encoder
 from stoptool.models.jepa import JEPA, build_jepa
-
-TIMM_ENCODER = "timm-encoder"  # the `kind` of an exported file
 
 
 @dataclass
@@ -22,18 +20,6 @@ class Loaded:
     model: JEPA  # predictor is None for encoder-only files
     meta: dict
     checkpoint: Checkpoint
-
-
-def stoptool_view(ckpt: Checkpoint) -> Checkpoint:
-    """`ckpt` with its tensors under the usual part prefixes.
-
-    An exported timm file names its tensors as timm does (`blocks.0.attn.qkv.weight`); it
-    holds the target encoder, or the context encoder when exported with `--which context`.
-    """
-    if ckpt.meta.get("kind") != TIMM_ENCODER:
-        return ckpt
-    part = "encoder" if ckpt.meta.get("which") == "context" else "target_encoder"
-    return Checkpoint(ckpt.meta, {f"{part}.{k}": v for k, v in ckpt.tensors.items()}, ckpt.digest)
 
 
 WHICH = {"target": "target_encoder", "context": "encoder"}  # --which: the part it names
