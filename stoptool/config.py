@@ -19,7 +19,7 @@ import yaml
 from stoptool.errors import UserError
 from stoptool.io.paths import check_file
 from stoptool.masks import MaskConfig
-from stoptool.models.encoder import INITS, default_img_size, default_init, parse_arch
+from stoptool.models.archs import INITS, default_img_size, default_init, parse_arch
 
 PAIR_FIELDS = {
     "target_scale",

@@ -9,7 +9,7 @@ forward only.
 
 from dataclasses import dataclass
 
-from stoptool.models.encoder import parse_arch
+from stoptool.models.archs import parse_arch
 
 
 def block_flops(tokens: int, width: int, mlp_ratio: float, seqs: int = 1) -> int:

@@ -24,7 +24,7 @@ from stoptool.io.checkpoint import (
 from stoptool.io.models import WHICH, check_holds
 from stoptool.io.official import check_state, encoder_shapes
 from stoptool.io.paths import check_checkpoint_out, report_path, write_report
-from stoptool.models.encoder import parse_arch
+from stoptool.models.archs import parse_arch
 
 # A registered timm name per size letter; the shape keyword arguments make it the right network.
 TIMM_NAMES = {

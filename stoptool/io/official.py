@@ -30,7 +30,8 @@ from safetensors import SafetensorError, safe_open
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import FORMAT, Checkpoint, save_checkpoint
 from stoptool.io.paths import check_checkpoint_out, check_file, report_path, write_report
-from stoptool.models.encoder import ARCHS, parse_arch, timm_kwargs
+from stoptool.models.archs import ARCHS, parse_arch
+from stoptool.models.encoder import timm_kwargs
 from stoptool.models.pos_embed import sincos_2d
 from stoptool.models.predictor import Predictor
 

@@ -1,7 +1,3 @@
-"""Encoder (a timm VisionTransformer) and the StoP predictor."""
-
-from stoptool.models.encoder import ARCHS, ArchSpec, build_encoder, encode, parse_arch
-from stoptool.models.pos_embed import sincos_2d
-from stoptool.models.predictor import Predictor
-
-__all__ = ["ARCHS", "ArchSpec", "Predictor", "build_encoder", "encode", "parse_arch", "sincos_2d"]
+"""Encoder (a timm VisionTransformer, `encoder`), the StoP predictor (`predictor`), the two
+together (`jepa`), and the arch names (`archs`). Nothing is imported here, so that a command
+that only reads a name or a config does not load timm."""

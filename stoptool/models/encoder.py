@@ -5,8 +5,6 @@ positions, so a stoptool encoder's state dict *is* a timm state dict.
 context encoder), gathering tokens after the positions are added.
 """
 
-import re
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -16,44 +14,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from stoptool.errors import UserError
+from stoptool.models.archs import INITS, default_init, parse_arch
 from stoptool.models.pos_embed import sincos_2d
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    width: int
-    depth: int
-    heads: int
-    mlp_ratio: float = 4.0
-
-
-# Widths, depths and heads of the ViT family (the size letter of the arch name).
-ARCHS: dict[str, ArchSpec] = {
-    "t": ArchSpec(192, 12, 3),
-    "s": ArchSpec(384, 12, 6),
-    "b": ArchSpec(768, 12, 12),
-    "l": ArchSpec(1024, 24, 16),
-    "h": ArchSpec(1280, 32, 16),
-    "g": ArchSpec(1408, 40, 16, 48 / 11),
-}
-
-_ARCH_RE = re.compile(r"^vit_([tsblhg])(\d+)$")
-
-
-def parse_arch(name: str) -> tuple[ArchSpec, int]:
-    """`vit_b16` -> (ViT-B shape, patch 16). Raises UserError on an unknown name."""
-    match = _ARCH_RE.match(name)
-    if not match or int(match.group(2)) < 1:
-        known = ", ".join(f"vit_{k}<patch>" for k in ARCHS)
-        raise UserError(f"unknown arch '{name}': expected one of {known} (e.g. vit_b16, vit_t4)")
-    return ARCHS[match.group(1)], int(match.group(2))
-
-
-def default_img_size(arch: str) -> int:
-    """The image side an arch pretrains and probes at unless told: 8 patches a side for patches
-    of 4 px or less (the CPU-sized demo, e.g. 32 px for vit_t4), 224 px otherwise."""
-    patch = parse_arch(arch)[1]
-    return 8 * patch if patch <= 4 else 224
 
 
 def timm_kwargs(arch: str, img_size: int) -> dict:
@@ -89,16 +51,6 @@ def init_like_released_code(module: nn.Module, std: float = 0.02) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-
-
-INITS = ("released", "timm")
-
-
-def default_init(arch: str) -> str:
-    """`released` (the released I-JEPA/StoP scripts' init) for the paper's archs; `timm` (timm's
-    init with depth-rescaled output projections) for the CPU-sized archs with patches of 4 px or
-    less, where the demo was calibrated with it (docs/reproducing.md)."""
-    return "timm" if parse_arch(arch)[1] <= 4 else "released"
 
 
 def build_encoder(arch: str, img_size: int, init: str | None = None) -> VisionTransformer:

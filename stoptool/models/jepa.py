@@ -4,7 +4,8 @@ import copy
 
 from torch import nn
 
-from stoptool.models.encoder import build_encoder, default_init, encode, parse_arch
+from stoptool.models.archs import default_init, parse_arch
+from stoptool.models.encoder import build_encoder, encode
 from stoptool.models.predictor import Predictor
 
 

@@ -16,7 +16,8 @@ from stoptool.data.datasets import BUILTIN, FolderDataset, ImageDataset, open_da
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import resolve_checkpoint
 from stoptool.io.paths import check_file, check_writable, write_report
-from stoptool.models.encoder import build_encoder, default_img_size, default_init, parse_arch
+from stoptool.models.archs import default_img_size, default_init, parse_arch
+from stoptool.models.encoder import build_encoder
 from stoptool.probe.features import (
     LAYERS,
     Features,

@@ -31,6 +31,9 @@ class FigureResult:
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 # The shown image is at least this many pixels wide, whatever size the model reads.
 DISPLAY_SIZE = 224
+# Outline colours of the context block and of the target blocks (in turn), in every figure
+TARGET_COLORS = ("#ff3b30", "#ff9500", "#af52de", "#007aff", "#ff2d55", "#5ac8fa")
+CONTEXT_COLOR = "#34c759"
 
 
 def sample_image_path() -> Path:
@@ -180,7 +183,7 @@ def checkpoint_name(ckpt: Path) -> str:
 
 def checkpoint_grid(meta: dict) -> int:
     """Patches per side of the grid a checkpoint was trained on, from its metadata alone."""
-    from stoptool.models.encoder import parse_arch
+    from stoptool.models.archs import parse_arch
 
     return int(meta["img_size"]) // parse_arch(meta["arch"])[1]
 

@@ -30,6 +30,8 @@ from stoptool.masks import MaskConfig, MaskSampler
 from stoptool.models.jepa import JEPA, predict
 from stoptool.train.step import StepInputs, compute_targets
 from stoptool.viz.common import (
+    CONTEXT_COLOR,
+    TARGET_COLORS,
     FigureResult,
     cells_of,
     check_dpi,
@@ -47,8 +49,6 @@ from stoptool.viz.common import (
 )
 
 PANEL_INCHES = 2.6
-TARGET_COLORS = ("#ff3b30", "#ff9500", "#af52de", "#007aff", "#ff2d55", "#5ac8fa")
-CONTEXT_COLOR = "#34c759"
 
 
 @dataclass

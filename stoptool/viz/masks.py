@@ -17,6 +17,8 @@ from matplotlib.figure import Figure
 from stoptool.errors import UserError
 from stoptool.masks import MaskConfig, MaskSampler
 from stoptool.viz.common import (
+    CONTEXT_COLOR,
+    TARGET_COLORS,
     FigureResult,
     cells_of,
     check_dpi,
@@ -28,7 +30,6 @@ from stoptool.viz.common import (
     show_image,
     write_json,
 )
-from stoptool.viz.heatmap import CONTEXT_COLOR, TARGET_COLORS
 
 PANEL_INCHES = 2.6
 

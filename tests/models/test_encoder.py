@@ -7,7 +7,8 @@ import timm
 import torch
 
 from stoptool.errors import UserError
-from stoptool.models.encoder import build_encoder, encode, parse_arch
+from stoptool.models.archs import parse_arch
+from stoptool.models.encoder import build_encoder, encode
 from stoptool.models.pos_embed import sincos_2d
 
 TIMM_SAME_SHAPE = {
@@ -110,7 +111,7 @@ def test_timm_init_rescales_output_projections_by_depth():
 
 def test_default_init_by_arch():
     from stoptool.config import PretrainConfig
-    from stoptool.models.encoder import default_init
+    from stoptool.models.archs import default_init
 
     assert default_init("vit_b16") == PretrainConfig(arch="vit_b16").init == "released"
     assert default_init("vit_t4") == PretrainConfig(arch="vit_t4").init == "timm"
