@@ -19,7 +19,7 @@ import yaml
 from stoptool.errors import UserError
 from stoptool.io.paths import check_file
 from stoptool.masks import MaskConfig
-from stoptool.models.archs import INITS, default_img_size, default_init, parse_arch
+from stoptool.models.archs import INITS, check_img_size, default_img_size, default_init, parse_arch
 
 PAIR_FIELDS = {
     "target_scale",
@@ -150,12 +150,8 @@ class PretrainConfig:
             values = value if f.name in PAIR_FIELDS else (value,)
             if any(isinstance(v, float) and not math.isfinite(v) for v in values):
                 raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
-        spec, patch = parse_arch(self.arch)
-        if self.img_size <= 0 or self.img_size % patch:
-            raise UserError(
-                f"image size {self.img_size} is not a positive multiple of the patch size {patch} "
-                f"of {self.arch}"
-            )
+        spec = parse_arch(self.arch)[0]
+        check_img_size(self.arch, self.img_size)
         if self.sigma < 0:
             raise UserError(f"sigma must be >= 0 (it is the noise standard deviation), got {self.sigma}")
         for name, options in CHOICES.items():

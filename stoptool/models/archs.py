@@ -38,6 +38,14 @@ def parse_arch(name: str) -> tuple[ArchSpec, int]:
     return ARCHS[match.group(1)], int(match.group(2))
 
 
+def check_img_size(arch: str, img_size: int, what: str = "image size") -> int:
+    """The patch size of `arch`, once `img_size` is known to be a positive multiple of it."""
+    patch = parse_arch(arch)[1]
+    if img_size <= 0 or img_size % patch:
+        raise UserError(f"{what} {img_size} is not a positive multiple of the patch size {patch} of {arch}")
+    return patch
+
+
 def default_img_size(arch: str) -> int:
     """The image side an arch pretrains and probes at unless told: 8 patches a side for patches
     of 4 px or less (the CPU-sized demo, e.g. 32 px for vit_t4), 224 px otherwise."""

@@ -14,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from stoptool.errors import UserError
-from stoptool.models.archs import INITS, default_init, parse_arch
+from stoptool.models.archs import INITS, check_img_size, default_init, parse_arch
 from stoptool.models.pos_embed import sincos_2d
 
 
@@ -54,11 +54,8 @@ def init_like_released_code(module: nn.Module, std: float = 0.02) -> None:
 
 
 def build_encoder(arch: str, img_size: int, init: str | None = None) -> VisionTransformer:
-    spec, patch = parse_arch(arch)
-    if img_size <= 0 or img_size % patch:
-        raise UserError(
-            f"image size {img_size} is not a positive multiple of the patch size {patch} of {arch}"
-        )
+    spec = parse_arch(arch)[0]
+    patch = check_img_size(arch, img_size)
     init = init or default_init(arch)
     if init not in INITS:
         raise UserError(f"--init must be one of {', '.join(INITS)}, got '{init}'")

@@ -16,7 +16,7 @@ from stoptool.data.datasets import BUILTIN, FolderDataset, ImageDataset, open_da
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import resolve_checkpoint
 from stoptool.io.paths import check_file, check_writable, write_report
-from stoptool.models.archs import default_img_size, default_init, parse_arch
+from stoptool.models.archs import check_img_size, default_img_size, default_init
 from stoptool.models.encoder import build_encoder
 from stoptool.probe.features import (
     LAYERS,
@@ -85,14 +85,6 @@ class Encoder:
     meta: dict
 
 
-def _check_img_size(arch: str, img_size: int) -> None:
-    patch = parse_arch(arch)[1]
-    if img_size <= 0 or img_size % patch:
-        raise UserError(
-            f"--img-size {img_size} is not a positive multiple of the patch size {patch} of {arch}"
-        )
-
-
 def load_encoder(cfg: ProbeConfig) -> Encoder:
     if cfg.which not in ("target", "context"):
         raise UserError(f"--which must be target or context, got '{cfg.which}'")
@@ -102,7 +94,7 @@ def load_encoder(cfg: ProbeConfig) -> Encoder:
         if cfg.arch is None:
             raise UserError("--random-init needs --arch (e.g. --arch vit_t4)")
         img_size = default_img_size(cfg.arch) if cfg.img_size is None else cfg.img_size
-        _check_img_size(cfg.arch, img_size)
+        check_img_size(cfg.arch, img_size, "--img-size")
         torch.manual_seed(cfg.seed)
         init = cfg.init or default_init(cfg.arch)
         return Encoder(build_encoder(cfg.arch, img_size, init).eval(), cfg.arch, img_size, "random-init",
@@ -119,7 +111,7 @@ def load_encoder(cfg: ProbeConfig) -> Encoder:
     net = loaded.model.target_encoder if cfg.which == "target" else loaded.model.encoder
     arch, img_size = meta["arch"], meta["img_size"]
     if cfg.img_size is not None and cfg.img_size != img_size:
-        _check_img_size(arch, cfg.img_size)
+        check_img_size(arch, cfg.img_size, "--img-size")
         # The positions are fixed sine-cosine, so the encoder is exact at any grid: rebuild
         # it for the new size and keep every trained weight.
         resized = build_encoder(arch, cfg.img_size)
