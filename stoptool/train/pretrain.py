@@ -394,7 +394,7 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
                         ctx_idx.to(device, non_blocking=True),
                         tgt_idx.to(device, non_blocking=True),
                     )
-                    lr, wd, m = sched.lr_at(step), sched.wd_at(step), sched.momentum_at(step)
+                    lr, wd, m = sched.at(step)
                     args = (model, optimizer, inputs, lr, wd, m, autocast, scaler, cfg.a_l1, cfg.clip_grad,
                             online, reduce, target)
                     try:

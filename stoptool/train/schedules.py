@@ -1,7 +1,11 @@
 """Learning-rate, weight-decay and EMA-momentum schedules, as closed forms of the step.
 
 All run over `total = ipe_scale × epochs × iterations_per_epoch` steps (I-JEPA's convention);
-with `ipe_scale > 1` training stops before the schedules reach their ends.
+with `ipe_scale > 1` training stops before the schedules reach their ends. `at(step)` gives
+what training step `step` (counted from 0) runs with, as the released I-JEPA and StoP loops
+do: their lr and wd schedulers advance once *before* each step, so step 0 already runs at
+position 1 of the warmup and the last step at the schedule's end, while the momentum
+generator yields its first value, 0.996, for step 0.
 """
 
 import math
@@ -41,6 +45,10 @@ class Schedules:
         """EMA momentum rising linearly from ema[0] to ema[1]."""
         start, end = self.ema
         return start + (end - start) * min(step / max(1, self.total), 1.0)
+
+    def at(self, step: int) -> tuple[float, float, float]:
+        """(lr, wd, momentum) for training step `step` (0-based), aligned as described above."""
+        return self.lr_at(step + 1), self.wd_at(step + 1), self.momentum_at(step)
 
 
 def make_schedules(cfg, iterations_per_epoch: int) -> Schedules:
