@@ -102,7 +102,8 @@ def train_step(
 ) -> float:
     """Run one step; return the loss. Raises NonFiniteLoss before touching any weight.
 
-    Under data parallelism `online` is the wrapped context encoder + predictor (and, under
+    `clip_grad` clips the context encoder's gradient norm, and only it, as the released StoP
+    loop does. Under data parallelism `online` is the wrapped context encoder + predictor (and, under
     FSDP, `target` the sharded target encoder), and `reduce` averages the loss over ranks, so
     that every rank takes the same decision on it.
     """
@@ -116,21 +117,16 @@ def train_step(
         scaler.scale(loss).backward()
         if clip_grad:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable(model), clip_grad)
+            torch.nn.utils.clip_grad_norm_(model.encoder.parameters(), clip_grad)
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
         if clip_grad:
-            torch.nn.utils.clip_grad_norm_(trainable(model), clip_grad)
+            torch.nn.utils.clip_grad_norm_(model.encoder.parameters(), clip_grad)
         optimizer.step()
     ema_update(model, momentum)
     return value
-
-
-def trainable(model: JEPA) -> list[torch.nn.Parameter]:
-    params = list(model.encoder.parameters()) + list(model.predictor.parameters())
-    return [p for p in params if p.requires_grad]
 
 
 def make_optimizer(model: JEPA, lr: float, wd: float) -> torch.optim.AdamW:

@@ -157,3 +157,34 @@ def test_a_nan_loss_raises_before_any_weight_or_optimizer_state_changes(tiny_cfg
     for key, saved in state["state"].items():
         for field, value in saved.items():
             assert torch.equal(after[key][field], value), (key, field)
+
+
+def test_clip_grad_clips_the_context_encoder_only(tiny_cfg):
+    """As in the released StoP loop: the encoder's gradient norm is cut to `clip_grad`, the
+    predictor's gradient is left as it is. With SGD at lr 1 and no decay, a step moves each
+    weight by minus its (clipped) gradient."""
+    cfg = tiny_cfg(sigma=0.25)
+    torch.manual_seed(0)
+    base = build_jepa(cfg).train()
+    sampler, gen = MaskSampler(cfg.mask_config()), torch.Generator().manual_seed(0)
+    batch = _batch(cfg, sampler, gen, torch.randn(4, 3, 16, 16))
+    ac = autocast_factory(torch.device("cpu"), "fp32")
+
+    def moves(clip):
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(param_groups(model), lr=1.0)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        torch.manual_seed(1)  # the same noise draw in both steps
+        train_step(model, opt, batch, 1.0, 0.0, 1.0, ac, clip_grad=clip)
+        return {n: before[n] - p.detach() for n, p in model.named_parameters() if n in before}
+
+    free = moves(None)
+    enc = [n for n in free if n.startswith("encoder.")]
+    pred = [n for n in free if n.startswith("predictor.")]
+    enc_norm = torch.linalg.vector_norm(torch.stack([free[n].norm() for n in enc]))
+    clipped = moves(0.25 * enc_norm.item())
+    for n in enc:
+        torch.testing.assert_close(clipped[n], 0.25 * free[n], rtol=1e-4, atol=1e-7)
+    for n in pred:
+        torch.testing.assert_close(clipped[n], free[n])
+    assert any(free[n].abs().sum() > 0 for n in pred)
