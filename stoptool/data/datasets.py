@@ -85,8 +85,25 @@ class FolderDataset(ImageDataset):
         self.skipped = 0
 
     def load(self, index: int) -> Image.Image:
-        with Image.open(self.files[index]) as img:
+        return read_rgb(self.files[index])
+
+
+_SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N"}
+
+
+def read_rgb(path: Path) -> Image.Image:
+    """An image file as 8-bit RGB. Raises OSError or ValueError for a file that cannot be used
+    (the loaders skip and count those): Pillow's refusal of an image so large that it could be
+    a decompression bomb is a ValueError here. 16-bit grey images are scaled to 8 bits, where
+    a plain conversion would clip nearly every pixel to white."""
+    try:
+        with Image.open(path) as img:
+            if img.mode in _SIXTEEN_BIT or (img.mode == "I" and img.getextrema()[1] > 255):
+                grey = np.asarray(img, dtype=np.float64) / 257.0
+                return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8)).convert("RGB")
             return img.convert("RGB")
+    except Image.DecompressionBombError as err:
+        raise ValueError(str(err)) from None
 
 
 def _apply_subset(root: Path, files: list[tuple[Path, int]], subset: Path) -> list[tuple[Path, int]]:

@@ -4,8 +4,6 @@ Figures are built on `matplotlib.figure.Figure` directly, never through pyplot: 
 backend is switched, no window can open, and nothing leaks between figures in one process.
 """
 
-import os
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -16,9 +14,10 @@ from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from PIL import Image, UnidentifiedImageError
 
+from stoptool.data.datasets import read_rgb
 from stoptool.data.transforms import to_tensor
 from stoptool.errors import UserError
-from stoptool.io.paths import check_file, check_writable, write_report
+from stoptool.io.paths import atomic_write, check_file, check_writable, write_report
 
 
 @dataclass
@@ -68,26 +67,10 @@ def check_dpi(dpi: int) -> int:
     return dpi
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a figure is not
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_figure(fig: Figure, path: Path, dpi: int) -> Path:
     """Write `fig` at its own size (no tight cropping, so pixels = inches × dpi)."""
     fmt = FORMATS[path.suffix.lower()]
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi), suffix=path.suffix)
     return path
 
 
@@ -102,9 +85,8 @@ def load_image(path: str | Path | None, size: int) -> tuple[torch.Tensor, np.nda
     path = Path(path) if path is not None else sample_image_path()
     check_file(path, "image")
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
+        img = read_rgb(path)
+    except (UnidentifiedImageError, OSError, ValueError) as err:
         raise UserError(f"cannot read image '{path}': {str(err).splitlines()[0][:120]}") from None
     w, h = img.size
     side = min(w, h)

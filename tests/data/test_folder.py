@@ -57,3 +57,23 @@ def test_a_subset_that_is_not_a_text_file_is_a_user_error(tree, tmp_path_factory
         FolderDataset(tree, binary)
     with pytest.raises(UserError, match=f"subset file '{folder}' is not a file"):
         FolderDataset(tree, folder)
+
+
+def test_an_image_too_large_to_open_safely_is_skipped_and_16_bit_grey_is_scaled(tmp_path, monkeypatch):
+    """Pillow refuses images past its decompression-bomb limit with an error of its own (not an
+    OSError); the loaders must skip such a file like any unreadable one. A 16-bit grey PNG
+    keeps its shades instead of clipping to white."""
+    from stoptool.data.loader import check_readable
+
+    (tmp_path / "a").mkdir()
+    Image.new("L", (40, 40), 90).save(tmp_path / "a" / "0_large.png")
+    ramp = (np.arange(16 * 16).reshape(16, 16) * 256).astype(np.uint16)  # 0 .. 65280
+    Image.fromarray(ramp).save(tmp_path / "a" / "1_grey16.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 40 × 40 is past twice the limit, 16 × 16 is not
+    ds = FolderDataset(tmp_path)
+    with pytest.raises(ValueError, match="decompression bomb"):
+        ds.load(0)
+    check_readable(ds)  # finds the readable second image
+    grey = np.asarray(ds.load(1))
+    assert grey.shape == (16, 16, 3)
+    np.testing.assert_array_equal(grey[..., 0], np.rint(ramp / 257.0).astype(np.uint8))
