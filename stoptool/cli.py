@@ -1,5 +1,6 @@
 """The `stoptool` command line: parse, validate, call, report. No method code lives here."""
 
+import errno
 import functools
 import json
 import sys
@@ -24,7 +25,8 @@ err_console = Console(stderr=True)
 
 
 def user_errors(fn):
-    """Turn a UserError into one line on stderr and exit code 2."""
+    """Turn a UserError into one line on stderr and exit code 2; likewise a path given on the
+    command line that is too long for the filesystem, wherever it is first looked at."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -32,6 +34,12 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except UserError as err:
             err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as err:
+            if err.errno != errno.ENAMETOOLONG:
+                raise
+            err_console.print(f"error: file name too long: '{err.filename}'", highlight=False, markup=False,
+                              soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

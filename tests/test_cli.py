@@ -451,3 +451,29 @@ def test_the_pretrain_table_counts_the_unreadable_images_it_skipped(image_folder
     skipped = json.loads((out / "summary.json").read_text())["skipped_images"]
     assert skipped > 0  # the fixture holds a broken file
     assert f"skipped images │ {skipped} (unreadable)" in result.stdout
+
+
+def test_names_too_long_for_the_filesystem_are_one_line_errors_and_long_legal_ones_work(tmp_path):
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["pretrain", *TINY, "--steps", "1", "--out", str(run)]).exit_code == 0
+    ckpt = str(run / "latest.safetensors")
+    too_long = str(tmp_path / ("n" * 300))
+    commands = [
+        ["info", too_long + ".safetensors"],
+        ["probe", too_long + ".safetensors"],
+        ["viz", "curves", too_long],
+        ["export", ckpt, "--to", "timm", too_long + ".safetensors"],
+        ["viz", "masks", "--out", too_long + ".png"],
+        ["pretrain", *TINY, "--steps", "1", "--out", too_long],
+    ]
+    for args in commands:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "too long" in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    # 245 characters fit (the limit is 255 bytes); so must the temporary file written beside
+    long_ok = tmp_path / "out" / ("e" * 233 + ".safetensors")
+    assert runner.invoke(app, ["export", ckpt, "--to", "timm", str(long_ok)]).exit_code == 0
+    written = sorted(p.name for p in long_ok.parent.iterdir())
+    assert written == sorted([long_ok.name, long_ok.stem + ".export.json"])

@@ -12,8 +12,6 @@ reader never sees a half-written checkpoint.
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from safetensors.torch import save_file
 
 from stoptool import __version__
 from stoptool.errors import UserError
-from stoptool.io.paths import check_file
+from stoptool.io.paths import atomic_write, check_file
 
 FORMAT = "stoptool"
 TIMM_ENCODER = "timm-encoder"  # the `kind` of an encoder exported for timm
@@ -63,21 +61,7 @@ def stoptool_view(ckpt: Checkpoint) -> Checkpoint:
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a checkpoint is not
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), sync=True)
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:

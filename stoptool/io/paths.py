@@ -4,6 +4,7 @@ JSON reports written beside outputs."""
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,12 @@ def check_file(path: str | Path, what: str) -> Path:
     """`path` is an existing regular file; else UserError "<what> '<path>' does not exist" (or
     "is not a file", for a directory or a device)."""
     path = Path(path)
-    if not path.is_file():
-        state = "is not a file" if path.exists() else "does not exist"
-        raise UserError(f"{what} '{path}' {state}")
+    try:
+        if not path.is_file():
+            state = "is not a file" if path.exists() else "does not exist"
+            raise UserError(f"{what} '{path}' {state}")
+    except OSError as err:  # a name too long for the filesystem, a path through a file, ...
+        raise UserError(f"cannot read {what} '{path}': {err.strerror or err}") from None
     return path
 
 
@@ -33,9 +37,22 @@ def check_writable(path: str | Path) -> Path:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"cannot write '{path}': '{parent}' is not a directory")
+            _check_name_lengths(path, parent)
             _try_create_in(parent, path)
             break
     return path
+
+
+def _check_name_lengths(path: Path, directory: Path) -> None:
+    """Every name in `path` fits the filesystem (255 bytes on most), so that a long name is
+    refused before the work, not when the result is written."""
+    try:
+        limit = os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for name in path.parts:
+        if len(os.fsencode(name)) > limit:
+            raise UserError(f"cannot write '{path}': the name '{name[:40]}...' is longer than {limit} bytes")
 
 
 def _try_create_in(directory: Path, path: Path) -> None:
@@ -66,16 +83,33 @@ def report_path(out: Path, kind: str) -> Path:
     return out.with_name(f"{out.stem}.{kind}.json")
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write `text` through a temporary file and a rename: the file is whole or not there."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def atomic_write(path: Path, write: Callable[[str], None], suffix: str = ".tmp", sync: bool = False) -> Path:
+    """Call `write(tmp)` on a new temporary file beside `path`, then rename it over `path`: the
+    file is whole or not there. The temporary name starts with a dot and at most 64 characters
+    of `path`'s name, so that it fits wherever `path` does; the file gets the permissions a
+    plain `open` would give (mkstemp makes it private). `sync` flushes it to disk first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
-        tmp.write_text(text)
+        os.chmod(tmp, 0o666 & ~umask)
+        write(tmp)
+        if sync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write `text` through a temporary file and a rename."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_report(path: Path, data: dict[str, Any]) -> Path:
