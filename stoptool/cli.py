@@ -22,6 +22,7 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+SEED_MAX = 2**32 - 1  # what numpy and scikit-learn take
 
 
 def user_errors(fn):
@@ -353,7 +354,7 @@ def viz_similarity(
     sigma: float | None = typer.Option(None, help="Noise standard deviation σ of the stochastic maps. (default: the checkpoint's σ; 0.25 if it was trained with σ = 0)"),
     draws: int = typer.Option(256, help="Noise draws n averaged per query."),
     queries: str | None = typer.Option(None, help="Query patches: N for an N×N spread over the grid, or ROW,COL;ROW,COL;... (default: 3)"),
-    seed: int = typer.Option(0, help="Seed of the noise draws."),
+    seed: int = typer.Option(0, help="Seed of the noise draws.", min=0, max=SEED_MAX),
     out: Path | None = typer.Option(None, help=_OUT_HELP.format(name="similarity", anchor="checkpoint")),
     dpi: int = typer.Option(150, help=_DPI_HELP),
 ):
@@ -373,7 +374,7 @@ def viz_heatmap(
     ckpt: Path = typer.Argument(..., help="A stoptool checkpoint with a predictor (.safetensors), or a run directory (its latest)."),
     image: Path | None = typer.Argument(None, help="An image; its central square is used. (default: the sample photo shipped with stoptool)"),
     patch: str | None = typer.Option(None, help="Masked patch(es) to explain, ROW,COL;ROW,COL;... each inside a target block. (default: the centre of each target block)"),
-    seed: int = typer.Option(0, help="Seed of the sampled mask (the checkpoint's mask settings)."),
+    seed: int = typer.Option(0, help="Seed of the sampled mask (the checkpoint's mask settings).", min=0, max=SEED_MAX),
     temperature: float = typer.Option(0.1, help="Softmax temperature τ over the cosine similarities."),
     out: Path | None = typer.Option(None, help=_OUT_HELP.format(name="heatmap", anchor="checkpoint")),
     dpi: int = typer.Option(150, help=_DPI_HELP),
@@ -534,7 +535,7 @@ def probe(
     workers: int | None = typer.Option(None, help="Data loader workers for extraction. (default: auto)"),
     cache_dir: Path | None = typer.Option(None, help="Feature cache directory. (default: ~/.cache/stoptool/features)"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse and store extracted features."),
-    seed: int = typer.Option(0, help="Seed of --fraction, the held-out split, the linear probe and --random-init."),
+    seed: int = typer.Option(0, help="Seed of --fraction, the held-out split, the linear probe and --random-init.", min=0, max=SEED_MAX),
     out: Path | None = typer.Option(None, help="JSON results file. (default: <ckpt stem>.probe-<dataset>.json beside the checkpoint; runs/random-init-<arch>-<size>px.probe-<dataset>.json with --random-init)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):

@@ -190,6 +190,12 @@ class PretrainConfig:
             raise UserError("--fsdp and --compile do not go together: drop one of them")
         if self.shard_group is not None and self.shard_group < 1:
             raise UserError(f"--shard-group must be at least 1, got {self.shard_group}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise UserError(f"clip_grad must be positive (leave it out: no clipping), got {self.clip_grad}")
+        if self.const_after_epoch is not None and self.const_after_epoch < 0:
+            raise UserError(f"const_after_epoch must be >= 0, got {self.const_after_epoch}")
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}")
         self.mask_config().validate()
         return self
 
@@ -204,7 +210,10 @@ def read_config_file(name_or_path: str) -> dict[str, Any]:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or os.sep in name_or_path:
         check_file(name_or_path, "config file")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"config '{name_or_path}' is not a UTF-8 text file (YAML)") from None
     else:
         preset = resources.files("stoptool.configs") / f"{name_or_path}.yaml"
         if not preset.is_file():
@@ -214,12 +223,28 @@ def read_config_file(name_or_path: str) -> dict[str, Any]:
             )
         text = preset.read_text()
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         raise UserError(f"config '{name_or_path}' is not valid YAML: {err}".splitlines()[0]) from None
     if not isinstance(data, dict):
         raise UserError(f"config '{name_or_path}' must be a mapping of option names to values")
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that names a key twice (which plain YAML loading
+    settles silently in favour of the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def build_config(file: str | None = None, overrides: dict[str, Any] | None = None) -> PretrainConfig:

@@ -201,6 +201,10 @@ def test_config_file_numbers_as_yaml_writes_them(tmp_path):
         ("compile: maybe", "config key 'compile' takes true or false, got 'maybe'"),
         ("noise_on: 16", "config key 'noise_on' takes a string, got 16"),
         ("ema: [0.99, high]", "config key 'ema' takes a number, got 'high'"),
+        ("clip_grad: -1", "clip_grad must be positive"),  # a negative norm would flip the gradient
+        ("const_after_epoch: -1", "const_after_epoch must be >= 0"),
+        ("seed: -1", "--seed must be between 0 and 2**32 - 1"),
+        ("lr: 1e-3\nepochs: 2\nlr: 2e-3", "key 'lr' appears twice"),
     ],
 )
 def test_config_file_value_of_the_wrong_type_exits_2(tmp_path, line, message):
@@ -211,6 +215,20 @@ def test_config_file_value_of_the_wrong_type_exits_2(tmp_path, line, message):
     assert result.exit_code == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_a_config_file_that_is_not_text_exits_2(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"\xff\xfe binary")
+    result = runner.invoke(app, ["pretrain", "--config", str(path), "--print-config"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: config '{path}' is not a UTF-8 text file (YAML)"
+
+
+@pytest.mark.parametrize("command", [["probe", "--random-init"], ["viz", "similarity", "x.safetensors"]])
+def test_negative_seeds_are_refused_by_the_command_line(command):
+    result = runner.invoke(app, [*command, "--seed", "-1"])
+    assert result.exit_code == 2 and "--seed" in result.output
 
 
 def test_random_masks_with_no_room_for_context_are_refused_before_any_output(tmp_path):
