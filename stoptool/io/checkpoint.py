@@ -12,6 +12,7 @@ reader never sees a half-written checkpoint.
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,9 +127,38 @@ def _open(path: str | Path, tensors: bool) -> Checkpoint:
             and isinstance(meta.get("img_size"), int)):
         raise UserError(f"'{path}' is tagged as a stoptool checkpoint but its metadata lacks the arch "
                         "and image size (a damaged or hand-made file)")
+    _check_meta(path, meta)
     if tensors and "sha256" in raw and tensors_digest(data) != raw["sha256"]:  # older files have none
         raise UserError(f"'{path}' is damaged: its tensors do not match the checksum written with them")
     return Checkpoint(meta, data, raw.get("sha256") if tensors else None)
+
+
+KINDS = ("pretrain", "imported", TIMM_ENCODER)
+
+
+def _check_meta(path: Path, meta: dict[str, Any]) -> None:
+    """The metadata values the loaders act on have their types and ranges: the checksum covers
+    the tensors only, so an edited metadata block is caught here, not deep in a command."""
+    from stoptool.config import CHOICES
+
+    def bad(key: str, want: str) -> UserError:
+        value = meta[key]
+        return UserError(f"'{path}' has metadata {key} = {value!r}, not {want} (a damaged or hand-made file)")
+
+    if meta.get("kind", "pretrain") not in KINDS:
+        raise bad("kind", "one of " + ", ".join(KINDS))
+    sigma = meta.get("sigma", 0.0)
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma < math.inf:
+        raise bad("sigma", "a number >= 0")
+    for key in ("img_size", "pred_depth", "pred_width"):
+        value = meta.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad(key, "a positive integer")
+    for key in ("pred_pos", "noise_on", "cov"):
+        if key in meta and meta[key] not in CHOICES[key]:
+            raise bad(key, "one of " + ", ".join(CHOICES[key]))
+    if meta.get("which", "target") not in ("target", "context"):
+        raise bad("which", "target or context")
 
 
 def optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict]]:

@@ -21,7 +21,7 @@ from stoptool.io.checkpoint import (
     save_checkpoint,
     stoptool_view,
 )
-from stoptool.io.models import WHICH, check_holds
+from stoptool.io.models import WHICH, check_finite, check_holds
 from stoptool.io.official import check_state, encoder_shapes
 from stoptool.io.paths import check_checkpoint_out, report_path, write_report
 from stoptool.models.archs import parse_arch
@@ -88,6 +88,7 @@ def export_timm(ckpt_path: str | Path, out: str | Path, which: str = "target") -
     expected = encoder_shapes(meta["arch"], meta["img_size"])
     state = ckpt.part(part)
     check_state(expected, state, f"{which} encoder", ckpt_path, meta["arch"])
+    check_finite(ckpt, f"'{ckpt_path}'")
     tensors = {k: state[k].to(torch.float32).contiguous() for k in expected}
 
     name, kwargs = timm_model_args(meta["arch"], meta["img_size"])

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from stoptool.errors import UserError
+import torch
+
+from stoptool.errors import UserError, plural
 from stoptool.io.checkpoint import Checkpoint, load_checkpoint, stoptool_view
 from stoptool.models.encoder import build_encoder
 from stoptool.models.jepa import JEPA, build_jepa
@@ -55,7 +57,19 @@ def model_from_checkpoint(ckpt: Checkpoint, source: str = "checkpoint") -> JEPA:
     target_part = "target_encoder" if ckpt.has("target_encoder") else "encoder"
     model.encoder.load_state_dict(ckpt.part(encoder_part))
     model.target_encoder.load_state_dict(ckpt.part(target_part))
+    check_finite(ckpt, source)
     return model
+
+
+def check_finite(ckpt: Checkpoint, source: str) -> None:
+    """Refuse weights holding NaN or inf (an imported file from a diverged run, say): every
+    feature, prediction and probe made from them would be NaN."""
+    parts = ("encoder.", "target_encoder.", "predictor.")
+    bad = [k for k, v in ckpt.tensors.items()
+           if k.startswith(parts) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"{source} holds weights that are not finite (NaN or inf) in "
+                        f"{plural(len(bad), 'tensor')}, first '{bad[0]}': it cannot be used")
 
 
 def load_model(path: str | Path, need_predictor: bool = False) -> Loaded:

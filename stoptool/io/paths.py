@@ -2,6 +2,7 @@
 JSON reports written beside outputs."""
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -95,8 +96,8 @@ def atomic_write(path: Path, write: Callable[[str], None], suffix: str = ".tmp",
     umask = os.umask(0)
     os.umask(umask)
     try:
-        os.chmod(tmp, 0o666 & ~umask)
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # after the write: a writer may replace the file
         if sync:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
@@ -113,13 +114,22 @@ def write_text_atomic(path: Path, text: str) -> Path:
 
 
 def write_report(path: Path, data: dict[str, Any]) -> Path:
-    """Write `data` as JSON, atomically."""
-    return write_text_atomic(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+    """Write `data` as JSON, atomically. NaN and infinities become null: JSON has no spelling
+    for them (Python's `NaN` and `Infinity` are refused by strict readers)."""
+    return write_text_atomic(path, json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
 
 
 def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
     if isinstance(obj, np.generic):
-        return obj.item()
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
     if isinstance(obj, Path):
         return str(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+    return obj

@@ -141,3 +141,25 @@ def test_a_write_that_fails_midway_leaves_the_old_checkpoint_whole(tmp_path, mon
     back = load_checkpoint(path)
     assert back.meta["step"] == 1 and torch.equal(back.tensors["encoder.w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["latest.safetensors"]  # no temporary left
+
+
+@pytest.mark.parametrize(
+    "key, value, want",
+    [
+        ("sigma", "abc", "a number >= 0"),
+        ("sigma", -1, "a number >= 0"),
+        ("kind", "weird", "one of pretrain, imported, timm-encoder"),
+        ("pred_width", "x", "a positive integer"),
+        ("img_size", 0, "a positive integer"),
+        ("noise_on", "everywhere", "one of masked, context, both"),
+        ("which", "both", "target or context"),
+    ],
+)
+def test_metadata_values_of_the_wrong_type_or_range_are_refused(tmp_path, key, value, want):
+    """The checksum covers the tensors only: an edited metadata block is caught when read."""
+    path = tmp_path / "edited.safetensors"
+    save_checkpoint(path, Checkpoint({**TINY_META, "sigma": 0.25, key: value}, {"encoder.w": torch.zeros(2)}))
+    with pytest.raises(UserError) as err:
+        read_meta(path)
+    reason = f"not {want} (a damaged or hand-made file)"
+    assert str(err.value) == f"'{path}' has metadata {key} = {value!r}, {reason}"

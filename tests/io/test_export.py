@@ -148,3 +148,21 @@ def test_bad_requests_are_one_line_errors(tmp_path, tiny_run):
     probe = runner.invoke(app, ["probe", out, "--which", "context", "--method", "knn"])
     assert probe.exit_code == 2 and "holds only the target encoder; use --which target" in probe.stderr
     assert not (tmp_path / "out.probe-digits.json").exists()
+
+
+def test_weights_that_are_not_finite_are_refused_by_the_loader_and_export(tiny_run, tmp_path):
+    path, _ = tiny_run
+    ckpt = load_model(path).checkpoint
+    tensors = dict(ckpt.tensors)
+    tensors["target_encoder.blocks.1.mlp.fc1.weight"] = torch.full_like(
+        tensors["target_encoder.blocks.1.mlp.fc1.weight"], float("nan"))
+    bad = tmp_path / "diverged.safetensors"
+    save_checkpoint(bad, Checkpoint(ckpt.meta, tensors))
+    message = (f"'{bad}' holds weights that are not finite (NaN or inf) in 1 tensor, "
+               "first 'target_encoder.blocks.1.mlp.fc1.weight': it cannot be used")
+    with pytest.raises(UserError) as err:
+        load_model(bad)
+    assert str(err.value) == message
+    with pytest.raises(UserError, match="not finite"):
+        export_timm(bad, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()

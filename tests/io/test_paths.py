@@ -44,3 +44,12 @@ def test_input_files_are_named_with_what_is_wrong(tmp_path):
         check_file(tmp_path / "b.yaml", "config file")
     with pytest.raises(UserError, match=f"^image '{tmp_path}' is not a file$"):
         check_file(tmp_path, "image")
+
+
+def test_reports_write_nan_and_infinity_as_null(tmp_path):
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} written into JSON"))
+
+    path = write_report(tmp_path / "r.json", {"a": float("nan"), "b": [1.0, float("inf"), np.float32("-inf")],
+                                             "c": {"d": np.array([0.5, np.nan])}})
+    assert strict(path.read_text()) == {"a": None, "b": [1.0, None, None], "c": {"d": [0.5, None]}}
