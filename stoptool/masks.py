@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from stoptool.errors import UserError, plural
+from stoptool.models.archs import check_grid
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class MaskConfig:
             lo, hi = getattr(self, name)
             if not (0 < lo <= hi):
                 raise UserError(f"{name.replace('_', '-')} must satisfy 0 < min <= max, got {lo}, {hi}")
+        check_grid(self.grid, "the image size")
         if self.mode not in ("multiblock", "random"):
             raise UserError(f"mask mode must be 'multiblock' or 'random', got '{self.mode}'")
         if self.min_keep is not None and self.min_keep < 0:
@@ -127,7 +129,8 @@ def _box_masks(grid: int, h: int, w: int, top: torch.Tensor, left: torch.Tensor)
 
 def _first_k(mask: torch.Tensor, k: int) -> torch.Tensor:
     """Raster-order indices of the first k True entries of each row (every row has >= k)."""
-    keep = mask & (mask.cumsum(-1, dtype=torch.int16) <= k)
+    count = torch.int16 if mask.shape[-1] <= torch.iinfo(torch.int16).max else torch.int32
+    keep = mask & (mask.cumsum(-1, dtype=count) <= k)
     return keep.nonzero()[:, -1].view(*mask.shape[:-1], k)
 
 

@@ -116,3 +116,21 @@ def test_random_mode_disjoint_and_sized():
 def test_bad_mask_configs_are_user_errors(kwargs, message):
     with pytest.raises(UserError, match=message):
         MaskSampler(MaskConfig(grid=8, **kwargs))
+
+
+def test_first_k_counts_past_the_int16_range():
+    """Grids past 181 × 181 have more patches than an int16 counts: the first k of each row
+    must still be the first k True entries in raster order."""
+    from stoptool.masks import _first_k
+
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(3, 200 * 200, generator=gen) < 0.9
+    k = int(mask.sum(-1).min())
+    expected = torch.stack([row.nonzero()[:k, 0] for row in mask])
+    assert k > 32767 and torch.equal(_first_k(mask, k), expected)
+
+
+def test_a_grid_past_512_patches_a_side_is_refused():
+    MaskConfig(grid=512).validate()
+    with pytest.raises(UserError, match="makes a 513×513 grid of patches; at most 512 a side work"):
+        MaskConfig(grid=513).validate()

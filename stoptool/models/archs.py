@@ -38,12 +38,22 @@ def parse_arch(name: str) -> tuple[ArchSpec, int]:
     return ARCHS[match.group(1)], int(match.group(2))
 
 
+MAX_GRID = 512  # patches a side: 262,144 tokens, far past any ViT's sequence; a typo beyond
+
+
 def check_img_size(arch: str, img_size: int, what: str = "image size") -> int:
-    """The patch size of `arch`, once `img_size` is known to be a positive multiple of it."""
+    """The patch size of `arch`, once `img_size` is known to be a positive multiple of it that
+    gives at most MAX_GRID patches a side."""
     patch = parse_arch(arch)[1]
     if img_size <= 0 or img_size % patch:
         raise UserError(f"{what} {img_size} is not a positive multiple of the patch size {patch} of {arch}")
+    check_grid(img_size // patch, f"{what} {img_size}")
     return patch
+
+
+def check_grid(grid: int, what: str) -> None:
+    if grid > MAX_GRID:  # past it, sampling masks alone needs gigabytes
+        raise UserError(f"{what} makes a {grid}×{grid} grid of patches; at most {MAX_GRID} a side work")
 
 
 def default_img_size(arch: str) -> int:

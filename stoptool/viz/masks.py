@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from stoptool.errors import UserError
 from stoptool.masks import MaskConfig, MaskSampler
+from stoptool.models.archs import check_grid
 from stoptool.viz.common import (
     CONTEXT_COLOR,
     TARGET_COLORS,
@@ -93,6 +94,7 @@ def mask_settings(config: str | None, overrides: dict) -> tuple[int, int, MaskCo
         raise UserError(
             f"image size {img_size} is not a positive multiple of the patch size {patch}"
         )
+    check_grid(img_size // patch, f"image size {img_size} with patch {patch}")
     return img_size, patch, replace(cfg.mask_config(), grid=img_size // patch).validate()
 
 
