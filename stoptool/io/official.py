@@ -18,7 +18,9 @@ it has passed.
 
 import json
 import math
+import pickletools
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,9 +97,29 @@ def _unsafe_globals(path: Path) -> list[str]:
     return sorted(set(found) - allowed)
 
 
+def _pickle_globals(path: Path) -> list[str]:
+    """The callables a bare pickle names (GLOBAL, or STACK_GLOBAL after its two strings), read
+    opcode by opcode without running any: for pickles torch's own scan does not parse."""
+    found, strings = set(), []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name == "GLOBAL":
+                    found.add(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.add(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # a damaged pickle: report what was found before the damage
+        pass
+    return sorted(found)
+
+
 def _torch_load(path: Path) -> Any:
     def load(mmap: bool) -> Any:
-        with torch.serialization.safe_globals(_safe_numpy_globals()):
+        with torch.serialization.safe_globals(_safe_numpy_globals()), warnings.catch_warnings():
+            # torch warns of pickle protocols it did not write; what it cannot read is refused below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
     try:
@@ -111,7 +133,8 @@ def _torch_load(path: Path) -> Any:
         text = str(err)
         found = []
         if "Weights only load failed" in text:
-            found = _unsafe_globals(path) or sorted(set(re.findall(r"GLOBAL ([\w.]+)", text)))
+            found = (_unsafe_globals(path) or sorted(set(re.findall(r"GLOBAL ([\w.]+)", text)))
+                     or _pickle_globals(path))
         if found:
             raise UserError(
                 f"'{path}' needs arbitrary unpickling to load (it references "

@@ -376,6 +376,23 @@ def test_a_pickled_callable_is_refused(tmp_path, capsys, payload, named):
     assert not out.exists()
 
 
+def test_a_bare_pickle_of_a_recent_protocol_naming_a_callable_is_refused_by_name(tmp_path, capsys):
+    """Not a torch.save file: a plain pickle (protocol 5), which torch's safe loader cannot
+    even parse. The refusal still names the callable, found without running the pickle, and
+    torch's warning about the protocol stays off the terminal."""
+    import pickle
+
+    src = tmp_path / "evil.pth.tar"
+    src.write_bytes(pickle.dumps({"encoder": {"x": 1}, "extra": Payload()}, protocol=5))
+    result = CliRunner().invoke(app, ["import", str(src), str(tmp_path / "out.safetensors")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"error: '{src}' needs arbitrary unpickling to load (it references builtins.print); stoptool "
+        "only reads tensors and plain containers (torch.load(weights_only=True)) and refuses it")
+    assert "this must never run" not in capsys.readouterr().out + result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pth.tar"]
+
+
 def test_cli_refusal_is_one_line_and_exit_code_2(tmp_path):
     src = tmp_path / "evil.pth.tar"
     torch.save({"encoder": {"x": torch.zeros(1)}, "extra": Payload()}, src)
