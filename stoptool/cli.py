@@ -39,8 +39,8 @@ def user_errors(fn):
         except OSError as err:
             if err.errno != errno.ENAMETOOLONG:
                 raise
-            err_console.print(f"error: file name too long: '{err.filename}'", highlight=False, markup=False,
-                              soft_wrap=True)
+            name = f"'{err.filename}'" if err.filename else "(a path given)"
+            err_console.print(f"error: file name too long: {name}", highlight=False, markup=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -413,6 +413,8 @@ def viz_masks(
         seed_list = [int(s) for s in seeds.replace(" ", "").split(",") if s]
     except ValueError:
         raise UserError(f"--seeds takes integers separated by commas, got '{seeds}'") from None
+    if any(not 0 <= s <= SEED_MAX for s in seed_list):
+        raise UserError(f"--seeds must each be between 0 and {SEED_MAX}, got '{seeds}'")
     overrides = {
         "img_size": img_size, "patch": patch, "num_targets": num_targets, "min_keep": min_keep,
         "mask_mode": mask_mode, "target_scale": _pair(target_scale, "--target-scale"),

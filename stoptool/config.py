@@ -190,8 +190,8 @@ class PretrainConfig:
             raise UserError("--fsdp and --compile do not go together: drop one of them")
         if self.shard_group is not None and self.shard_group < 1:
             raise UserError(f"--shard-group must be at least 1, got {self.shard_group}")
-        if self.clip_grad is not None and self.clip_grad <= 0:
-            raise UserError(f"clip_grad must be positive (leave it out: no clipping), got {self.clip_grad}")
+        if self.clip_grad is not None and self.clip_grad < 0:
+            raise UserError(f"clip_grad must be >= 0 (0 or left out: no clipping), got {self.clip_grad}")
         if self.const_after_epoch is not None and self.const_after_epoch < 0:
             raise UserError(f"const_after_epoch must be >= 0, got {self.const_after_epoch}")
         if not 0 <= self.seed < 2**32:
@@ -238,11 +238,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: keys given beside it override
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key '{key}' appears twice", key_node.start_mark
-                )
+            try:
+                problem = f"key '{key}' appears twice" if key in seen else None
+            except TypeError:  # a list or a mapping as a key
+                problem = "found unhashable key"
+            if problem:
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 

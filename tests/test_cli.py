@@ -201,7 +201,7 @@ def test_config_file_numbers_as_yaml_writes_them(tmp_path):
         ("compile: maybe", "config key 'compile' takes true or false, got 'maybe'"),
         ("noise_on: 16", "config key 'noise_on' takes a string, got 16"),
         ("ema: [0.99, high]", "config key 'ema' takes a number, got 'high'"),
-        ("clip_grad: -1", "clip_grad must be positive"),  # a negative norm would flip the gradient
+        ("clip_grad: -1", "clip_grad must be >= 0"),  # a negative norm would flip the gradient
         ("const_after_epoch: -1", "const_after_epoch must be >= 0"),
         ("seed: -1", "--seed must be between 0 and 2**32 - 1"),
         ("lr: 1e-3\nepochs: 2\nlr: 2e-3", "key 'lr' appears twice"),
@@ -217,6 +217,18 @@ def test_config_file_value_of_the_wrong_type_exits_2(tmp_path, line, message):
     assert not (tmp_path / "r").exists()
 
 
+def test_yaml_merge_keys_still_work_beside_the_duplicate_key_check(tmp_path):
+    from stoptool.config import build_config
+
+    path = tmp_path / "merged.yaml"
+    path.write_text("<<: {lr: 0.002, epochs: 3}\nepochs: 2\nema: &m [0.99, 1.0]\n")
+    cfg = build_config(str(path))
+    assert (cfg.lr, cfg.epochs, cfg.ema) == (0.002, 2, (0.99, 1.0))  # the key beside the merge wins
+    path.write_text("[1, 2]: 3\n")
+    result = runner.invoke(app, ["pretrain", "--config", str(path), "--print-config"])
+    assert result.exit_code == 2 and "not valid YAML: found unhashable key" in result.stderr
+
+
 def test_a_config_file_that_is_not_text_exits_2(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_bytes(b"\xff\xfe binary")
@@ -228,7 +240,8 @@ def test_a_config_file_that_is_not_text_exits_2(tmp_path):
 @pytest.mark.parametrize("command", [["probe", "--random-init"], ["viz", "similarity", "x.safetensors"]])
 def test_negative_seeds_are_refused_by_the_command_line(command):
     result = runner.invoke(app, [*command, "--seed", "-1"])
-    assert result.exit_code == 2 and "--seed" in result.output
+    assert result.exit_code == 2
+    assert "Invalid value for '--seed'" in result.output and "greater than or equal to 0" in result.output
 
 
 def test_random_masks_with_no_room_for_context_are_refused_before_any_output(tmp_path):
@@ -495,3 +508,10 @@ def test_names_too_long_for_the_filesystem_are_one_line_errors_and_long_legal_on
     assert runner.invoke(app, ["export", ckpt, "--to", "timm", str(long_ok)]).exit_code == 0
     written = sorted(p.name for p in long_ok.parent.iterdir())
     assert written == sorted([long_ok.name, long_ok.stem + ".export.json"])
+    # a figure whose own name fits but whose JSON beside it (.json for .png) would not
+    figure = tmp_path / "fig" / ("f" * 251 + ".png")
+    result = runner.invoke(app, ["viz", "masks", "--out", str(figure)])
+    assert result.exit_code == 2 and "is longer than 255 bytes" in result.stderr, result.output
+    emoji = tmp_path / "fig" / ("\U0001F9E9" * 60 + ".png")  # 244 bytes; its temporary too must fit
+    assert runner.invoke(app, ["viz", "masks", "--out", str(emoji)]).exit_code == 0
+    assert sorted(p.name for p in emoji.parent.iterdir()) == sorted([emoji.name, emoji.stem + ".json"])

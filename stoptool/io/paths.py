@@ -75,6 +75,7 @@ def check_checkpoint_out(out: Path, src: Path, kind: str) -> None:
     if out.suffix != ".safetensors":
         raise UserError(f"'{out}' must end in .safetensors (the file is written in that format)")
     check_writable(out)
+    check_writable(report_path(out, kind))
     if report_path(out, kind).is_dir():
         raise UserError(f"'{report_path(out, kind)}' (the JSON report beside '{out}') is a directory")
 
@@ -86,12 +87,13 @@ def report_path(out: Path, kind: str) -> Path:
 
 def atomic_write(path: Path, write: Callable[[str], None], suffix: str = ".tmp", sync: bool = False) -> Path:
     """Call `write(tmp)` on a new temporary file beside `path`, then rename it over `path`: the
-    file is whole or not there. The temporary name starts with a dot and at most 64 characters
-    of `path`'s name, so that it fits wherever `path` does; the file gets the permissions a
+    file is whole or not there. The temporary name starts with a dot and at most 64
+    bytes of `path`'s name, so that it fits wherever `path` does; the file gets the permissions a
     plain `open` would give (mkstemp makes it private). `sync` flushes it to disk first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=suffix, dir=path.parent)
+    short = os.fsencode(path.name)[:64].decode(errors="ignore")  # 64 bytes, whole characters
+    fd, tmp = tempfile.mkstemp(prefix=f".{short}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)

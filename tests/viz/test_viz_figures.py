@@ -166,6 +166,8 @@ def test_heatmap_unreadable_image(tiny_ckpt, tmp_path):
     [
         (["--img-size", "30", "--patch", "4"], "not a positive multiple of the patch size 4"),
         (["--seeds", "a,b"], "--seeds takes integers"),
+        (["--seeds", "0,-1"], "--seeds must each be between 0 and 4294967295"),
+        (["--seeds", "99999999999999999999"], "--seeds must each be between 0 and 4294967295"),
         (["--target-scale", "0.3,0.1"], "target-scale must satisfy"),
         (["--config", "no-such-preset"], "unknown preset"),
     ],
