@@ -154,6 +154,13 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
         value = meta.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise bad(key, "a positive integer")
+    if meta.get("kind", "pretrain") == "pretrain":  # what a resume reads
+        for key, least in (("step", 0), ("epoch", 0), ("iterations_per_epoch", 1)):
+            value = meta.get(key, least)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise bad(key, f"an integer >= {least}")
+        if not isinstance(meta.get("optimizer_groups", []), list):
+            raise bad("optimizer_groups", "a list")
     for key in ("pred_pos", "noise_on", "cov"):
         if key in meta and meta[key] not in CHOICES[key]:
             raise bad(key, "one of " + ", ".join(CHOICES[key]))

@@ -88,7 +88,7 @@ def export_timm(ckpt_path: str | Path, out: str | Path, which: str = "target") -
     expected = encoder_shapes(meta["arch"], meta["img_size"])
     state = ckpt.part(part)
     check_state(expected, state, f"{which} encoder", ckpt_path, meta["arch"])
-    check_finite(ckpt, f"'{ckpt_path}'")
+    check_finite({f"{part}.{k}": v for k, v in state.items()}, f"'{ckpt_path}'")
     tensors = {k: state[k].to(torch.float32).contiguous() for k in expected}
 
     name, kwargs = timm_model_args(meta["arch"], meta["img_size"])

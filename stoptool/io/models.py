@@ -57,15 +57,15 @@ def model_from_checkpoint(ckpt: Checkpoint, source: str = "checkpoint") -> JEPA:
     target_part = "target_encoder" if ckpt.has("target_encoder") else "encoder"
     model.encoder.load_state_dict(ckpt.part(encoder_part))
     model.target_encoder.load_state_dict(ckpt.part(target_part))
-    check_finite(ckpt, source)
+    check_finite(ckpt.tensors, source)
     return model
 
 
-def check_finite(ckpt: Checkpoint, source: str) -> None:
-    """Refuse weights holding NaN or inf (an imported file from a diverged run, say): every
-    feature, prediction and probe made from them would be NaN."""
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse network weights holding NaN or inf (a file from a diverged run, say): every
+    feature, prediction and probe made from them would be NaN. Optimizer state is not looked at."""
     parts = ("encoder.", "target_encoder.", "predictor.")
-    bad = [k for k, v in ckpt.tensors.items()
+    bad = [k for k, v in tensors.items()
            if k.startswith(parts) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise UserError(f"{source} holds weights that are not finite (NaN or inf) in "

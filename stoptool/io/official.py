@@ -31,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import FORMAT, Checkpoint, save_checkpoint
+from stoptool.io.models import check_finite
 from stoptool.io.paths import check_checkpoint_out, check_file, report_path, write_report
 from stoptool.models.archs import ARCHS, parse_arch
 from stoptool.models.encoder import timm_kwargs
@@ -98,21 +99,43 @@ def _unsafe_globals(path: Path) -> list[str]:
 
 
 def _pickle_globals(path: Path) -> list[str]:
-    """The callables a bare pickle names (GLOBAL, or STACK_GLOBAL after its two strings), read
-    opcode by opcode without running any: for pickles torch's own scan does not parse."""
-    found, strings = set(), []
+    """The callables a bare pickle names, read opcode by opcode without running any (for
+    pickles torch's own scan does not parse), less those torch's safe loader allows."""
+    found: set[str] = set()
     try:
         with open(path, "rb") as f:
-            for op, arg, _ in pickletools.genops(f):
-                if op.name == "GLOBAL":
-                    found.add(str(arg).replace(" ", "."))
-                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    found.add(f"{strings[-2]}.{strings[-1]}")
-                elif isinstance(arg, str):
-                    strings.append(arg)
-    except Exception:  # a damaged pickle: report what was found before the damage
+            while f.peek(1):  # torch's legacy format is several pickles, then raw bytes
+                found |= _globals_of_one_pickle(f)
+    except Exception:  # the raw bytes, or a damaged pickle: keep what was found before
         pass
-    return sorted(found)
+    try:
+        allowed = set(torch._weights_only_unpickler._get_allowed_globals())
+    except Exception:  # a torch without this private table: report everything
+        allowed = set()
+    allowed |= {f"{g.__module__}.{g.__qualname__}" for g in _safe_numpy_globals()}
+    return sorted(found - allowed)
+
+
+def _globals_of_one_pickle(f) -> set[str]:
+    """GLOBAL carries "module name"; STACK_GLOBAL takes the two strings pushed before it, which
+    protocol 4 and up often fetch from the memo (a module named twice is written once)."""
+    found, pushed, memo = set(), [], {}
+    for op, arg, _ in pickletools.genops(f):
+        if op.name == "GLOBAL":
+            found.add(str(arg).replace(" ", "."))
+            pushed.append(None)
+        elif op.name == "STACK_GLOBAL" and len(pushed) >= 2:
+            found.add(f"{pushed[-2]}.{pushed[-1]}")
+            pushed.append(None)
+        elif op.name == "MEMOIZE":
+            memo[len(memo)] = pushed[-1] if pushed else None
+        elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = pushed[-1] if pushed else None
+        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+            pushed.append(memo.get(arg))
+        elif op.stack_after:  # anything else that pushes: a string is all we need
+            pushed.append(arg if isinstance(arg, str) else None)
+    return found
 
 
 def _torch_load(path: Path) -> Any:
@@ -456,6 +479,7 @@ def import_checkpoint(
             # safetensors stores each tensor once, so copy the second user of a storage
             tensors[f"{p}.{k}"] = v.clone() if ptr in seen else v
             seen.add(ptr)
+    check_finite(tensors, f"'{src}'")  # a diverged run's file: refused now, not at every later use
     save_checkpoint(out, Checkpoint(meta, tensors))
     params = {p: sum(v.numel() for v in sd.values()) for p, sd in parts.items()}
     report = write_report(report_path(out, "import"), {

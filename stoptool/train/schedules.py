@@ -4,8 +4,8 @@ All run over `total = ipe_scale × epochs × iterations_per_epoch` steps (I-JEPA
 with `ipe_scale > 1` training stops before the schedules reach their ends. `at(step)` gives
 what training step `step` (counted from 0) runs with, as the released I-JEPA and StoP loops
 do: their lr and wd schedulers advance once *before* each step, so step 0 already runs at
-position 1 of the warmup and the last step at the schedule's end, while the momentum
-generator yields its first value, 0.996, for step 0.
+position 1 of the warmup and the last step at position `total`, while the momentum generator
+yields its first value, 0.996, for step 0.
 """
 
 import math

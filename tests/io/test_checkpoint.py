@@ -153,6 +153,8 @@ def test_a_write_that_fails_midway_leaves_the_old_checkpoint_whole(tmp_path, mon
         ("img_size", 0, "a positive integer"),
         ("noise_on", "everywhere", "one of masked, context, both"),
         ("which", "both", "target or context"),
+        ("step", "5", "an integer >= 0"),  # what a resume reads
+        ("iterations_per_epoch", 0, "an integer >= 1"),
     ],
 )
 def test_metadata_values_of_the_wrong_type_or_range_are_refused(tmp_path, key, value, want):

@@ -382,13 +382,19 @@ def test_a_bare_pickle_of_a_recent_protocol_naming_a_callable_is_refused_by_name
     torch's warning about the protocol stays off the terminal."""
     import pickle
 
+    class Eval:
+        def __reduce__(self):
+            return (eval, ("0",))
+
     src = tmp_path / "evil.pth.tar"
-    src.write_bytes(pickle.dumps({"encoder": {"x": 1}, "extra": Payload()}, protocol=5))
+    # two callables of one module: protocol 5 names the module once and fetches it from the memo
+    payload = {"encoder": collections.OrderedDict(x=1), "a": Payload(), "b": Eval()}
+    src.write_bytes(pickle.dumps(payload, protocol=5))
     result = CliRunner().invoke(app, ["import", str(src), str(tmp_path / "out.safetensors")])
     assert result.exit_code == 2
-    assert result.stderr.strip() == (
-        f"error: '{src}' needs arbitrary unpickling to load (it references builtins.print); stoptool "
-        "only reads tensors and plain containers (torch.load(weights_only=True)) and refuses it")
+    assert result.stderr.strip() == (  # OrderedDict is one torch's safe loader takes: not named
+        f"error: '{src}' needs arbitrary unpickling to load (it references builtins.eval, builtins.print); "
+        "stoptool only reads tensors and plain containers (torch.load(weights_only=True)) and refuses it")
     assert "this must never run" not in capsys.readouterr().out + result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pth.tar"]
 
@@ -517,3 +523,16 @@ def test_cli_import_then_info(tmp_path):
     assert result.exit_code == 0, result.output
     for text in ("imported", "stop-ep300.pth.tar", "predictor params", f"stop ({method_from})"):
         assert text in result.output
+
+
+def test_weights_of_a_diverged_run_are_refused_at_import(tmp_path):
+    enc, pred, target = build_official("vit_t4", 16, "ijepa")
+    with torch.no_grad():
+        target.blocks[2].attn.qkv.weight[0, 0] = float("inf")
+    src = tmp_path / "ijepa.pth.tar"
+    save_official(src, enc, pred, target)
+    out = tmp_path / "out.safetensors"
+    named = r"not finite \(NaN or inf\) in 1 tensor, first 'target_encoder.blocks.2"
+    with pytest.raises(UserError, match=named):
+        import_checkpoint(src, out, method="ijepa")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ijepa.pth.tar"]

@@ -159,10 +159,12 @@ def test_a_nan_loss_raises_before_any_weight_or_optimizer_state_changes(tiny_cfg
             assert torch.equal(after[key][field], value), (key, field)
 
 
-def test_clip_grad_clips_the_context_encoder_only(tiny_cfg):
+@pytest.mark.parametrize("scaled", [False, True])
+def test_clip_grad_clips_the_context_encoder_only(tiny_cfg, scaled):
     """As in the released StoP loop: the encoder's gradient norm is cut to `clip_grad`, the
     predictor's gradient is left as it is. With SGD at lr 1 and no decay, a step moves each
-    weight by minus its (clipped) gradient."""
+    weight by minus its (clipped) gradient; with a gradient scaler (fp16's path, here on the
+    CPU) the gradients are unscaled before they are clipped."""
     cfg = tiny_cfg(sigma=0.25)
     torch.manual_seed(0)
     base = build_jepa(cfg).train()
@@ -175,7 +177,8 @@ def test_clip_grad_clips_the_context_encoder_only(tiny_cfg):
         opt = torch.optim.SGD(param_groups(model), lr=1.0)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         torch.manual_seed(1)  # the same noise draw in both steps
-        train_step(model, opt, batch, 1.0, 0.0, 1.0, ac, clip_grad=clip)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if scaled else None
+        train_step(model, opt, batch, 1.0, 0.0, 1.0, ac, scaler, clip_grad=clip)
         return {n: before[n] - p.detach() for n, p in model.named_parameters() if n in before}
 
     free = moves(None)
