@@ -3,8 +3,8 @@
 Tensor names are prefixed by their part: `encoder.`, `target_encoder.`, `predictor.`,
 `opt.state.<i>.<name>` (AdamW moments) and `rng.cpu`. The metadata block holds
 `{"format": "stoptool", "meta": "<json>"}`, where the JSON names what the file holds (`kind`:
-`pretrain`, `encoder`), the arch, image size, patch, σ, ablation flags, step, epoch, config,
-data description and stoptool version; `sha256` is the digest of every tensor's name and
+`pretrain`, `imported` or `timm-encoder`), the arch, image size, patch, σ, ablation flags,
+step, epoch, config, data description and stoptool version; `sha256` is the digest of every tensor's name and
 bytes, checked whenever the tensors are read, so a file damaged after it was written is
 refused instead of loaded. Writes go to a temporary file that is renamed over the target, so a
 reader never sees a half-written checkpoint.

@@ -90,7 +90,7 @@ def _safe_numpy_globals() -> list:
 
 def _unsafe_globals(path: Path) -> list[str]:
     """What the file would import and call, read from the pickle without running it."""
-    allowed = {f"{g.__module__}.{g.__qualname__}" for g in _safe_numpy_globals()}
+    allowed = _safe_numpy_names()
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # an older torch, or a file it cannot parse: fall back to the message
@@ -112,8 +112,11 @@ def _pickle_globals(path: Path) -> list[str]:
         allowed = set(torch._weights_only_unpickler._get_allowed_globals())
     except Exception:  # a torch without this private table: report everything
         allowed = set()
-    allowed |= {f"{g.__module__}.{g.__qualname__}" for g in _safe_numpy_globals()}
-    return sorted(found - allowed)
+    return sorted(found - allowed - _safe_numpy_names())
+
+
+def _safe_numpy_names() -> set[str]:
+    return {f"{g.__module__}.{g.__qualname__}" for g in _safe_numpy_globals()}
 
 
 def _globals_of_one_pickle(f) -> set[str]:
