@@ -80,8 +80,14 @@ def init_world(world: World, device: torch.device) -> torch.device:
     return device
 
 
-def leave_world(world: World) -> None:
+def leave_world(world: World, done: bool = True) -> None:
+    """Leave the process group. After a normal finish (`done`), first wait for every rank: a
+    rank that tears the group down while a peer still has a collective in flight with it can
+    bring that peer down (a gloo process aborts). After an error, leave at once: a barrier
+    would wait for ranks that may never come."""
     if world.distributed and dist.is_initialized():
+        if done:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -234,14 +234,17 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
         check_fsdp_support()
         check_shard_group(world, cfg.shard_group)
     device = init_world(world, resolve_device(cfg.device))  # before any CUDA work: this rank's GPU
+    done = False
     try:
         precision = resolve_precision(cfg.precision, device)
         if cfg.fsdp and world.distributed and precision == "fp16":
             picked = " (what --precision auto picks on this GPU)" if cfg.precision == "auto" else ""
             raise UserError(f"--fsdp trains in bf16 or fp32, not fp16{picked}: pass --precision fp32")
-        return _pretrain(cfg, resume, progress, notify, world, device, precision)
+        result = _pretrain(cfg, resume, progress, notify, world, device, precision)
+        done = True
+        return result
     finally:
-        leave_world(world)
+        leave_world(world, done)
 
 
 def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, device, precision) -> RunResult:
