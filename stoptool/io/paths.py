@@ -27,8 +27,9 @@ def check_file(path: str | Path, what: str) -> Path:
     return path
 
 
-def check_writable(path: str | Path) -> Path:
-    """`path` can be created: its nearest existing ancestor is a writable directory.
+def check_writable(path: str | Path, beside: tuple[str, ...] = ()) -> Path:
+    """`path` can be created: its nearest existing ancestor is a writable directory, and its
+    names, like the file names in `beside` (files written next to it), fit the filesystem.
 
     Raises UserError naming the ancestor that is a file or read-only. Says nothing of `path`
     itself (callers decide whether an existing file or directory there is fine).
@@ -38,7 +39,8 @@ def check_writable(path: str | Path) -> Path:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"cannot write '{path}': '{parent}' is not a directory")
-            _check_name_lengths(path, parent)
+            for target in (path, *(path.with_name(name) for name in beside)):
+                _check_name_lengths(target, parent)
             _try_create_in(parent, path)
             break
     return path
@@ -74,8 +76,7 @@ def check_checkpoint_out(out: Path, src: Path, kind: str) -> None:
         raise UserError(f"'{out}' is a directory or the input itself; give a new file name")
     if out.suffix != ".safetensors":
         raise UserError(f"'{out}' must end in .safetensors (the file is written in that format)")
-    check_writable(out)
-    check_writable(report_path(out, kind))
+    check_writable(out, beside=(report_path(out, kind).name,))
     if report_path(out, kind).is_dir():
         raise UserError(f"'{report_path(out, kind)}' (the JSON report beside '{out}') is a directory")
 

@@ -58,8 +58,7 @@ def check_out(out: str | Path | None, default: Path) -> Path:
         raise UserError(
             f"--out '{path}' is a directory; give a file name such as {path / default.name}"
         )
-    check_writable(path.with_suffix(".json"))  # the numbers go beside it: its name must fit too
-    return check_writable(path)
+    return check_writable(path, beside=(path.with_suffix(".json").name,))  # the numbers go beside it
 
 
 def check_dpi(dpi: int) -> int:
