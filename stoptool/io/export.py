@@ -66,8 +66,10 @@ def timm_model_args(arch: str, img_size: int) -> tuple[str, dict[str, Any]]:
 def timm_line(name: str, kwargs: dict[str, Any], path: Path) -> str:
     # num_classes=0 in the overlay too: timm then loads strictly (it turns strict off when the
     # model's class count differs from the pretrained config's, hiding a missing key).
+    # custom_load=False: the registered config of some names (vit_small_patch16_224's) marks its
+    # weights as JAX .npz files, and timm before 1.0.31 keeps that mark for an overlaid file.
     args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-    overlay = f"pretrained_cfg_overlay=dict(file={str(path)!r}, num_classes=0)"
+    overlay = f"pretrained_cfg_overlay=dict(file={str(path)!r}, num_classes=0, custom_load=False)"
     return f"import timm; model = timm.create_model({name!r}, pretrained=True, {overlay}, {args})"
 
 
