@@ -1,6 +1,13 @@
 """Shared fixtures: tiny configs and models so the whole suite runs in minutes on 2 cores."""
 
+import os
+
 import pytest
+
+# The command line's consoles read COLUMNS when they are made, at import, and then keep that
+# width. A COLUMNS exported by the caller's shell would override the width each test's
+# CliRunner asks for (and wrap the paths and digests the tests look for): drop it first.
+os.environ.pop("COLUMNS", None)
 
 from stoptool.config import PretrainConfig
 
@@ -16,6 +23,7 @@ def tiny_config(**kw) -> PretrainConfig:
         epochs=2,
         warmup=0.5,
         precision="fp32",
+        device="cpu",  # CPU semantics (bit-exact resume, ...) on any machine; tests/test_gpu.py has the GPU's
         workers=0,
         log_every=1,
         save_every=1,

@@ -30,6 +30,7 @@ HERE = Path(__file__).parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 TINY = ["--arch", "vit_t2", "--img-size", "16", "--batch-size", "16", "--pred-width", "48"]
 TINY += ["--pred-depth", "1", "--precision", "fp32", "--log-every", "2", "--workers", "0", "-q"]
+TINY += ["--device", "cpu"]  # gloo processes, also on a machine with one GPU
 
 
 def test_ranks_split_every_global_batch_without_overlap():
