@@ -1,27 +1,35 @@
 """bf16 autocast trains like fp32: 200 steps of a tiny model end at close losses and probes (where
-bf16 is fast), and the first 10 steps agree on any CPU."""
+bf16 is fast: an AMX CPU or a GPU), and the first 10 steps agree on any machine."""
 
 import json
 
 import pytest
+import torch
 
 from stoptool.probe.run import ProbeConfig, run_probe
 from stoptool.train.pretrain import pretrain
-from stoptool.train.runtime import cpu_has_fast_bf16
+from stoptool.train.runtime import cpu_has_fast_bf16, gpu_has_bf16
 
 LOSS_TOLERANCE = 0.02  # relative difference of the mean loss over the 200 steps (measured: 0.04 %)
 PROBE_TOLERANCE = 0.03  # absolute difference of logistic-probe top-1 on digits (measured: 0.4 points)
 SHORT_STEP_TOLERANCE = 0.01  # relative difference of any one of the first 10 steps (measured: 5e-5)
 
 
-@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="this CPU has no fast bf16")
+def _fast_bf16_here() -> bool:
+    """Where the runs go (`--device auto`): a GPU with bf16 in hardware, or a CPU with AMX/AVX-512 BF16."""
+    if torch.cuda.is_available():
+        return gpu_has_bf16(torch.device("cuda"))
+    return cpu_has_fast_bf16()
+
+
+@pytest.mark.skipif(not _fast_bf16_here(), reason="no fast bf16 here")
 def test_bf16_and_fp32_agree_after_200_steps(tiny_cfg, tmp_path):
     results = {}
     for precision in ("fp32", "bf16"):
         out = tmp_path / precision
         cfg = tiny_cfg(
             arch="vit_t4", img_size=24, dataset="digits", batch_size=32, steps=200, epochs=10,
-            lr=3e-4, warmup=1, log_every=20, save_every=100, precision=precision, out=str(out),
+            lr=3e-4, warmup=1, log_every=20, save_every=100, precision=precision, out=str(out), device="auto",
         )
         pretrain(cfg)
         rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
@@ -41,7 +49,10 @@ def test_bf16_and_fp32_agree_over_10_steps_on_any_cpu(tiny_cfg, tmp_path):
     losses = {}
     for precision in ("fp32", "bf16"):
         out = tmp_path / precision
-        pretrain(tiny_cfg(dataset="digits", steps=10, epochs=10, lr=3e-4, precision=precision, out=str(out)))
+        cfg = tiny_cfg(
+            dataset="digits", steps=10, epochs=10, lr=3e-4, precision=precision, out=str(out), device="auto",
+        )
+        pretrain(cfg)
         rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == list(range(1, 11))
         losses[precision] = [r["loss"] for r in rows]
