@@ -44,8 +44,8 @@ def test_bf16_and_fp32_agree_after_200_steps(tiny_cfg, tmp_path):
     assert abs(acc16 - acc32) < PROBE_TOLERANCE, results
 
 
-def test_bf16_and_fp32_agree_over_10_steps_on_any_cpu(tiny_cfg, tmp_path):
-    """The short version runs everywhere (bf16 is slow without AMX, but the model is tiny)."""
+def test_bf16_and_fp32_agree_over_10_steps_on_any_machine(tiny_cfg, tmp_path):
+    """The short version runs everywhere (bf16 is slow on a CPU without AMX, but the model is tiny)."""
     losses = {}
     for precision in ("fp32", "bf16"):
         out = tmp_path / precision

@@ -179,10 +179,10 @@ def test_an_fp16_run_saves_its_loss_scale_and_resumes_with_it(tiny_cfg, image_fo
 
     monkeypatch.setattr(engine, "resolve_precision", lambda *args, **kw: "fp16")
     monkeypatch.setattr(torch.amp, "GradScaler", cpu_scaler)
-    pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "run", steps=4, device="cpu"))
+    pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "run", steps=4))
     saved = load_checkpoint(tmp_path / "run" / "latest.safetensors").meta["grad_scaler"]
     assert saved == made[0].state_dict()
-    pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "run", steps=5, device="cpu"))
+    pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "run", steps=5))
     assert len(made) == 2
     resumed_at = load_checkpoint(tmp_path / "run" / "latest.safetensors").meta["grad_scaler"]
     # one step on from the saved state (4 steps from 2^10, doubling every 2: 2^12), not from 2^10
