@@ -25,7 +25,7 @@ LOSS_RTOL = 1e-3
 
 
 def _gpu(tiny_cfg, out, **kw):
-    base = dict(device="cuda", dataset="digits", out=str(out), epochs=1, steps=6, save_every=1)
+    base = dict(device="cuda", dataset="digits", out=str(out), epochs=1, steps=6)
     base.update(kw)
     return tiny_cfg(**base)
 
