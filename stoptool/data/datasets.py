@@ -6,7 +6,9 @@ demand (`stoptool.data.count`). On disk: CIFAR-10/100 in the release format
 restricted by a subset file of relative paths.
 """
 
+import importlib.util
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -47,18 +49,34 @@ class ArrayDataset(ImageDataset):
 
 
 def digits(split: str = "train") -> ArrayDataset:
-    """scikit-learn's 1,797 handwritten digits (8×8, 17 grey levels), split 75/25 stratified."""
+    """scikit-learn's 1,797 handwritten digits (8×8, 17 grey levels), split 75/25 stratified.
+
+    The split is `train_test_split(test_size=0.25, stratify=labels, random_state=0)`, stored
+    in `assets/digits_split.npz` (order included) so that no scikit-learn module is imported:
+    that import alone took longer than a short run's training."""
+    pixels, target = _digits_arrays()
+    images = np.round(pixels.reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)
+    images = np.repeat(images[..., None], 3, axis=-1)
+    if split == "all":
+        idx = np.arange(len(images))
+    else:
+        with np.load(Path(str(resources.files("stoptool") / "assets" / "digits_split.npz"))) as stored:
+            idx = stored[split].astype(np.int64)
+    return ArrayDataset(f"digits/{split}", images[idx], target[idx], [str(d) for d in range(10)])
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 1,797 × 64 pixels (0–16) and labels, read from scikit-learn's data file without
+    importing scikit-learn; through `load_digits` if that file is not where it is expected."""
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if path is not None and path.is_file():
+        table = np.loadtxt(path, delimiter=",")
+        return table[:, :-1], table[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     data = load_digits()
-    images = np.round(data.images * (255.0 / 16.0)).astype(np.uint8)
-    images = np.repeat(images[..., None], 3, axis=-1)
-    idx_train, idx_test = train_test_split(
-        np.arange(len(images)), test_size=0.25, random_state=0, stratify=data.target
-    )
-    idx = {"train": idx_train, "test": idx_test, "all": np.arange(len(images))}[split]
-    return ArrayDataset(f"digits/{split}", images[idx], data.target[idx], [str(d) for d in range(10)])
+    return data.data, data.target
 
 
 class FolderDataset(ImageDataset):
