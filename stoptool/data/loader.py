@@ -90,27 +90,53 @@ def epoch_batches(
         yield [(epoch, b, i) for i in perm[first : first + local]]
 
 
+class RunBatches:
+    """The batches of keys of steps `first` to `last` of a run, across epoch boundaries (see
+    `epoch_batches`), so that one loader, and one set of workers, serves the whole run."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, first: int, last: int, rank: int = 0,
+                 world: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.first, self.last = first, last
+
+    def __len__(self) -> int:
+        return max(0, self.last - self.first)
+
+    def __iter__(self):
+        per_epoch = self.n // self.batch_size
+        step = self.first
+        while step < self.last:
+            epoch, start = divmod(step, per_epoch)
+            for keys in epoch_batches(self.n, self.batch_size, self.seed, epoch, start, self.rank,
+                                      self.world):
+                yield keys
+                step += 1
+                if step == self.last:
+                    return
+
+
 def pretrain_loader(
     data: ImageDataset,
     transform: PretrainTransform,
     sampler: MaskSampler,
     batch_size: int,
     seed: int,
-    epoch: int,
-    start: int = 0,
+    first: int,
+    last: int,
     workers: int = 0,
     pin_memory: bool = False,
     rank: int = 0,
     world: int = 1,
 ) -> DataLoader:
+    """The batches of steps `first` (0-based) to `last` (excluded), over as many epochs as
+    they span; the workers start once, and prefetch across an epoch's end."""
     return DataLoader(
         AugmentedImages(data, transform, seed),
-        batch_sampler=list(epoch_batches(len(data), batch_size, seed, epoch, start, rank, world)),
+        batch_sampler=RunBatches(len(data), batch_size, seed, first, last, rank, world),
         collate_fn=MaskCollate(sampler, seed, rank),
         num_workers=workers,
         pin_memory=pin_memory,
-        persistent_workers=False,
         # its own generator, so that creating a loader never draws from the global RNG that
         # the predictor's noise uses (a resumed run must see the same noise)
-        generator=torch.Generator().manual_seed(stream_seed(seed, epoch, -2)),
+        generator=torch.Generator().manual_seed(stream_seed(seed, first, -2)),
     )

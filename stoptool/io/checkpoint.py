@@ -1,7 +1,8 @@
 """stoptool checkpoints: one safetensors file, tensors plus a JSON metadata block.
 
 Tensor names are prefixed by their part: `encoder.`, `target_encoder.`, `predictor.`,
-`opt.state.<i>.<name>` (AdamW moments) and `rng.cpu`. The metadata block holds
+`opt.state.<i>.<name>` (AdamW moments) and the random states `rng.cpu` (`rng.cuda` on a GPU;
+under torchrun `rng.cpu.rank<r>` for the other processes too). The metadata block holds
 `{"format": "stoptool", "meta": "<json>"}`, where the JSON names what the file holds (`kind`:
 `pretrain`, `imported` or `timm-encoder`), the arch, image size, patch, σ, ablation flags,
 step, epoch, config, data description and stoptool version; `sha256` is the digest of every tensor's name and

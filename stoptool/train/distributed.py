@@ -143,6 +143,35 @@ def sum_over_ranks(value: float, world: World, device: torch.device) -> float:
     return t.item()
 
 
+def rng_states(world: World, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every process's random states, on every process: rank 0's under `rng.cpu` and
+    `rng.cuda` (the one-process names), rank r's under `rng.cpu.rank<r>`, `rng.cuda.rank<r>`."""
+    own = {"rng.cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        own["rng.cuda"] = torch.cuda.get_rng_state(device)
+    if not world.distributed:
+        return own
+    states = {}
+    for name, state in own.items():
+        parts = [torch.empty_like(state, device=device) for _ in range(world.size)]
+        dist.all_gather(parts, state.to(device))  # states have one size: a uint8 vector per kind
+        states[name] = parts[0].cpu()
+        states.update({f"{name}.rank{r}": parts[r].cpu() for r in range(1, world.size)})
+    return states
+
+
+def own_rng_states(saved: dict[str, torch.Tensor], world: World) -> dict[str, torch.Tensor] | None:
+    """This process's random states (`cpu`, `cuda` if saved) in a checkpoint's tensors: rank
+    0's always; another rank's if the checkpoint was written by as many processes (see
+    `rng_states`), else None."""
+    if world.rank:
+        as_many = f"rng.cpu.rank{world.size - 1}" in saved and f"rng.cpu.rank{world.size}" not in saved
+        if not as_many:
+            return None
+    suffix = f".rank{world.rank}" if world.rank else ""
+    return {kind: saved[f"rng.{kind}{suffix}"] for kind in ("cpu", "cuda") if f"rng.{kind}{suffix}" in saved}
+
+
 def broadcast_module(module: nn.Module, world: World) -> None:
     """Copy rank 0's parameters and buffers to every rank."""
     if world.distributed:

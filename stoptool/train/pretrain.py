@@ -46,7 +46,9 @@ from stoptool.train.distributed import (
     init_world,
     leave_world,
     mean_over_ranks,
+    own_rng_states,
     replicas_agree,
+    rng_states,
     shard_optimizer_state,
     sum_over_ranks,
     whole,
@@ -273,13 +275,15 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
         for part in ("encoder", "target_encoder", "predictor"):
             getattr(model, part).load_state_dict(saved.part(part))
         step = saved.meta["step"]
-        torch.set_rng_state(saved.tensors["rng.cpu"])
-        if device.type == "cuda" and "rng.cuda" in saved.tensors:
-            torch.cuda.set_rng_state(saved.tensors["rng.cuda"], device)
     check_same_step(step, world, device)
-    if not world.main:
-        # Same weights everywhere, but each rank draws its own predictor noise. (The saved RNG
-        # state is rank 0's, so only a one-process run resumes bit for bit.)
+    # Same weights everywhere, but each rank draws its own predictor noise: from the state it
+    # saved when resuming on as many processes (bit for bit then), else from a seed of its own.
+    own = own_rng_states(saved.tensors, world) if saved is not None else None
+    if own is not None:
+        torch.set_rng_state(own["cpu"])
+        if device.type == "cuda" and "cuda" in own:
+            torch.cuda.set_rng_state(own["cuda"], device)
+    elif not world.main:
         noise_seed = stream_seed(cfg.seed, world.rank, step, -3)
         torch.manual_seed(noise_seed)
         if device.type == "cuda":
@@ -343,6 +347,7 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
     }
 
     def save(path: Path, with_state: bool = True) -> None:
+        rng = rng_states(world, device) if with_state else {}  # every rank takes part
         if not world.main and not sharded:
             return
         # under FSDP every rank takes part in gathering the tensors; rank 0 alone keeps them
@@ -354,9 +359,7 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
         if with_state:
             opt_tensors, groups = optimizer_tensors(state)
             tensors.update(opt_tensors)
-            tensors["rng.cpu"] = torch.get_rng_state()
-            if device.type == "cuda":
-                tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+            tensors.update(rng)
             extra["optimizer_groups"] = groups
             if scaler is not None:  # fp16: the loss scale it has settled on, and its growth count
                 extra["grad_scaler"] = scaler.state_dict()
@@ -376,59 +379,55 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
         progress(step, last_step, None)
     try:
         with _StopFlag() as stop:
-            while step < last_step:
-                epoch = step // ipe
-                loader = pretrain_loader(
-                    data,
-                    transform,
-                    sampler,
-                    cfg.batch_size,
-                    cfg.seed,
-                    epoch,
-                    start=step % ipe,
-                    workers=workers,
-                    pin_memory=device.type == "cuda",
-                    rank=world.rank,
-                    world=world.size,
+            loader = pretrain_loader(
+                data,
+                transform,
+                sampler,
+                cfg.batch_size,
+                cfg.seed,
+                step,
+                last_step,
+                workers=workers,
+                pin_memory=device.type == "cuda",
+                rank=world.rank,
+                world=world.size,
+            )
+            for images, ctx_idx, tgt_idx, n_skipped in loader:
+                inputs = StepInputs(
+                    images.to(device, non_blocking=True),
+                    ctx_idx.to(device, non_blocking=True),
+                    tgt_idx.to(device, non_blocking=True),
                 )
-                for images, ctx_idx, tgt_idx, n_skipped in loader:
-                    inputs = StepInputs(
-                        images.to(device, non_blocking=True),
-                        ctx_idx.to(device, non_blocking=True),
-                        tgt_idx.to(device, non_blocking=True),
-                    )
-                    lr, wd, m = sched.at(step)
-                    args = (model, optimizer, inputs, lr, wd, m, autocast, scaler, cfg.a_l1, cfg.clip_grad,
-                            online, reduce, target)
-                    try:
-                        if compiled and not world.distributed:
-                            loss = eager_on_compile_failure(partial(train_step, *args), model, compile_failed)
-                        else:
-                            loss = train_step(*args)
-                    except NonFiniteLoss as err:
-                        kept = (f"the last good checkpoint is kept in '{latest}'" if latest.exists()
-                                else "no checkpoint had been written yet")
-                        hint = "try a lower --lr" + (", or --precision fp32: fp16 activations overflow "
-                                                     "past 65504" if precision == "fp16" else "")
-                        raise UserError(f"training stopped at step {step}: {err}; {kept} ({hint})") from None
-                    step += 1
-                    skipped += n_skipped
-                    window["steps"] += 1
-                    window["loss"] += loss
-                    if step % cfg.log_every == 0 or step == last_step:
-                        row = _metrics_row(model, step, ipe, window, cfg.batch_size, lr, wd, m)
-                        log.write(row)
-                        window = {"t": time.perf_counter(), "steps": 0, "loss": 0.0}
-                        if progress:
-                            progress(step, last_step, row)
-                    elif progress:
-                        progress(step, last_step, None)
-                    if any_rank(stop.signum is not None, world, device):
-                        save(latest)
-                        barrier(world)  # no process exits before process 0 has written latest
-                        raise Interrupted(stop.signum or signal.SIGTERM, latest)
-                    if step >= last_step:
-                        break
+                lr, wd, m = sched.at(step)
+                args = (model, optimizer, inputs, lr, wd, m, autocast, scaler, cfg.a_l1, cfg.clip_grad,
+                        online, reduce, target)
+                try:
+                    if compiled and not world.distributed:
+                        loss = eager_on_compile_failure(partial(train_step, *args), model, compile_failed)
+                    else:
+                        loss = train_step(*args)
+                except NonFiniteLoss as err:
+                    kept = (f"the last good checkpoint is kept in '{latest}'" if latest.exists()
+                            else "no checkpoint had been written yet")
+                    hint = "try a lower --lr" + (", or --precision fp32: fp16 activations overflow "
+                                                 "past 65504" if precision == "fp16" else "")
+                    raise UserError(f"training stopped at step {step}: {err}; {kept} ({hint})") from None
+                step += 1
+                skipped += n_skipped
+                window["steps"] += 1
+                window["loss"] += loss
+                if step % cfg.log_every == 0 or step == last_step:
+                    row = _metrics_row(model, step, ipe, window, cfg.batch_size, lr, wd, m)
+                    log.write(row)
+                    window = {"t": time.perf_counter(), "steps": 0, "loss": 0.0}
+                    if progress:
+                        progress(step, last_step, row)
+                elif progress:
+                    progress(step, last_step, None)
+                if any_rank(stop.signum is not None, world, device):
+                    save(latest)
+                    barrier(world)  # no process exits before process 0 has written latest
+                    raise Interrupted(stop.signum or signal.SIGTERM, latest)
                 if step % ipe == 0 and step < last_step:  # an epoch ended: latest, and maybe a snapshot
                     save(latest)
                     if (step // ipe) % cfg.save_every == 0:

@@ -21,7 +21,7 @@ from stoptool.data.transforms import PretrainTransform
 from stoptool.errors import UserError
 from stoptool.masks import MaskSampler
 from stoptool.models.jepa import build_jepa
-from stoptool.train.distributed import check_fsdp_support
+from stoptool.train.distributed import World, check_fsdp_support, own_rng_states
 from stoptool.train.pretrain import METRICS
 from stoptool.train.runtime import autocast_factory
 from stoptool.train.step import jepa_loss
@@ -50,14 +50,35 @@ def test_each_rank_loads_its_slice_of_the_images_with_its_own_masks(tiny_cfg):
     data = open_dataset("digits", "train")
     transform = PretrainTransform(cfg.img_size, cfg.crop_scale)
     sampler = MaskSampler(cfg.mask_config())
+    ipe = len(data) // 16  # steps 0 .. ipe - 1 are epoch 0
 
-    def first_batch(rank: int, world: int):
-        return next(iter(pretrain_loader(data, transform, sampler, 16, 0, 1, rank=rank, world=world)))
+    def first_batch(rank: int, world: int):  # of epoch 1
+        return next(iter(pretrain_loader(data, transform, sampler, 16, 0, ipe, ipe + 1, rank=rank,
+                                         world=world)))
 
     whole = first_batch(0, 1)
     halves = [first_batch(r, 2) for r in (0, 1)]
     assert torch.equal(torch.cat([h[0] for h in halves]), whole[0])
     assert not torch.equal(halves[0][1][:4], halves[1][1][:4]) or not torch.equal(halves[0][2], halves[1][2])
+
+
+def test_a_process_resumes_its_own_noise_stream_only_on_as_many_processes():
+    state = {r: torch.full((4,), r, dtype=torch.uint8) for r in range(4)}
+    written_by_2 = {"rng.cpu": state[0], "rng.cpu.rank1": state[1]}
+    written_by_4 = {**written_by_2, "rng.cpu.rank2": state[2], "rng.cpu.rank3": state[3],
+                    "rng.cuda": state[0], "rng.cuda.rank3": state[3]}
+
+    def own(saved, rank, size):
+        got = own_rng_states(saved, World(rank=rank, size=size, local_rank=rank, local_size=size))
+        return None if got is None else {k: int(v[0]) for k, v in got.items()}
+
+    assert own(written_by_2, 1, 2) == {"cpu": 1}
+    assert own(written_by_4, 3, 4) == {"cpu": 3, "cuda": 3}
+    assert own(written_by_4, 0, 1) == {"cpu": 0, "cuda": 0}  # process 0 keeps its stream
+    assert own(written_by_2, 0, 4) == {"cpu": 0}
+    assert own(written_by_2, 1, 4) is None  # written by 2, resumed on 4: a fresh stream
+    assert own(written_by_4, 1, 2) is None
+    assert own({"rng.cpu": state[0]}, 1, 2) is None  # rank 0's only (one process wrote it)
 
 
 def test_batch_not_divisible_by_the_processes_is_refused(tmp_path):
@@ -141,19 +162,22 @@ def test_processes_average_to_the_one_process_gradient(tmp_path, mode, nproc):
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory):
     """The same tiny run under torchrun with DDP and FSDP on 2 processes, and with DDP and
-    hybrid FSDP (2 groups of 2, a 2-D mesh) on 4: 4 steps, then resumed to 6."""
+    hybrid FSDP (2 groups of 2, a 2-D mesh) on 4: 4 steps, then resumed to 6; the DDP run on 4
+    processes goes to 6 in one launch, so the hybrid run, resumed, is compared with a run that
+    was not (every process's noise stream included)."""
     root = tmp_path_factory.mktemp("torchrun")
     runs = {}
     for mode, nproc, flags in (("ddp", 2, []), ("fsdp", 2, ["--fsdp"]), ("ddp4", 4, []),
                                ("hsdp", 4, ["--fsdp", "--shard-group", "2"])):
         run = root / mode
         launch = ["-m", "stoptool", "pretrain", *TINY, "--a-l1", "1e-4", *flags, "--out", str(run)]
-        first = _torchrun(*launch, "--steps", "4", nproc=nproc)
-        assert first.returncode == 0, first.stderr[-2000:]
-        summary = json.loads((run / "summary.json").read_text())
-        second = _torchrun(*launch, "--steps", "6", nproc=nproc)
-        assert second.returncode == 0, second.stderr[-2000:]
-        runs[mode] = {"run": run, "first": first, "summary_at_4": summary}
+        runs[mode] = {"run": run}
+        for steps in ("6",) if mode == "ddp4" else ("4", "6"):
+            proc = _torchrun(*launch, "--steps", steps, nproc=nproc)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            runs[mode].setdefault("first", proc)
+            if steps == "4":
+                runs[mode]["summary_at_4"] = json.loads((run / "summary.json").read_text())
     return runs
 
 
