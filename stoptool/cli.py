@@ -352,7 +352,7 @@ def _report_figure(name: str, result) -> None:
 def viz_similarity(
     ckpt: Path = typer.Argument(..., help="A stoptool checkpoint with a predictor (.safetensors), or a run directory (its latest)."),
     sigma: float | None = typer.Option(None, help="Noise standard deviation σ of the stochastic maps. (default: the checkpoint's σ; 0.25 if it was trained with σ = 0)"),
-    draws: int = typer.Option(256, help="Noise draws n averaged per query."),
+    draws: int = typer.Option(256, help="Noise draws n averaged per query (1 to 1,000,000)."),
     queries: str | None = typer.Option(None, help="Query patches: N for an N×N spread over the grid, or ROW,COL;ROW,COL;... (default: 3)"),
     seed: int = typer.Option(0, help="Seed of the noise draws.", min=0, max=SEED_MAX),
     out: Path | None = typer.Option(None, help=_OUT_HELP.format(name="similarity", anchor="checkpoint")),

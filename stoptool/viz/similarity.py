@@ -66,11 +66,14 @@ def parse_queries(text: str | None, grid: int) -> list[tuple[int, int]]:
     return parse_cells(text, grid, "--queries")
 
 
+MAX_DRAWS = 1_000_000  # the mean's sampling error is then about 1e-3 of a cosine's spread
+
+
 def check_noise(sigma: float, draws: int) -> None:
     if not sigma >= 0 or sigma == float("inf"):
         raise UserError(f"--sigma must be >= 0 (it is the noise standard deviation), got {sigma}")
-    if draws < 1:
-        raise UserError(f"--draws must be at least 1, got {draws}")
+    if not 1 <= draws <= MAX_DRAWS:
+        raise UserError(f"--draws must be between 1 and {MAX_DRAWS:,}, got {draws}")
 
 
 @torch.no_grad()

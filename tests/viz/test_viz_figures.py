@@ -120,7 +120,8 @@ def one_line_error(args, message):
         (["--queries", "a;b"], "--queries takes ROW,COL pairs"),
         (["--sigma", "-1"], "--sigma must be >= 0"),
         (["--sigma", "nan"], "--sigma must be >= 0"),
-        (["--draws", "0"], "--draws must be at least 1"),
+        (["--draws", "0"], "--draws must be between 1 and 1,000,000, got 0"),
+        (["--draws", "1000001"], "--draws must be between 1 and 1,000,000, got 1000001"),
     ],
 )
 def test_similarity_bad_input(tiny_ckpt, tmp_path, monkeypatch, args, message):
