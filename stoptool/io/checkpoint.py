@@ -2,13 +2,13 @@
 
 Tensor names are prefixed by their part: `encoder.`, `target_encoder.`, `predictor.`,
 `opt.state.<i>.<name>` (AdamW moments) and the random states `rng.cpu` (`rng.cuda` on a GPU;
-under torchrun `rng.cpu.rank<r>` for the other processes too). The metadata block holds
-`{"format": "stoptool", "meta": "<json>"}`, where the JSON names what the file holds (`kind`:
-`pretrain`, `imported` or `timm-encoder`), the arch, image size, patch, σ, ablation flags,
-step, epoch, config, data description and stoptool version; `sha256` is the digest of every tensor's name and
-bytes, checked whenever the tensors are read, so a file damaged after it was written is
-refused instead of loaded. Writes go to a temporary file that is renamed over the target, so a
-reader never sees a half-written checkpoint.
+under torchrun `rng.cpu.rank<r>` and `rng.cuda.rank<r>` for the other processes too). The
+metadata block holds `{"format": "stoptool", "meta": "<json>"}`, where the JSON names what the
+file holds (`kind`: `pretrain`, `imported` or `timm-encoder`), the arch, image size, patch, σ,
+ablation flags, step, epoch, config, data description and stoptool version; `sha256` is the
+digest of every tensor's name and bytes, checked whenever the tensors are read, so a file
+damaged after it was written is refused instead of loaded. Writes go to a temporary file that
+is renamed over the target, so a reader never sees a half-written checkpoint.
 """
 
 import hashlib

@@ -278,15 +278,16 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world: World, devic
     check_same_step(step, world, device)
     # Same weights everywhere, but each rank draws its own predictor noise: from the state it
     # saved when resuming on as many processes (bit for bit then), else from a seed of its own.
-    own = own_rng_states(saved.tensors, world) if saved is not None else None
-    if own is not None:
+    own = (own_rng_states(saved.tensors, world) if saved is not None else None) or {}
+    noise_seed = stream_seed(cfg.seed, world.rank, step, -3)
+    if "cpu" in own:
         torch.set_rng_state(own["cpu"])
-        if device.type == "cuda" and "cuda" in own:
-            torch.cuda.set_rng_state(own["cuda"], device)
     elif not world.main:
-        noise_seed = stream_seed(cfg.seed, world.rank, step, -3)
         torch.manual_seed(noise_seed)
-        if device.type == "cuda":
+    if device.type == "cuda":  # (a run may move from CPU to GPUs on resume: no state of theirs)
+        if "cuda" in own:
+            torch.cuda.set_rng_state(own["cuda"], device)
+        elif not world.main:
             torch.cuda.manual_seed(noise_seed)
     if step >= last_step:
         return RunResult(run_dir, latest, step, step // ipe, None, 0.0, None, already_done=True)
