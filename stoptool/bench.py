@@ -52,21 +52,49 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def matmul_size(seconds_at_256: float, largest: int, most_seconds: float = 1.0) -> int:
+    """The side of the square matmuls that measure the rate: `largest`, unless one product
+    would take over `most_seconds` (a product 2× wider takes 8× longer), judged from one
+    256² product. bf16 on a CPU without bf16 instructions runs below 1 GFLOP/s: 28 s a 2048²
+    product, where 512² take half a second."""
+    n, seconds = 256, seconds_at_256
+    while n < largest and seconds * 8 <= most_seconds:
+        n, seconds = 2 * n, seconds * 8
+    return n
+
+
 def matmul_rate(device: torch.device, precision: str, n: int | None = None, reps: int = 10) -> float:
     """The device's measured dense matmul rate (FLOP/s) in this precision: 2048² matmuls on a
-    CPU, 8192² on a GPU (smaller ones leave a GPU's tensor cores part idle)."""
-    n = n or (8192 if device.type == "cuda" else 2048)
+    CPU, 8192² on a GPU (smaller ones leave a GPU's tensor cores part idle), smaller where
+    these would take over a second each (see `matmul_size`); at most `reps` products a timing,
+    fewer where they take over 0.05 s each, best of 3 timings."""
     dtype = DTYPES[precision]
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    for _ in range(2):
-        a @ b
+
+    def product(side: int):
+        a = torch.randn(side, side, device=device).to(dtype)
+        b = torch.randn(side, side, device=device).to(dtype)
+        return lambda: a @ b
+
+    if n is None:
+        small = product(256)
+        small()
+        _sync(device)
+        t = time.perf_counter()
+        small()
+        _sync(device)
+        n = matmul_size(time.perf_counter() - t, 8192 if device.type == "cuda" else 2048)
+    run = product(n)
+    run()
     _sync(device)
+    t = time.perf_counter()
+    run()
+    _sync(device)
+    reps = max(1, min(reps, int(0.5 / max(time.perf_counter() - t, 1e-9))))
     best = float("inf")
     for _ in range(3):
         t = time.perf_counter()
         for _ in range(reps):
-            a @ b
+            run()
         _sync(device)
         best = min(best, (time.perf_counter() - t) / reps)
     return 2 * n**3 / best

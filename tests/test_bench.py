@@ -5,6 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from stoptool.bench import matmul_size
 from stoptool.cli import app
 from stoptool.flops import encoder_flops, train_step_flops
 
@@ -100,3 +101,16 @@ def test_mask_bench(tmp_path):
 def test_bad_bench_input(args, message):
     result = runner.invoke(app, ["bench", *args])
     assert result.exit_code == 2 and message in result.stderr
+
+
+@pytest.mark.parametrize(
+    "seconds_at_256, largest, side",
+    [
+        (3e-4, 2048, 2048),  # a CPU's fp32 at about 100 GFLOP/s: 0.15 s a 2048² product
+        (5.6e-2, 2048, 512),  # bf16 without bf16 instructions, 0.6 GFLOP/s: 2048² would take 28 s
+        (2.0, 2048, 256),  # slower still: never below 256²
+        (1e-5, 8192, 8192),  # a GPU: launch-bound at 256², 8192² at full rate
+    ],
+)
+def test_the_matmul_rate_is_measured_on_products_of_at_most_a_second(seconds_at_256, largest, side):
+    assert matmul_size(seconds_at_256, largest) == side
