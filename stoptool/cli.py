@@ -517,7 +517,7 @@ def bench(
 @user_errors
 def probe(
     ckpt: Path | None = typer.Argument(None, help="A stoptool checkpoint (pretrain, imported or encoder-only), or a run directory (its latest)."),
-    dataset: str = typer.Option("digits", help="digits (bundled) | count (synthetic, drawn on demand) | cifar10 | cifar100 | PATH with train/ and val/ ImageFolder trees."),
+    dataset: str = typer.Option("digits", help="digits (bundled) | count (synthetic, drawn on demand) | cifar10 | cifar100 | PATH with train/ and val/ (or test/) ImageFolder trees."),
     data_root: Path | None = typer.Option(None, help="Where CIFAR's release archive or extracted folder lives. (default: ~/.cache/stoptool/data)"),
     download: bool = typer.Option(False, "--download", help="Fetch the CIFAR archive into --data-root when it is missing."),
     train_dir: Path | None = typer.Option(None, help="ImageFolder tree of training images (with --val-dir, instead of --dataset)."),

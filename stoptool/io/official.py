@@ -467,7 +467,8 @@ def import_checkpoint(
             meta.update({"method": method, "method_from": "given with --kind"})
         if sigma is not None:
             notes.append("--sigma ignored: the file holds no predictor")
-        notes.append("encoder only: commands that need a predictor (viz heatmap) cannot use it")
+        notes.append("encoder only: commands that need a predictor (viz heatmap, viz similarity) "
+                     "cannot use it")
 
     for key in _SCALARS:
         value = _scalar(raw.get(key)) if layout == "official" else None
