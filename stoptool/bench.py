@@ -55,8 +55,8 @@ def _sync(device: torch.device) -> None:
 def matmul_size(seconds_at_256: float, largest: int, most_seconds: float = 1.0) -> int:
     """The side of the square matmuls that measure the rate: `largest`, unless one product
     would take over `most_seconds` (a product 2× wider takes 8× longer), judged from one
-    256² product. bf16 on a CPU without bf16 instructions runs below 1 GFLOP/s: 28 s a 2048²
-    product, where 512² take half a second."""
+    256² product. bf16 on a CPU without bf16 instructions runs at about 1 GFLOP/s or less: 54 s
+    a 2048² product on an AVX2 machine, 0.2 s a 512² one."""
     n, seconds = 256, seconds_at_256
     while n < largest and seconds * 8 <= most_seconds:
         n, seconds = 2 * n, seconds * 8
