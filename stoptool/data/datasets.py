@@ -8,14 +8,13 @@ restricted by a subset file of relative paths.
 
 import importlib.util
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from stoptool.errors import UserError
-from stoptool.io.paths import check_file
+from stoptool.io.paths import asset, check_file
 
 BUILTIN = ("digits", "count", "cifar10", "cifar100")  # data set names that are not paths
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
@@ -60,7 +59,7 @@ def digits(split: str = "train") -> ArrayDataset:
     if split == "all":
         idx = np.arange(len(images))
     else:
-        with np.load(Path(str(resources.files("stoptool") / "assets" / "digits_split.npz"))) as stored:
+        with np.load(asset("digits_split.npz")) as stored:
             idx = stored[split].astype(np.int64)
     return ArrayDataset(f"digits/{split}", images[idx], target[idx], [str(d) for d in range(10)])
 

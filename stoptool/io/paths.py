@@ -6,12 +6,18 @@ import math
 import os
 import tempfile
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from stoptool.errors import UserError
+
+
+def asset(name: str) -> Path:
+    """A file shipped in `stoptool/assets` (see its README.txt)."""
+    return Path(str(resources.files("stoptool") / "assets" / name))
 
 
 def check_file(path: str | Path, what: str) -> Path:

@@ -5,7 +5,6 @@ backend is switched, no window can open, and nothing leaks between figures in on
 """
 
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from stoptool.data.datasets import read_rgb
 from stoptool.data.transforms import to_tensor
 from stoptool.errors import UserError
-from stoptool.io.paths import atomic_write, check_file, check_writable, write_report
+from stoptool.io.paths import asset, atomic_write, check_file, check_writable, write_report
 
 
 @dataclass
@@ -37,7 +36,7 @@ CONTEXT_COLOR = "#34c759"
 
 def sample_image_path() -> Path:
     """The photo shipped with stoptool (see stoptool/assets/README.txt)."""
-    return Path(str(resources.files("stoptool") / "assets" / "china.jpg"))
+    return asset("china.jpg")
 
 
 def check_out(out: str | Path | None, default: Path) -> Path:

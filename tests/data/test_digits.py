@@ -1,7 +1,6 @@
 """The bundled digits: read without importing scikit-learn, equal to what scikit-learn gives."""
 
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from stoptool.data import datasets
+from stoptool.io.paths import asset
 
 
 def _reference(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -35,7 +35,7 @@ def test_digits_equal_scikit_learns_split_in_order(split, size, through_sklearn,
 
 
 def test_the_stored_split_is_disjoint_covers_every_image_and_is_stratified():
-    with np.load(Path(datasets.__file__).parent.parent / "assets" / "digits_split.npz") as stored:
+    with np.load(asset("digits_split.npz")) as stored:
         train, test = stored["train"].astype(np.int64), stored["test"].astype(np.int64)
     np.testing.assert_array_equal(np.sort(np.concatenate([train, test])), np.arange(1797))
     labels = load_digits().target
