@@ -75,21 +75,18 @@ def matmul_rate(device: torch.device, precision: str, n: int | None = None, reps
         b = torch.randn(side, side, device=device).to(dtype)
         return lambda: a @ b
 
-    if n is None:
-        small = product(256)
-        small()
+    def seconds_of_one(run) -> float:  # after a first, untimed call
+        run()
         _sync(device)
         t = time.perf_counter()
-        small()
+        run()
         _sync(device)
-        n = matmul_size(time.perf_counter() - t, 8192 if device.type == "cuda" else 2048)
+        return time.perf_counter() - t
+
+    if n is None:
+        n = matmul_size(seconds_of_one(product(256)), 8192 if device.type == "cuda" else 2048)
     run = product(n)
-    run()
-    _sync(device)
-    t = time.perf_counter()
-    run()
-    _sync(device)
-    reps = max(1, min(reps, int(0.5 / max(time.perf_counter() - t, 1e-9))))
+    reps = max(1, min(reps, int(0.5 / max(seconds_of_one(run), 1e-9))))
     best = float("inf")
     for _ in range(3):
         t = time.perf_counter()
