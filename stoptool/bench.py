@@ -5,46 +5,25 @@ sampler, with FLOPs counted from the shapes and set against the device's own mat
 import resource
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 
 import torch
 
-from stoptool.config import PretrainConfig
+from stoptool.config import BenchConfig, config_from_dict
 from stoptool.flops import encoder_flops, train_step_flops
 from stoptool.masks import MaskSampler
 from stoptool.models.encoder import encode
 from stoptool.models.jepa import build_jepa
 from stoptool.train.runtime import (
     DTYPES,
-    attention_impl,
-    autocast_factory,
-    compile_blocks,
+    Prepared,
     eager_on_compile_failure,
+    prepare_model,
     resolve_device,
     resolve_precision,
-    set_attention,
 )
-from stoptool.train.step import StepInputs, make_optimizer, train_step
-
-
-@dataclass
-class BenchConfig:
-    arch: str = "vit_s16"
-    img_size: int | None = None  # the arch's pretraining default: 224, or 8 patches a side
-    batch_size: int = 16
-    precision: str = "auto"
-    device: str = "auto"
-    steps: int = 5
-    warmup: int = 2
-    repeats: int = 3
-    what: str = "train"  # train | extract | masks
-    pred_width: int | None = None  # None: what `stoptool pretrain` uses for the arch
-    pred_depth: int | None = None
-    sigma: float = 0.25
-    attn: str = "auto"  # auto | sdpa | math (plain matmul attention, as the released code)
-    grad_checkpoint: bool = False
-    compile: bool = False
-    threads: int | None = None
+from stoptool.train.schedules import Hyper
+from stoptool.train.step import StepInputs, single_process_state, train_step
 
 
 def _sync(device: torch.device) -> None:
@@ -129,6 +108,7 @@ def _summary(seconds: list[float], items: int, unit: str) -> dict:
 
 
 def bench(cfg: BenchConfig) -> dict:
+    cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.what == "masks":
@@ -137,79 +117,37 @@ def bench(cfg: BenchConfig) -> dict:
     precision = resolve_precision(cfg.precision, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not an earlier one's
-    pcfg = PretrainConfig(
-        arch=cfg.arch,
-        img_size=cfg.img_size,
-        batch_size=cfg.batch_size,
-        sigma=cfg.sigma,
-        pred_width=cfg.pred_width,
-        pred_depth=cfg.pred_depth,
-    ).validate()
+    model_keys = ("arch", "img_size", "batch_size", "sigma", "pred_width", "pred_depth")
+    pcfg = config_from_dict({k: getattr(cfg, k) for k in model_keys}).validate()
+    m = pcfg.model
+    cfg = replace(cfg, img_size=m.img_size, pred_width=m.pred_width, pred_depth=m.pred_depth)
     torch.manual_seed(0)
-    cfg = replace(cfg, img_size=pcfg.img_size, pred_width=pcfg.pred_width, pred_depth=pcfg.pred_depth)
-    model = build_jepa(pcfg).to(device)
-    attn = attention_impl(cfg.attn, device, precision, training=cfg.what == "train")
-    set_attention(model, attn)
-    if cfg.grad_checkpoint:
-        model.encoder.set_grad_checkpointing(True)
-        model.predictor.grad_checkpointing = True
-    autocast = autocast_factory(device, precision)
-    compile_note = compile_blocks(model, autocast) if cfg.compile else None
-    images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
+    model = build_jepa(m).to(device)
+    prepared = prepare_model(model, device, precision, cfg.attn, cfg.grad_checkpoint, cfg.compile,
+                             training=cfg.what == "train")
     result = {
         "what": cfg.what,
         **{k: v for k, v in asdict(cfg).items() if k != "what"},
         "precision": precision,
         "device": str(device),
-        "attn": attn,
+        "attn": prepared.attn,
         "torch_threads": torch.get_num_threads(),
-        "compiled": cfg.compile and compile_note is None,
+        "compiled": prepared.compiled,
     }
-    if compile_note:
-        result["compile_failed"] = compile_note
+    if prepared.compile_failure:
+        result["compile_failed"] = prepared.compile_failure
 
     def compile_failed(reason: str) -> None:
         result.update(compiled=False, compile_failed=reason)
 
-    def guarded(fn):
-        """`fn`, falling back to eager blocks if torch.compile fails in its first calls."""
-        return (lambda: eager_on_compile_failure(fn, model, compile_failed)) if result["compiled"] else fn
-
-    if cfg.what == "extract":
-        encoder = model.target_encoder.eval()
-
-        def extract():
-            with torch.inference_mode(), autocast():
-                encode(encoder, images).mean(1)
-
-        seconds = _timed(guarded(extract), device, cfg.steps, cfg.warmup, cfg.repeats)
-        flops = encoder_flops(cfg.arch, cfg.img_size)
-        result.update(_summary(seconds, cfg.batch_size, "img"))
-    else:
-        sampler = MaskSampler(pcfg.mask_config())
-        ctx, tgt = sampler(cfg.batch_size, torch.Generator().manual_seed(0))
-        inputs = StepInputs(images, ctx.to(device), tgt.to(device))
-        optimizer = make_optimizer(model, 1e-4, 0.04)
-        scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-        model.train()
-
-        def step():
-            train_step(model, optimizer, inputs, 1e-4, 0.04, 0.996, autocast, scaler)
-
-        seconds = _timed(guarded(step), device, cfg.steps, cfg.warmup, cfg.repeats)
-        counted = train_step_flops(
-            cfg.arch,
-            cfg.img_size,
-            cfg.pred_width,
-            cfg.pred_depth,
-            ctx.shape[1],
-            tgt.shape[2],
-            tgt.shape[1],
-            cfg.sigma,
-        )
-        flops = counted.total
-        result.update(_summary(seconds, cfg.batch_size, "img"))
-        result.update(context_tokens=ctx.shape[1], target_tokens=tgt.shape[2])
+    images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
+    work = _extract_work if cfg.what == "extract" else _train_work
+    run, flops, facts = work(cfg, pcfg, model, prepared, images)
+    if prepared.compiled:
+        eager_run = run
+        run = lambda: eager_on_compile_failure(eager_run, model, compile_failed)  # noqa: E731
+    seconds = _timed(run, device, cfg.steps, cfg.warmup, cfg.repeats)
+    result.update(_summary(seconds, cfg.batch_size, "img"), **facts)
     result["peak_memory_mib"] = _peak_memory_mib(device)  # before the matmuls below add theirs
     result["flops_per_image"] = flops
     result["achieved_flops"] = flops * result["img_per_s"]
@@ -219,13 +157,37 @@ def bench(cfg: BenchConfig) -> dict:
     return result
 
 
+def _extract_work(cfg: BenchConfig, pcfg, model, prepared: Prepared, images):
+    """Forward passes of the target encoder, pooled: what `stoptool probe` runs."""
+    encoder = model.target_encoder.eval()
+
+    def extract():
+        with torch.inference_mode(), prepared.autocast():
+            encode(encoder, images).mean(1)
+
+    return extract, encoder_flops(cfg.arch, cfg.img_size), {}
+
+
+def _train_work(cfg: BenchConfig, pcfg, model, prepared: Prepared, images):
+    """Whole training steps on one fixed batch and mask."""
+    ctx, tgt = MaskSampler(pcfg.mask_config())(cfg.batch_size, torch.Generator().manual_seed(0))
+    batch = StepInputs(images, ctx.to(images.device), tgt.to(images.device))
+    state = single_process_state(model, prepared.autocast, prepared.precision, lr=1e-4, wd=0.04)
+    hp = Hyper(1e-4, 0.04, 0.996)
+    model.train()
+    counted = train_step_flops(cfg.arch, cfg.img_size, cfg.pred_width, cfg.pred_depth, ctx.shape[1],
+                               tgt.shape[2], tgt.shape[1], cfg.sigma)
+    facts = {"context_tokens": ctx.shape[1], "target_tokens": tgt.shape[2]}
+    return (lambda: train_step(state, batch, hp)), counted.total, facts
+
+
 def bench_masks(cfg: BenchConfig) -> dict:
     """Batches per second of the multi-block sampler (one thread, as in a loader worker)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        pcfg = PretrainConfig(arch=cfg.arch, img_size=cfg.img_size).validate()
-        cfg = replace(cfg, img_size=pcfg.img_size)
+        pcfg = config_from_dict({"arch": cfg.arch, "img_size": cfg.img_size}).validate()
+        cfg = replace(cfg, img_size=pcfg.model.img_size)
         sampler = MaskSampler(pcfg.mask_config())
         gen = torch.Generator().manual_seed(0)
         seconds = _timed(
@@ -241,7 +203,7 @@ def bench_masks(cfg: BenchConfig) -> dict:
         "what": "masks",
         "arch": cfg.arch,
         "img_size": cfg.img_size,
-        "grid": pcfg.grid,
+        "grid": pcfg.model.grid,
         "batch_size": cfg.batch_size,
         "threads": 1,
     }

@@ -11,8 +11,12 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from stoptool.cliopts import with_options
+from stoptool.config import BenchConfig, option_fields, option_panels
 from stoptool.errors import UserError
 from stoptool.io.paths import check_writable
+from stoptool.masks import MaskConfig
+from stoptool.options import declared
 
 app = typer.Typer(
     help="StoP (stochastic positional embeddings) on I-JEPA: pretrain ViTs, probe them, draw the paper's figures.",
@@ -34,7 +38,8 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            flag = f" (--{err.key.replace('_', '-')})" if err.key else ""  # the key's spelling as a flag
+            err_console.print(f"[bold red]error:[/] {err}{flag}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except OSError as err:
             if err.errno != errno.ENAMETOOLONG:
@@ -51,16 +56,6 @@ def _note(text: str) -> None:
     err_console.print(f"note: {text}", highlight=False, markup=False, soft_wrap=True)
 
 
-def _pair(text: str | None, flag: str) -> tuple[float, float] | None:
-    if text is None:
-        return None
-    try:
-        lo, hi = (float(x) for x in text.split(","))
-    except ValueError:
-        raise UserError(f"{flag} takes two numbers as MIN,MAX, got '{text}'") from None
-    return lo, hi
-
-
 def print_table(title: str, rows: dict) -> None:
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -72,82 +67,32 @@ def print_table(title: str, rows: dict) -> None:
 
 @app.command()
 @user_errors
+@with_options(option_fields(), option_panels())
 def pretrain(
-    arch: str | None = typer.Option(None, help="Encoder: vit_{t,s,b,l,h,g}<patch>, e.g. vit_b16, vit_t4. (default: vit_t4)"),
-    sigma: float | None = typer.Option(None, help="StoP noise standard deviation σ; 0 is plain I-JEPA. (default: 0.25)"),
-    dataset: str | None = typer.Option(None, help="digits (bundled) | count (synthetic, drawn on demand) | cifar10 | cifar100 | a path to an ImageFolder tree (its train/ when present). (default: digits)"),
-    data_root: str | None = typer.Option(None, help="Where CIFAR's release archive or extracted folder lives. (default: ~/.cache/stoptool/data)"),
-    download: bool | None = typer.Option(None, "--download", help="Fetch the CIFAR archive into --data-root when it is missing. (default: off)"),
-    config: str | None = typer.Option(None, "--config", help="A preset name (e.g. stop-vitb16-in1k) or a YAML file; flags override it."),
-    img_size: int | None = typer.Option(None, help="Image side in pixels; a multiple of the patch size. (default: 224; 8 patches a side for patches of 4 px or less, e.g. 32 for vit_t4)"),
-    batch_size: int | None = typer.Option(None, help="Global batch size. (default: 64)"),
-    epochs: int | None = typer.Option(None, help="Epochs (schedules span ipe_scale × epochs). (default: 5)"),
-    steps: int | None = typer.Option(None, help="Stop after this many steps in total (schedules unchanged). (default: all epochs)"),
-    lr: float | None = typer.Option(None, help="Peak learning rate after warmup. (default: 0.001)"),
-    start_lr: float | None = typer.Option(None, help="Learning rate at step 0. (default: 0.0002)"),
-    final_lr: float | None = typer.Option(None, help="Learning rate at the end of the cosine. (default: 1e-06)"),
-    warmup: float | None = typer.Option(None, help="Warmup length in epochs. (default: 1)"),
-    wd: float | None = typer.Option(None, help="Weight decay at the start (cosine to --final-wd). (default: 0.04)"),
-    final_wd: float | None = typer.Option(None, help="Weight decay at the end. (default: 0.4)"),
-    ipe_scale: float | None = typer.Option(None, help="Schedules run over ipe_scale × epochs. (default: 1)"),
-    pred_depth: int | None = typer.Option(None, help="Predictor depth. (default: 6 for ViT-T/S/B, 12 for ViT-L/H/g, 2 for patches of 4 px or less)"),
-    pred_width: int | None = typer.Option(None, help="Predictor width d_p. (default: 384; 96 for patches of 4 px or less)"),
-    pred_pos: str | None = typer.Option(None, help="Predictor positions: sincos | learned (paper Table 6). (default: sincos)"),
-    init: str | None = typer.Option(None, help="Initial weights: released (as the released I-JEPA/StoP scripts draw them) | timm (timm's, with depth-rescaled projections). (default: released; timm for patches of 4 px or less)"),
-    noise_on: str | None = typer.Option(None, help="Where the noise goes: masked | context | both (Table 7). (default: masked)"),
-    cov: str | None = typer.Option(None, help="Noise covariance: learned (σ²AAᵀ) | fixed (σ²I in predictor width). (default: learned)"),
-    a_l1: float | None = typer.Option(None, help="λ of an l1 penalty λ‖A‖₁ on the predictor's input projection. (default: 0)"),
-    mask_mode: str | None = typer.Option(None, help="multiblock (I-JEPA) | random (MAE-style). (default: multiblock)"),
-    num_targets: int | None = typer.Option(None, help="Target blocks per image. (default: 4)"),
-    target_scale: str | None = typer.Option(None, help="Target block scale MIN,MAX. (default: 0.15,0.2)"),
-    target_aspect: str | None = typer.Option(None, help="Target block aspect MIN,MAX. (default: 0.75,1.5)"),
-    context_scale: str | None = typer.Option(None, help="Context block scale MIN,MAX. (default: 0.85,1.0)"),
-    min_keep: int | None = typer.Option(None, help="A mask keeps more than this many patches. (default: 10; on grids under 14×14, scaled down with the patch count)"),
-    crop_scale: str | None = typer.Option(None, help="Random-resized-crop area MIN,MAX. (default: 0.3,1.0)"),
-    hflip: float | None = typer.Option(None, help="Horizontal flip probability. (default: 0)"),
-    blur: float | None = typer.Option(None, help="Gaussian blur probability. (default: 0)"),
-    gray: float | None = typer.Option(None, help="Grayscale probability. (default: 0)"),
-    subset: str | None = typer.Option(None, help="File of image paths (one per line) to keep from an ImageFolder."),
-    out: str | None = typer.Option(None, help="Run directory. (default: runs/<data>-<arch>-sigma<σ>)"),
-    seed: int | None = typer.Option(None, help="Random seed. (default: 0)"),
-    device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N. (default: auto)"),
-    precision: str | None = typer.Option(None, help="auto | bf16 | fp16 | fp32 (auto: bf16 where fast; fp16 with a gradient scaler on GPUs before Ampere). (default: auto)"),
-    attn: str | None = typer.Option(None, help="Attention: auto | sdpa (fused) | math (plain matmuls); auto picks math for bf16 on CPU. (default: auto)"),
-    workers: int | None = typer.Option(None, help="Data loader workers. (default: auto)"),
-    save_every: int | None = typer.Option(None, help="Keep a weight snapshot every N epochs (latest is written after every epoch). (default: 10)"),
-    log_every: int | None = typer.Option(None, help="Log metrics every N steps. (default: 10)"),
-    compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the transformer blocks (falls back to eager, with a note, where it fails). (default: off)"),
-    grad_checkpoint: bool | None = typer.Option(None, "--grad-checkpoint/--no-grad-checkpoint", help="Recompute activations to save memory. (default: off)"),
-    fsdp: bool | None = typer.Option(None, "--fsdp/--no-fsdp", help="Under torchrun, shard weights, gradients and optimizer state across the processes (FSDP) instead of a whole replica in each (DDP); bf16 or fp32, not with --compile. (default: off)"),
-    shard_group: int | None = typer.Option(None, help="With --fsdp: shard each copy of the weights over groups of N processes and replicate across groups (hybrid sharding; N = processes per node keeps the weight gathers inside a node). (default: all processes, one copy)"),
+    config: str | None = typer.Option(None, "--config", help="A preset name (e.g. stop-vitb16-in1k) or a YAML file; flags and --set override it."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Set any config key (repeatable); VALUE is YAML, e.g. --set ema=[0.99,1.0] --set min_keep=null. Keys: see --print-config."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Resume from the run directory's latest checkpoint."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as YAML and exit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    overrides: dict | None = None,
 ):
     """Pretrain an encoder with I-JEPA + StoP (σ > 0) or plain I-JEPA (σ = 0).
 
-    Under torchrun (torchrun --nproc-per-node N -m stoptool pretrain ...) the processes train one model data-parallel (--fsdp for models too large for a replica per GPU); --batch-size is the global batch.
+    Every option below is also a config key (--set KEY=VALUE, presets, YAML files). Under torchrun (torchrun --nproc-per-node N -m stoptool pretrain ...) the processes train one model data-parallel (--fsdp for models too large for a replica per GPU); --batch-size is the global batch.
     """
-    overrides = {
-        k: v for k, v in locals().items()
-        if k not in ("config", "resume", "print_config", "quiet") and v is not None
-    }
-    from stoptool.config import build_config
+    from stoptool.config import build_config, parse_set
 
-    for key in ("target_scale", "target_aspect", "context_scale", "crop_scale"):
-        if key in overrides:
-            overrides[key] = _pair(overrides[key], "--" + key.replace("_", "-"))
-    cfg = build_config(config, overrides)
+    cfg = build_config(config, {**overrides, **parse_set(set_)})
     if print_config:
-        sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        sys.stdout.write(cfg.to_yaml())
         return
     from stoptool.train.distributed import world_from_env
-    from stoptool.train.pretrain import Interrupted
+    from stoptool.train.fit import Interrupted
     from stoptool.train.pretrain import pretrain as run_pretrain
 
     main_rank = world_from_env().main  # under torchrun, rank 0 alone reports
     if main_rank:
-        _note_slow_bf16(cfg.precision, cfg.device)
+        _note_slow_bf16(cfg.runtime.precision, cfg.runtime.device)
     with _ProgressBar(quiet or not main_rank) as bar:
         try:
             notify = _note if main_rank else None
@@ -391,20 +336,16 @@ def viz_heatmap(
 
 @viz_app.command("masks")
 @user_errors
+@with_options(declared(MaskConfig))
 def viz_masks(
     image: Path | None = typer.Argument(None, help="An image; its central square is used. (default: the sample photo shipped with stoptool)"),
     seeds: str = typer.Option("0,1,2,3", help="Comma-separated seeds, one panel each."),
     config: str | None = typer.Option(None, "--config", help="Mask and size settings from a preset name or a YAML file (a run's config.yaml works); flags override it. (default: pretrain's defaults)"),
     img_size: int | None = typer.Option(None, help="Image side in pixels. (default: from --config, else 32)"),
     patch: int | None = typer.Option(None, help="Patch size in pixels. (default: the patch of the config's arch, else 4)"),
-    num_targets: int | None = typer.Option(None, help="Target blocks per image. (default: 4)"),
-    target_scale: str | None = typer.Option(None, help="Target block scale MIN,MAX. (default: 0.15,0.2)"),
-    target_aspect: str | None = typer.Option(None, help="Target block aspect MIN,MAX. (default: 0.75,1.5)"),
-    context_scale: str | None = typer.Option(None, help="Context block scale MIN,MAX. (default: 0.85,1.0)"),
-    min_keep: int | None = typer.Option(None, help="A mask keeps more than this many patches. (default: 10; on grids under 14×14, scaled down with the patch count)"),
-    mask_mode: str | None = typer.Option(None, help="multiblock (I-JEPA) | random (MAE-style). (default: multiblock)"),
     out: Path = typer.Option(Path("masks.png"), help="Figure file; .png, .svg or .pdf (the numbers go to the same name with .json)."),
     dpi: int = typer.Option(150, help=_DPI_HELP),
+    overrides: dict | None = None,
 ):
     """Multi-block masks (context and target blocks) drawn on an image for a few seeds."""
     from stoptool.viz.masks import make_masks
@@ -415,12 +356,7 @@ def viz_masks(
         raise UserError(f"--seeds takes integers separated by commas, got '{seeds}'") from None
     if any(not 0 <= s <= SEED_MAX for s in seed_list):
         raise UserError(f"--seeds must each be between 0 and {SEED_MAX}, got '{seeds}'")
-    overrides = {
-        "img_size": img_size, "patch": patch, "num_targets": num_targets, "min_keep": min_keep,
-        "mask_mode": mask_mode, "target_scale": _pair(target_scale, "--target-scale"),
-        "target_aspect": _pair(target_aspect, "--target-aspect"),
-        "context_scale": _pair(context_scale, "--context-scale"),
-    }
+    overrides = {**overrides, "img_size": img_size, "patch": patch}
     _report_figure("masks", make_masks(image, out, seed_list, config, overrides, dpi))
 
 
@@ -439,59 +375,32 @@ def viz_curves(
 
 @app.command()
 @user_errors
+@with_options(declared(BenchConfig))
 def bench(
-    arch: str = typer.Option("vit_s16", help="Encoder arch."),
-    img_size: int | None = typer.Option(None, help="Image side in pixels. (default: as pretrain: 224; 8 patches a side for patches of 4 px or less)"),
-    batch_size: int = typer.Option(16, help="Batch size."),
-    precision: str = typer.Option("auto", help="auto | bf16 | fp16 | fp32."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    steps: int = typer.Option(5, help="Timed steps per repeat."),
-    warmup: int = typer.Option(2, help="Untimed warm-up steps."),
-    repeats: int = typer.Option(3, help="Repeats; the median is reported with min and max."),
-    what: str = typer.Option("train", help="train (whole step) | extract (probe features) | masks (mask sampler)."),
-    pred_width: int | None = typer.Option(None, help="Predictor width. (default: as pretrain: 384; 96 for patches of 4 px or less)"),
-    pred_depth: int | None = typer.Option(None, help="Predictor depth. (default: as pretrain: 6 for ViT-T/S/B, 12 for ViT-L/H/g, 2 for patches of 4 px or less)"),
-    sigma: float = typer.Option(0.25, help="StoP σ (0: I-JEPA)."),
-    attn: str = typer.Option("auto", help="auto | sdpa (fused) | math (plain matmuls); auto: math for bf16 training on CPU, else sdpa."),
-    grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute activations."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks."),
-    threads: int | None = typer.Option(None, help="torch threads (default: all cores)."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the figures to this JSON file."),
+    overrides: dict | None = None,
 ):
     """Measure img/s, FLOPs per image, achieved FLOP/s and its share of the device's matmul rate."""
-    from stoptool.bench import BenchConfig
     from stoptool.bench import bench as run_bench
-    from stoptool.config import CHOICES
+    from stoptool.options import build
 
-    if what not in ("train", "extract", "masks"):
-        raise UserError(f"--what must be train, extract or masks, got '{what}'")
-    if attn not in CHOICES["attn"]:
-        raise UserError(f"--attn must be auto, sdpa or math, got '{attn}'")
-    if precision not in CHOICES["precision"]:
-        raise UserError(f"--precision must be one of {', '.join(CHOICES['precision'])}, got '{precision}'")
-    for name, value in (("steps", steps), ("repeats", repeats), ("batch-size", batch_size), ("threads", threads)):
-        if value is not None and value <= 0:
-            raise UserError(f"--{name} must be positive, got {value}")
-    if warmup < 0:
-        raise UserError(f"--warmup must be >= 0, got {warmup}")
+    cfg = build(BenchConfig, overrides).validate()
     if json_out is not None:
         if json_out.is_dir():
             raise UserError(f"--json '{json_out}' is a directory; give a file name")
         check_writable(json_out)
-    cfg = BenchConfig(arch, img_size, batch_size, precision, device, steps, warmup, repeats, what,
-                      pred_width, pred_depth, sigma, attn, grad_checkpoint, compile, threads)
-    _note_slow_bf16(precision, device)
+    _note_slow_bf16(cfg.precision, cfg.device)
     result = run_bench(cfg)  # validates arch, sizes and predictor shape before any work
-    if what == "masks":
+    if cfg.what == "masks":
         rows = {
-            "grid": f"{result['grid']}×{result['grid']}", "batch": batch_size, "threads": 1,
+            "grid": f"{result['grid']}×{result['grid']}", "batch": cfg.batch_size, "threads": 1,
             "batches/s": f"{result['batches_per_s']:.1f} (min {result['batches_per_s_min']:.1f}, max {result['batches_per_s_max']:.1f})",
             "ms/batch": f"{result['ms_per_batch']:.2f}",
         }
     else:
         rows = {
-            "what": what, "arch": f"{arch} @ {result['img_size']}px, batch {batch_size}",
-            **({"predictor": f"{result['pred_depth']} × {result['pred_width']}"} if what == "train" else {}),
+            "what": cfg.what, "arch": f"{cfg.arch} @ {result['img_size']}px, batch {cfg.batch_size}",
+            **({"predictor": f"{result['pred_depth']} × {result['pred_width']}"} if cfg.what == "train" else {}),
             "device": f"{result['device']} ({result['torch_threads']} threads)", "precision": result["precision"],
             "img/s": f"{result['img_per_s']:.1f} (min {result['img_per_s_min']:.1f}, max {result['img_per_s_max']:.1f})",
             "ms/step": f"{result['ms_per_step']:.1f}",
@@ -542,11 +451,8 @@ def probe(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Linear, logistic and k-NN probes of frozen encoder features (top-1, top-5), as a table and JSON."""
-    from stoptool.config import CHOICES
     from stoptool.probe import ProbeConfig, run_probe
 
-    if precision not in CHOICES["precision"]:
-        raise UserError(f"--precision must be one of {', '.join(CHOICES['precision'])}, got '{precision}'")
     cfg = ProbeConfig(
         ckpt=str(ckpt) if ckpt is not None else None, dataset=dataset,
         data_root=str(data_root) if data_root else None, download=download,

@@ -1,103 +1,70 @@
 """Typed configuration of `stoptool pretrain`, presets, and their validation.
 
-A run's config is built in three layers: the defaults below (a CPU-sized run on the bundled
-digits), then a preset or YAML file (`--config`), then the command-line flags a user gave.
+A `PretrainConfig` is made of five sections: `model`, `masks` (the sampler's own
+`MaskConfig`), `data` (data set and augmentation), `optim` and `runtime`. Every field is
+declared once below, with its default and help (see `stoptool.options`); flags, `--set`, presets
+and config files reach it by its key, and keys are unique across sections, so files stay flat
+(`lr: 1e-3`, not `optim: {lr: 1e-3}`).
+
+A run's config is built in three layers: the defaults (a CPU-sized run on the bundled digits),
+then a preset or YAML file (`--config`), then the command line (flags and `--set KEY=VALUE`).
 """
 
-import dataclasses
-import math
+import difflib
 import os
-import types
-import typing
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from stoptool.errors import UserError
 from stoptool.io.paths import check_file
 from stoptool.masks import MaskConfig
-from stoptool.models.archs import INITS, check_img_size, default_img_size, default_init, parse_arch
+from stoptool.models.archs import (
+    Covariance,
+    Init,
+    NoiseOn,
+    PredPos,
+    check_img_size,
+    default_img_size,
+    default_init,
+    parse_arch,
+)
+from stoptool.options import (
+    PAIR,
+    Attention,
+    Precision,
+    as_flat,
+    build,
+    check_fields,
+    declared,
+    key_of,
+    like,
+    option,
+)
 
-PAIR_FIELDS = {
-    "target_scale",
-    "target_aspect",
-    "context_scale",
-    "context_aspect",
-    "crop_scale",
-    "ema",
-}
-CHOICES = {
-    "pred_pos": ("sincos", "learned"),
-    "init": INITS,
-    "noise_on": ("masked", "context", "both"),
-    "cov": ("learned", "fixed"),
-    "mask_mode": ("multiblock", "random"),
-    "precision": ("auto", "bf16", "fp16", "fp32"),
-    "attn": ("auto", "sdpa", "math"),
-}
+_SMALL = "for patches of 4 px or less"
 
 
 @dataclass
-class PretrainConfig:
-    # model
-    arch: str = "vit_t4"
-    img_size: int | None = None  # 224, or 8 patches a side for patches of 4 px or less
-    sigma: float = 0.25
-    pred_depth: int | None = None  # the paper's 6 (ViT-S/B) or 12 (ViT-L/H/g); 2 for CPU-sized archs
-    pred_width: int | None = None  # the paper's 384; 96 for CPU-sized archs
-    pred_pos: str = "sincos"
-    init: str | None = None  # released (paper archs) | timm (archs with patches of 4 px or less)
-    noise_on: str = "masked"
-    cov: str = "learned"
-    a_l1: float = 0.0
-    # masks
-    num_targets: int = 4
-    target_scale: tuple[float, float] = (0.15, 0.2)
-    target_aspect: tuple[float, float] = (0.75, 1.5)
-    context_scale: tuple[float, float] = (0.85, 1.0)
-    context_aspect: tuple[float, float] = (1.0, 1.0)
-    min_keep: int | None = None
-    mask_mode: str = "multiblock"
-    # data and augmentation
-    dataset: str = "digits"
-    subset: str | None = None
-    data_root: str | None = None  # where cifar10/cifar100 live (default: ~/.cache/stoptool/data)
-    download: bool = False  # fetch cifar10/cifar100 into data_root when missing
-    crop_scale: tuple[float, float] = (0.3, 1.0)
-    hflip: float = 0.0
-    blur: float = 0.0
-    gray: float = 0.0
-    # optimization
-    epochs: int = 5
-    steps: int | None = None
-    batch_size: int = 64
-    lr: float = 1e-3
-    start_lr: float = 2e-4
-    final_lr: float = 1e-6
-    warmup: float = 1.0
-    wd: float = 0.04
-    final_wd: float = 0.4
-    ema: tuple[float, float] = (0.996, 1.0)
-    ipe_scale: float = 1.0
-    const_after_epoch: float | None = None
-    clip_grad: float | None = None
-    # runtime
-    out: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    attn: str = "auto"
-    workers: int | None = None
-    save_every: int = 10
-    log_every: int = 10
-    compile: bool = False
-    grad_checkpoint: bool = False
-    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2)
-    shard_group: int | None = None  # with fsdp: processes per sharded copy (None: all; HSDP below)
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+class ModelConfig:
+    arch: str = option("vit_t4", "Encoder: vit_{t,s,b,l,h,g}<patch>, e.g. vit_b16, vit_t4.")
+    img_size: int | None = option(None, "Image side in pixels; a multiple of the patch size.", positive=True,
+                                  default_text=f"224; 8 patches a side {_SMALL}, e.g. 32 for vit_t4")
+    sigma: float = option(0.25, "StoP noise standard deviation σ; 0 is plain I-JEPA.", low=0)
+    pred_depth: int | None = option(None, "Predictor depth.", positive=True,
+                                    default_text=f"6 for ViT-T/S/B, 12 for ViT-L/H/g, 2 {_SMALL}")
+    pred_width: int | None = option(None, "Predictor width d_p.", positive=True,
+                                    default_text=f"384; 96 {_SMALL}")
+    pred_pos: PredPos = option("sincos", "Predictor positions: sincos | learned (paper Table 6).")
+    init: Init | None = option(
+        None, "Initial weights: released (as the released I-JEPA/StoP scripts draw them) | timm (timm's, "
+        "with depth-rescaled projections).", default_text=f"released; timm {_SMALL}")
+    noise_on: NoiseOn = option("masked", "Where the noise goes: masked | context | both (Table 7).")
+    cov: Covariance = option("learned", "Noise covariance: learned (σ²AAᵀ) | fixed (σ²I in predictor width).")
+    a_l1: float = option(0.0, "λ of an l1 penalty λ‖A‖₁ on the predictor's input projection.", low=0)
 
     def __post_init__(self):
         # Archs with patches of 4 px or less are the CPU-sized demo setting (calibrated in
@@ -121,83 +88,180 @@ class PretrainConfig:
     def grid(self) -> int:
         return self.img_size // self.patch
 
-    def mask_config(self) -> MaskConfig:
-        return MaskConfig(
-            grid=self.grid,
-            num_targets=self.num_targets,
-            target_scale=self.target_scale,
-            target_aspect=self.target_aspect,
-            context_scale=self.context_scale,
-            context_aspect=self.context_aspect,
-            min_keep=self.min_keep,
-            mode=self.mask_mode,
-        )
-
-    def run_dir(self) -> Path:
-        if self.out:
-            return Path(self.out)
-        data = Path(self.dataset).name or "data"
-        return Path("runs") / f"{data}-{self.arch}-sigma{self.sigma:g}"
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("extra")
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-    def validate(self) -> "PretrainConfig":
-        for f in fields(self):
-            value = getattr(self, f.name)
-            values = value if f.name in PAIR_FIELDS else (value,)
-            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-                raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+    def validate(self) -> None:
+        check_fields(self)
         spec = parse_arch(self.arch)[0]
         check_img_size(self.arch, self.img_size)
-        if self.sigma < 0:
-            raise UserError(f"sigma must be >= 0 (it is the noise standard deviation), got {self.sigma}")
-        for name, options in CHOICES.items():
-            if getattr(self, name) not in options:
-                flag = "--" + name.replace("_", "-")
-                raise UserError(f"{flag} must be one of {', '.join(options)}, got '{getattr(self, name)}'")
-        if self.workers is not None and self.workers < 0:
-            raise UserError(f"--workers must be >= 0, got {self.workers}")
-        positive = ("epochs", "batch_size", "pred_depth", "pred_width", "save_every", "log_every")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.steps is not None and self.steps <= 0:
-            raise UserError(f"--steps must be positive, got {self.steps}")
         if self.pred_width % spec.heads or self.pred_width % 4:
-            raise UserError(
-                f"pred-width {self.pred_width} must be a multiple of 4 and of the "
-                f"{spec.heads} heads of {self.arch}"
-            )
-        for name in ("lr", "start_lr", "final_lr", "wd", "final_wd", "warmup", "a_l1", "ipe_scale"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.ipe_scale <= 0:
-            raise UserError(f"ipe-scale must be positive, got {self.ipe_scale}")
+            raise UserError(f"pred_width {self.pred_width} must be a multiple of 4 and of the "
+                            f"{spec.heads} heads of {self.arch}", key="pred_width")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = option("digits", "digits (bundled) | count (synthetic, drawn on demand) | cifar10 | "
+                          "cifar100 | a path to an ImageFolder tree (its train/ when present).")
+    subset: str | None = option(None, "File of image paths (one per line) to keep from an ImageFolder.")
+    data_root: str | None = option(None, "Where CIFAR's release archive or extracted folder lives.",
+                                   default_text="~/.cache/stoptool/data")
+    download: bool = option(False, "Fetch the CIFAR archive into data_root when it is missing.",
+                            flags=("--download",))
+    crop_scale: PAIR = option((0.3, 1.0), "Random-resized-crop area MIN,MAX.")
+    hflip: float = option(0.0, "Horizontal flip probability.", low=0, high=1)
+    blur: float = option(0.0, "Gaussian blur probability.", low=0, high=1)
+    gray: float = option(0.0, "Grayscale probability.", low=0, high=1)
+
+    def validate(self) -> None:
+        check_fields(self)
         lo, hi = self.crop_scale
         if not (0 < lo <= hi <= 1):
-            raise UserError(f"crop-scale must satisfy 0 < min <= max <= 1, got {lo}, {hi}")
-        for name in ("hflip", "blur", "gray"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise UserError(f"--{name} is a probability in [0, 1], got {getattr(self, name)}")
-        if not (0 <= self.ema[0] <= self.ema[1] <= 1):
-            raise UserError(f"ema momentum must satisfy 0 <= start <= end <= 1, got {self.ema}")
+            raise UserError(f"crop_scale must satisfy 0 < min <= max <= 1, got {lo}, {hi}", key="crop_scale")
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = option(5, "Epochs (schedules span ipe_scale × epochs).", positive=True)
+    steps: int | None = option(None, "Stop after this many steps in total (schedules unchanged).",
+                               positive=True, default_text="all epochs")
+    batch_size: int = option(64, "Global batch size.", positive=True)
+    lr: float = option(1e-3, "Peak learning rate after warmup.", low=0)
+    start_lr: float = option(2e-4, "Learning rate at step 0.", low=0)
+    final_lr: float = option(1e-6, "Learning rate at the end of the cosine.", low=0)
+    warmup: float = option(1.0, "Warmup length in epochs.", low=0)
+    wd: float = option(0.04, "Weight decay at the start (cosine to final_wd).", low=0)
+    final_wd: float = option(0.4, "Weight decay at the end.", low=0)
+    ema: PAIR = option((0.996, 1.0), "EMA momentum of the target encoder, START,END (linear).", low=0, high=1)
+    ipe_scale: float = option(1.0, "Schedules run over ipe_scale × epochs.", positive=True)
+    const_after_epoch: float | None = option(None, "Hold lr and wd constant from this epoch on (the paper's "
+                                             "ViT-H: 250).", low=0, default_text="never")
+    clip_grad: float | None = option(None, "Clip the context encoder's gradient norm to this (0: no "
+                                     "clipping).", low=0, default_text="no clipping")
+
+    def validate(self) -> None:
+        check_fields(self)
+        if self.ema[0] > self.ema[1]:
+            raise UserError(f"ema momentum must satisfy 0 <= start <= end <= 1, got {self.ema}", key="ema")
+
+
+@dataclass
+class RuntimeConfig:
+    out: str | None = option(None, "Run directory.", default_text="runs/<data>-<arch>-sigma<σ>")
+    seed: int = option(0, "Random seed.", low=0, high=2**32 - 1)
+    device: str = option("auto", "auto | cpu | cuda | cuda:N.")
+    precision: Precision = option("auto", "auto | bf16 | fp16 | fp32 (auto: bf16 where fast; fp16 with a "
+                                  "gradient scaler on GPUs before Ampere).")
+    attn: Attention = option("auto", "Attention: auto | sdpa (fused) | math (plain matmuls); auto picks math "
+                             "for bf16 on CPU.")
+    workers: int | None = option(None, "Data loader workers.", low=0, default_text="auto")
+    save_every: int = option(10, "Keep a weight snapshot every N epochs (latest is written after every "
+                             "epoch).", positive=True)
+    log_every: int = option(10, "Log metrics every N steps.", positive=True)
+    compile: bool = option(False, "torch.compile the transformer blocks (falls back to eager, with a note, "
+                           "where it fails).")
+    grad_checkpoint: bool = option(False, "Recompute activations to save memory.")
+    fsdp: bool = option(False, "Under torchrun, shard weights, gradients and optimizer state across the "
+                        "processes (FSDP) instead of a whole replica in each (DDP); bf16 or fp32, not with "
+                        "compile.")
+    shard_group: int | None = option(None, "With fsdp: shard each copy of the weights over groups of N "
+                                     "processes and replicate across groups (hybrid sharding; N = processes "
+                                     "per node keeps the weight gathers inside a node).", low=1,
+                                     default_text="all processes, one copy")
+
+    def validate(self) -> None:
+        check_fields(self)
         if self.out is not None and not str(self.out).strip():
-            raise UserError("--out is empty: give a run directory, or leave it out for the default")
+            raise UserError("out is empty: give a run directory, or leave it out for the default", key="out")
         if self.fsdp and self.compile:
-            raise UserError("--fsdp and --compile do not go together: drop one of them")
-        if self.shard_group is not None and self.shard_group < 1:
-            raise UserError(f"--shard-group must be at least 1, got {self.shard_group}")
-        if self.clip_grad is not None and self.clip_grad < 0:
-            raise UserError(f"clip_grad must be >= 0 (0 or left out: no clipping), got {self.clip_grad}")
-        if self.const_after_epoch is not None and self.const_after_epoch < 0:
-            raise UserError(f"const_after_epoch must be >= 0, got {self.const_after_epoch}")
-        if not 0 <= self.seed < 2**32:
-            raise UserError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}")
-        self.mask_config().validate()
+            raise UserError("fsdp and compile do not go together: drop one of them", key="fsdp")
+
+
+SECTIONS = {"model": ModelConfig, "masks": MaskConfig, "data": DataConfig, "optim": OptimConfig,
+            "runtime": RuntimeConfig}
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def mask_config(self) -> MaskConfig:
+        """The mask settings on this config's patch grid."""
+        return self.masks.on_grid(self.model.grid)
+
+    def run_dir(self) -> Path:
+        if self.runtime.out:
+            return Path(self.runtime.out)
+        data = Path(self.data.dataset).name or "data"
+        return Path("runs") / f"{data}-{self.model.arch}-sigma{self.model.sigma:g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field by key, flat, in section order (what config.yaml and checkpoints hold)."""
+        return {k: v for f in fields(self) for k, v in as_flat(getattr(self, f.name)).items()}
+
+    def to_yaml(self) -> str:
+        """`to_dict` as YAML, each section under a comment naming it."""
+        parts = [f"# {f.name}\n" + yaml.safe_dump(as_flat(getattr(self, f.name)), sort_keys=False)
+                 for f in fields(self)]
+        return "".join(parts)
+
+    def validate(self) -> "PretrainConfig":
+        for section in (self.model, self.data, self.optim, self.runtime):
+            section.validate()
+        self.mask_config().validate()  # the masks on this image's patch grid
         return self
+
+
+def config_keys() -> dict[str, tuple[str, Any]]:
+    """key -> (section name, field) for every pretraining option."""
+    return {key_of(f): (name, f) for name, cls in SECTIONS.items() for f in declared(cls)}
+
+
+def config_from_dict(values: dict[str, Any]) -> PretrainConfig:
+    """A config from flat keys (YAML, `--set`, flags), each value typed by its field. Not validated."""
+    keys = config_keys()
+    unknown = [k for k in values if k not in keys]
+    if unknown:
+        raise UserError(_unknown(unknown[0], keys), key=None)
+    by_section: dict[str, dict] = {name: {} for name in SECTIONS}
+    for k, v in values.items():
+        by_section[keys[k][0]][k] = v
+    return PretrainConfig(**{name: build(SECTIONS[name], vals) for name, vals in by_section.items()})
+
+
+def _unknown(key: Any, keys) -> str:
+    close = difflib.get_close_matches(str(key), list(keys), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown config key '{key}'{hint}: see `stoptool pretrain --print-config` for every key"
+
+
+def build_config(file: str | None = None, overrides: dict[str, Any] | None = None) -> PretrainConfig:
+    """Defaults, then the config file, then the overrides (None values skipped); validated."""
+    values: dict[str, Any] = {}
+    if file:
+        values.update(read_config_file(file))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return config_from_dict(values).validate()
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` items as a dict; each value is read as YAML (`[0.99, 1.0]`, `null`, `1e-3`)."""
+    out = {}
+    keys = config_keys()
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--set takes KEY=VALUE, got '{item}'")
+        if key not in keys:
+            raise UserError(_unknown(key, keys))
+        try:
+            out[key] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise UserError(f"--set {key}: '{text}' is not a YAML value", key=key) from None
+    return out
 
 
 def preset_names() -> list[str]:
@@ -251,60 +315,44 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def build_config(file: str | None = None, overrides: dict[str, Any] | None = None) -> PretrainConfig:
-    """Defaults, then the config file, then the overrides; validated."""
-    values: dict[str, Any] = {}
-    if file:
-        values.update(read_config_file(file))
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return config_from_dict(values).validate()
+@dataclass
+class BenchConfig:
+    """`stoptool bench`: what to time, on which model; the model fields mean what they mean for
+    `pretrain` (None: pretrain's default for the arch)."""
+
+    arch: str = like(ModelConfig, "arch", "vit_s16")
+    img_size: int | None = like(ModelConfig, "img_size")
+    batch_size: int = like(OptimConfig, "batch_size", 16, help="Batch size.")
+    precision: Precision = like(RuntimeConfig, "precision")
+    device: str = like(RuntimeConfig, "device")
+    steps: int = option(5, "Timed steps per repeat.", positive=True)
+    warmup: int = option(2, "Untimed warm-up steps.", low=0)
+    repeats: int = option(3, "Repeats; the median is reported with min and max.", positive=True)
+    what: Literal["train", "extract", "masks"] = option(
+        "train", "train (whole step) | extract (probe features) | masks (mask sampler).")
+    pred_width: int | None = like(ModelConfig, "pred_width")
+    pred_depth: int | None = like(ModelConfig, "pred_depth")
+    sigma: float = like(ModelConfig, "sigma")
+    attn: Attention = like(RuntimeConfig, "attn", help="auto | sdpa (fused) | math (plain matmuls); auto: "
+                           "math for bf16 training on CPU, else sdpa.")
+    grad_checkpoint: bool = like(RuntimeConfig, "grad_checkpoint", help="Recompute activations.")
+    compile: bool = like(RuntimeConfig, "compile", help="torch.compile the transformer blocks.")
+    threads: int | None = option(None, "torch threads.", positive=True, default_text="all cores")
+
+    def validate(self) -> "BenchConfig":
+        check_fields(self)
+        return self
 
 
-def config_from_dict(values: dict[str, Any]) -> PretrainConfig:
-    names = {f.name for f in fields(PretrainConfig)} - {"extra"}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise UserError(f"unknown config key(s): {', '.join(unknown)}")
-    kinds = {f.name: f.type for f in fields(PretrainConfig)}
-    typed = {}
-    for k, v in values.items():
-        if k in PAIR_FIELDS:
-            if not (isinstance(v, (list, tuple)) and len(v) == 2):
-                raise UserError(f"config key '{k}' takes two numbers, got {v!r}")
-            v = (_number(k, v[0], float), _number(k, v[1], float))
-        else:
-            v = _scalar(k, v, kinds[k])
-        typed[k] = v
-    return PretrainConfig(**typed)
+def option_fields() -> list:
+    """Every pretraining option's field, in section order (what `pretrain`'s flags are made of)."""
+    return [f for cls in SECTIONS.values() for f in declared(cls)]
 
 
-def _scalar(key: str, value: Any, kind: Any) -> Any:
-    """`value` as the field's type: YAML reads `1e-3` as a string, and `5` where 5.0 is meant."""
-    options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
-    if value is None and type(None) in options:
-        return None
-    for number in (float, int):
-        if number in options:
-            return _number(key, value, number)
-    if bool in options:
-        if not isinstance(value, bool):
-            raise UserError(f"config key '{key}' takes true or false, got {value!r}")
-        return value
-    if str in options and not isinstance(value, str):
-        raise UserError(f"config key '{key}' takes a string, got {value!r}")
-    return value
+PANELS = {"model": "Model", "masks": "Masks", "data": "Data and augmentation", "optim": "Optimization",
+          "runtime": "Runtime"}
 
 
-def _number(key: str, value: Any, number: type) -> int | float:
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        parsed = float(value)
-        if number is int:
-            if not parsed.is_integer():
-                raise ValueError
-            return int(parsed)
-        return parsed
-    except (TypeError, ValueError):
-        what = "an integer" if number is int else "a number"
-        raise UserError(f"config key '{key}' takes {what}, got {value!r}") from None
+def option_panels() -> dict[str, str]:
+    """key -> the title of its section, for --help."""
+    return {key: PANELS[section] for key, (section, _) in config_keys().items()}

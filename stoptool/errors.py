@@ -6,7 +6,14 @@ keeps its traceback.
 
 
 class UserError(Exception):
-    """Bad input from the user: a wrong option, a missing file, a foreign checkpoint."""
+    """Bad input from the user: a wrong option, a missing file, a foreign checkpoint.
+
+    `key`, when given, is the config field the message is about: the command line adds the
+    flag that sets it."""
+
+    def __init__(self, message: str = "", key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
     def __str__(self) -> str:
         text = super().__str__()

@@ -11,24 +11,35 @@ Indices are raster-order patch indices into the `grid × grid` patch grid.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 
 from stoptool.errors import UserError, plural
 from stoptool.models.archs import check_grid
+from stoptool.options import PAIR, check_fields, option
+
+MaskMode = Literal["multiblock", "random"]
 
 
 @dataclass(frozen=True)
 class MaskConfig:
-    grid: int
-    num_targets: int = 4
-    target_scale: tuple[float, float] = (0.15, 0.2)
-    target_aspect: tuple[float, float] = (0.75, 1.5)
-    context_scale: tuple[float, float] = (0.85, 1.0)
-    context_aspect: tuple[float, float] = (1.0, 1.0)
-    min_keep: int | None = None
-    mode: str = "multiblock"  # or "random"
+    """The mask settings (the `masks` section of a pretraining config). `grid` is not one of
+    them: it follows from the image and patch size, and is set with `on_grid`."""
+
+    num_targets: int = option(4, "Target blocks per image.", low=1)
+    target_scale: PAIR = option((0.15, 0.2), "Target block scale MIN,MAX (share of the patches).")
+    target_aspect: PAIR = option((0.75, 1.5), "Target block aspect ratio MIN,MAX.")
+    context_scale: PAIR = option((0.85, 1.0), "Context block scale MIN,MAX.")
+    context_aspect: PAIR = option((1.0, 1.0), "Context block aspect ratio MIN,MAX.")
+    min_keep: int | None = option(None, "A mask keeps more than this many patches.", low=0,
+                                  default_text="10; on grids under 14×14, scaled down with the patch count")
+    mode: MaskMode = option("multiblock", "Masks: multiblock (I-JEPA) | random (MAE-style).", key="mask_mode")
+    grid: int | None = None  # patches a side
+
+    def on_grid(self, grid: int) -> "MaskConfig":
+        return replace(self, grid=grid)
 
     @property
     def keep(self) -> int:
@@ -39,36 +50,33 @@ class MaskConfig:
         return min(10, max(1, round(10 * self.grid * self.grid / 196)))
 
     def validate(self) -> "MaskConfig":
+        check_fields(self)
         for name in ("target_scale", "context_scale"):
             lo, hi = getattr(self, name)
             if not (0 < lo <= hi <= 1):
-                raise UserError(f"{name.replace('_', '-')} must satisfy 0 < min <= max <= 1, got {lo}, {hi}")
+                raise UserError(f"{name} must satisfy 0 < min <= max <= 1, got {lo}, {hi}", key=name)
         for name in ("target_aspect", "context_aspect"):
             lo, hi = getattr(self, name)
             if not (0 < lo <= hi):
-                raise UserError(f"{name.replace('_', '-')} must satisfy 0 < min <= max, got {lo}, {hi}")
+                raise UserError(f"{name} must satisfy 0 < min <= max, got {lo}, {hi}", key=name)
+        if self.grid is None:
+            raise ValueError("MaskConfig.grid is unset: call on_grid first")
         check_grid(self.grid, "the image size")
-        if self.mode not in ("multiblock", "random"):
-            raise UserError(f"mask mode must be 'multiblock' or 'random', got '{self.mode}'")
-        if self.min_keep is not None and self.min_keep < 0:
-            raise UserError(f"--min-keep must be >= 0, got {self.min_keep}")
-        if self.num_targets < 1:
-            raise UserError(f"num-targets must be at least 1, got {self.num_targets}")
         if self.grid < 2:
             raise UserError(f"the patch grid must be at least 2×2, got {self.grid}×{self.grid}")
         areas = [h * w for h, w in self.block_sizes("target")]
         if min(areas) <= self.keep:
             raise UserError(
                 f"target blocks of scale {self.target_scale[0]} on a {self.grid}×{self.grid} grid "
-                f"hold {plural(min(areas), 'patch')}, not more than min-keep {self.keep}: raise the scale "
-                "or lower min-keep"
+                f"hold {plural(min(areas), 'patch')}, not more than min_keep {self.keep}: raise the scale "
+                "or lower min_keep"
             )
         left = self.grid * self.grid - self.num_targets * max(areas)
         if self.mode == "random" and left <= self.keep:
             raise UserError(
                 f"random masking with {self.num_targets} targets of up to {plural(max(areas), 'patch')} "
                 f"on a {self.grid}×{self.grid} grid leaves {plural(max(left, 0), 'context patch')}, "
-                f"not more than min-keep {self.keep}: lower num-targets or the target scale"
+                f"not more than min_keep {self.keep}: lower num_targets or the target scale"
             )
         if self.mode == "multiblock":
             self._check_context()
@@ -82,7 +90,7 @@ class MaskConfig:
         return [block_size(self.grid, lo + u / 64 * (hi - lo), *aspect, u / 64) for u in range(65)]
 
     def _check_context(self) -> None:
-        """Refuse, before any training, a context block that cannot keep more than min-keep
+        """Refuse, before any training, a context block that cannot keep more than min_keep
         patches: one too small by itself, or one that the largest targets leave no room for
         (tried on 64 rows with a tenth of the sampler's retries: a size pair that needs more
         would stall or stop training sooner or later)."""
@@ -90,8 +98,8 @@ class MaskConfig:
         if smallest[0] * smallest[1] <= self.keep:
             raise UserError(
                 f"context blocks of scale {self.context_scale[0]} on a {self.grid}×{self.grid} grid "
-                f"hold {plural(smallest[0] * smallest[1], 'patch')}, not more than min-keep {self.keep}: "
-                "raise the context scale or lower min-keep"
+                f"hold {plural(smallest[0] * smallest[1], 'patch')}, not more than min_keep {self.keep}: "
+                "raise the context scale or lower min_keep"
             )
         largest = max(self.block_sizes("target"), key=lambda hw: hw[0] * hw[1])
         _multiblock(self, 64, torch.Generator().manual_seed(0), largest, smallest, rounds=10)
@@ -173,7 +181,7 @@ def _multiblock(
             raise UserError(
                 f"cannot place a context block of {ch}×{cw} that keeps more than {c.keep} "
                 f"patches beside {c.num_targets} targets of {th}×{tw} on a {c.grid}×{c.grid} "
-                "grid: lower the target scale or min-keep"
+                "grid: lower the target scale or min_keep"
             )
     n_ctx = int(context.sum(-1).min())
     return _first_k(context, n_ctx), targets

@@ -9,7 +9,7 @@ import pytest
 # CliRunner asks for (and wrap the paths and digests the tests look for): drop it first.
 os.environ.pop("COLUMNS", None)
 
-from stoptool.config import PretrainConfig
+from stoptool.config import PretrainConfig, config_from_dict
 
 
 def tiny_config(**kw) -> PretrainConfig:
@@ -29,7 +29,7 @@ def tiny_config(**kw) -> PretrainConfig:
         save_every=1,
     )
     base.update(kw)
-    return PretrainConfig(**base).validate()
+    return config_from_dict(base).validate()
 
 
 @pytest.fixture

@@ -92,10 +92,10 @@ def test_mask_bench(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--what", "everything"], "--what must be train, extract or masks"),
-        (["--attn", "flash"], "--attn must be auto, sdpa or math"),
+        (["--what", "everything"], "what must be one of train, extract, masks, got 'everything' (--what)"),
+        (["--attn", "flash"], "attn must be one of auto, sdpa, math, got 'flash' (--attn)"),
         (["--arch", "vit_b16", "--img-size", "100"], "not a positive multiple of the patch size"),
-        (["--steps", "0"], "--steps must be positive"),
+        (["--steps", "0"], "steps must be positive, got 0 (--steps)"),
     ],
 )
 def test_bad_bench_input(args, message):

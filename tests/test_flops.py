@@ -64,21 +64,23 @@ def test_whole_training_step_matches_torch_counter(tiny_cfg):
     (the backward of the first layer and of A n skips the input gradient: within 2 %)."""
     from stoptool.masks import MaskSampler
     from stoptool.models.jepa import build_jepa
+    from stoptool.train.distributed import Nets
     from stoptool.train.runtime import autocast_factory, set_attention
     from stoptool.train.step import StepInputs, jepa_loss
 
     cfg = tiny_cfg(sigma=0.25, pred_width=96, pred_depth=2)
     torch.manual_seed(0)
-    model = build_jepa(cfg).train()
+    model = build_jepa(cfg.model).train()
     set_attention(model, "math")
     B = 4
     ctx, tgt = MaskSampler(cfg.mask_config())(B, torch.Generator().manual_seed(0))
-    inputs = StepInputs(torch.randn(B, 3, cfg.img_size, cfg.img_size), ctx, tgt)
+    side = cfg.model.img_size
+    inputs = StepInputs(torch.randn(B, 3, side, side), ctx, tgt)
     mode = FlopCounterMode(display=False)
     with mode:
-        jepa_loss(model, inputs, autocast_factory(torch.device("cpu"), "fp32")).backward()
+        jepa_loss(Nets.plain(model), inputs, autocast_factory(torch.device("cpu"), "fp32")).backward()
     theirs = mode.get_total_flops()
     ours = B * train_step_flops(
-        cfg.arch, cfg.img_size, 96, 2, ctx.shape[1], tgt.shape[2], tgt.shape[1], 0.25
+        cfg.model.arch, side, 96, 2, ctx.shape[1], tgt.shape[2], tgt.shape[1], 0.25
     ).total
     assert abs(ours - theirs) / theirs < 0.02

@@ -106,10 +106,10 @@ def test_random_mode_disjoint_and_sized():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"target_scale": (0.0, 0.2)}, "target-scale"),
-        ({"context_scale": (0.5, 1.2)}, "context-scale"),
-        ({"target_scale": (0.01, 0.02)}, "hold 1 patch, not more than min-keep 3"),
-        ({"mode": "checkerboard"}, "mask mode"),
+        ({"target_scale": (0.0, 0.2)}, "target_scale must satisfy"),
+        ({"context_scale": (0.5, 1.2)}, "context_scale must satisfy"),
+        ({"target_scale": (0.01, 0.02)}, "hold 1 patch, not more than min_keep 3"),
+        ({"mode": "checkerboard"}, "mask_mode must be one of multiblock, random"),
         ({"mode": "random", "num_targets": 8}, "random masking with 8 targets of up to 12 patches"),
     ],
 )

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stoptool.data.datasets import ArrayDataset
+from stoptool.data.base import ArrayDataset
 from stoptool.errors import UserError
 from stoptool.io.paths import check_writable
 
@@ -130,7 +130,7 @@ def _read_members(release: Release, root: Path, names: tuple[str, ...]) -> dict[
     if not archive.is_file():
         raise UserError(
             f"{release.name} not found: put {release.archive} (the python version, from "
-            f"{URL}) or its extracted folder {release.folder}/ in {root}, or pass --download"
+            f"{URL}) or its extracted folder {release.folder}/ in {root}, or turn on download"
         )
     wanted = {f"{release.folder}/{n}": n for n in names}
     found: dict[str, bytes] = {}
@@ -190,7 +190,7 @@ def fetch(name: str, root: Path) -> Path:
     if target.is_file() or (root / release.folder).is_dir():
         return target
     if root.exists() and not root.is_dir():
-        raise UserError(f"--data-root '{root}' is not a directory")
+        raise UserError(f"data_root '{root}' is not a directory")
     check_writable(target)
     root.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{release.archive}.", dir=root)

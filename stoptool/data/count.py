@@ -18,7 +18,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-from stoptool.data.datasets import ArrayDataset
+from stoptool.data.base import ArrayDataset
 from stoptool.errors import UserError
 
 COUNTS = tuple(range(1, 7))

@@ -1,4 +1,5 @@
-"""Labelled image sets behind one small interface: `len`, `load(i)` -> RGB PIL image, `labels`.
+"""Every labelled image set stoptool reads, opened by name (`open_dataset`), each behind the
+small interface of `stoptool.data.base`: `len`, `load(i)` -> RGB PIL image, `labels`.
 
 Bundled and offline: scikit-learn's digits, and `count`, a synthetic counting set drawn on
 demand (`stoptool.data.count`). On disk: CIFAR-10/100 in the release format
@@ -7,44 +8,19 @@ restricted by a subset file of relative paths.
 """
 
 import importlib.util
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from stoptool.data.base import ArrayDataset, ImageDataset  # also imported from here by callers
+from stoptool.data.cifar import load_cifar
+from stoptool.data.count import count_dataset
 from stoptool.errors import UserError
 from stoptool.io.paths import asset, check_file
 
 BUILTIN = ("digits", "count", "cifar10", "cifar100")  # data set names that are not paths
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
-
-
-class ImageDataset:
-    """Base: subclasses fill `labels`, `classes`, `name` and implement `load`."""
-
-    name: str = ""
-    classes: Sequence[str] = ()
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def load(self, index: int) -> Image.Image:
-        raise NotImplementedError
-
-    def describe(self) -> dict:
-        return {"name": self.name, "size": len(self), "classes": len(self.classes)}
-
-
-class ArrayDataset(ImageDataset):
-    """Images held in memory as uint8 [N, H, W, 3]."""
-
-    def __init__(self, name: str, images: np.ndarray, labels: np.ndarray, classes: Sequence[str]):
-        self.name, self.images, self.labels, self.classes = name, images, labels, list(classes)
-
-    def load(self, index: int) -> Image.Image:
-        return Image.fromarray(self.images[index])
 
 
 def digits(split: str = "train") -> ArrayDataset:
@@ -147,21 +123,17 @@ def open_dataset(name: str, split: str = "train", subset: str | None = None,
     """`digits`, `count`, `cifar10`/`cifar100` (from `root`, see `stoptool.data.cifar`), or a
     path to an ImageFolder tree (its `split` sub-directory when present)."""
     if name in BUILTIN and subset is not None:
-        raise UserError(f"--subset keeps images of an ImageFolder tree; {name} has none to name")
+        raise UserError(f"subset keeps images of an ImageFolder tree; {name} has none to name")
     if name == "digits":
         return digits(split)
     if name == "count":
-        from stoptool.data.count import count_dataset
-
         return count_dataset(split)
     if name in ("cifar10", "cifar100"):
-        from stoptool.data.cifar import load_cifar
-
         return load_cifar(name, split, root, download)
     path = Path(name).expanduser()
     if not path.exists() and name.lower() == "imagenet":  # the paper presets name it so
         raise UserError(
-            "ImageNet is not bundled: pass --dataset PATH, an ImageFolder tree of it "
+            "ImageNet is not bundled: set dataset to the path of an ImageFolder tree of it "
             "(train/ and val/, one folder per class)"
         )
     if not path.exists():

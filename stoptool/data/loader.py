@@ -13,7 +13,7 @@ import random
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from stoptool.data.datasets import ImageDataset
+from stoptool.data.base import ImageDataset
 from stoptool.data.transforms import PretrainTransform
 from stoptool.errors import UserError
 from stoptool.masks import MaskSampler

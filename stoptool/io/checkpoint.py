@@ -16,7 +16,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from stoptool import __version__
 from stoptool.errors import UserError
 from stoptool.io.paths import atomic_write, check_file
+from stoptool.models.archs import Covariance, NoiseOn, PredPos
 
 FORMAT = "stoptool"
 TIMM_ENCODER = "timm-encoder"  # the `kind` of an encoder exported for timm
@@ -54,7 +55,7 @@ def stoptool_view(ckpt: Checkpoint) -> Checkpoint:
     """`ckpt` with its tensors under the usual part prefixes.
 
     An exported timm file names its tensors as timm does (`blocks.0.attn.qkv.weight`); it
-    holds the target encoder, or the context encoder when exported with `--which context`.
+    holds the target encoder, or the context encoder when exported with which="context".
     """
     if ckpt.meta.get("kind") != TIMM_ENCODER:
         return ckpt
@@ -135,13 +136,16 @@ def _open(path: str | Path, tensors: bool) -> Checkpoint:
 
 
 KINDS = ("pretrain", "imported", TIMM_ENCODER)
+# read off the types the Predictor's arguments are declared with: an option the model gains
+# is accepted here with it
+PREDICTOR_CHOICES = {
+    "pred_pos": get_args(PredPos), "noise_on": get_args(NoiseOn), "cov": get_args(Covariance),
+}
 
 
 def _check_meta(path: Path, meta: dict[str, Any]) -> None:
     """The metadata values the loaders act on have their types and ranges: the checksum covers
     the tensors only, so an edited metadata block is caught here, not deep in a command."""
-    from stoptool.config import CHOICES
-
     def bad(key: str, want: str) -> UserError:
         value = meta[key]
         return UserError(f"'{path}' has metadata {key} = {value!r}, not {want} (a damaged or hand-made file)")
@@ -162,9 +166,9 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
                 raise bad(key, f"an integer >= {least}")
         if not isinstance(meta.get("optimizer_groups", []), list):
             raise bad("optimizer_groups", "a list")
-    for key in ("pred_pos", "noise_on", "cov"):
-        if key in meta and meta[key] not in CHOICES[key]:
-            raise bad(key, "one of " + ", ".join(CHOICES[key]))
+    for key, choices in PREDICTOR_CHOICES.items():
+        if key in meta and meta[key] not in choices:
+            raise bad(key, "one of " + ", ".join(choices))
     if meta.get("which", "target") not in ("target", "context"):
         raise bad("which", "target or context")
 

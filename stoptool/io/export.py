@@ -77,7 +77,7 @@ def export_timm(ckpt_path: str | Path, out: str | Path, which: str = "target") -
     """Write the `which` encoder ("target" or "context") of `ckpt_path` to `out` for timm."""
     ckpt_path, out = resolve_checkpoint(ckpt_path), Path(out)
     if which not in WHICH:
-        raise UserError(f"--which must be target or context, got '{which}'")
+        raise UserError(f"which must be target or context, got '{which}'", key="which")
     check_checkpoint_out(out, ckpt_path, "export")
     ckpt = stoptool_view(load_checkpoint(ckpt_path))
     meta = ckpt.meta

@@ -35,7 +35,7 @@ def check_holds(ckpt: Checkpoint, which: str, path) -> None:
     held = [w for w, part in WHICH.items() if ckpt.has(part)]
     if not held:
         raise UserError(f"'{path}' holds no encoder weights")
-    raise UserError(f"'{path}' holds only the {held[0]} encoder; use --which {held[0]}")
+    raise UserError(f"'{path}' holds only the {held[0]} encoder; take which={held[0]}", key="which")
 
 
 def model_from_checkpoint(ckpt: Checkpoint, source: str = "checkpoint") -> JEPA:

@@ -51,6 +51,7 @@ PUBLISHED = {
     "vit-h16.pth.tar": "stop",
 }
 _SCALARS = ("epoch", "loss", "batch_size", "world_size", "lr")
+GIVEN = "given by the user"  # the `method_from` of a method passed in, not read from the file
 
 
 @dataclass
@@ -398,9 +399,10 @@ def import_checkpoint(
     """Convert `src` into the stoptool checkpoint `out` (kind "imported")."""
     src, out = Path(src), Path(out)
     if method is not None and method not in METHODS:
-        raise UserError(f"--kind must be one of {', '.join(METHODS)}, got '{method}'")
+        raise UserError(f"method (what trained the checkpoint) must be one of {', '.join(METHODS)}, "
+                        f"got '{method}'")
     if sigma is not None and (sigma < 0 or not math.isfinite(sigma)):
-        raise UserError(f"--sigma must be >= 0 (it is the noise standard deviation), got {sigma}")
+        raise UserError(f"sigma must be >= 0 (it is the noise standard deviation), got {sigma}")
     check_checkpoint_out(out, src, "import")
 
     raw = read_source(src)
@@ -416,57 +418,23 @@ def import_checkpoint(
     for p in encoders:
         check_state(expected, parts[p], p.replace("_", " "), src, arch)
 
-    spec, patch = parse_arch(arch)
+    patch = parse_arch(arch)[1]
     grid = img_size // patch
     notes: list[str] = []
     meta: dict[str, Any] = {
         "kind": "imported", "source": src.name, "source_layout": layout,
         "arch": arch, "img_size": img_size, "patch": patch,
     }
-    tensors: dict[str, torch.Tensor] = {}
 
     if "predictor" in parts:
-        pred = dict(parts["predictor"])
-        _require(pred, ("predictor_embed.weight", "predictor_pos_embed"), "predictor", src)
-        width = pred["predictor_embed.weight"].shape[0]
-        depth = _block_count(pred, "predictor_blocks")
-        if width % spec.heads:
-            raise UserError(f"'{src}': predictor width {width} is not divisible by the "
-                            f"{spec.heads} heads of {arch}")
-        pos = pred["predictor_pos_embed"]
-        sincos = pos.shape == (1, grid * grid, width) and width % 4 == 0 and torch.allclose(
-            pos[0].float(), sincos_2d(width, grid), atol=1e-5)
-        pred_pos = "sincos" if sincos else "learned"
-        expected = _predictor_shapes(grid, arch, width, depth, pred_pos)
-        check_state(expected, pred, "predictor", src, arch)
-
-        if method is not None:
-            why = "given with --kind"
-        else:
-            found = method_evidence(raw, parts, src)
-            if found is None:
-                raise UserError(
-                    f"cannot tell whether '{src}' was trained with StoP or I-JEPA (no optimizer "
-                    "state to read, and the file name does not say): pass --kind stop or "
-                    "--kind ijepa; it decides the mask token (b for StoP, mask_token for I-JEPA)"
-                )
-            method, why = found
-        if method == "stop":
-            # official StoP: masked token = ψ + A n + b, mask_token unused, so m̃ := b
-            pred["mask_token"] = pred["predictor_embed.bias"].reshape(1, 1, width).clone()
-        sigma = default_sigma(method, arch) if sigma is None else sigma
-        meta.update({
-            "method": method, "method_from": why,
-            "mask_token_from": "predictor_embed.bias" if method == "stop" else "mask_token",
-            "sigma": sigma, "pred_depth": depth, "pred_width": width, "pred_pos": pred_pos,
-            "noise_on": "masked", "cov": "learned",
-        })
+        pred, found = _import_predictor(raw, parts, src, arch, grid, method, sigma)
+        meta.update(found)
         parts = {**parts, "predictor": pred}
     else:
         if method is not None:
-            meta.update({"method": method, "method_from": "given with --kind"})
+            meta.update({"method": method, "method_from": GIVEN})
         if sigma is not None:
-            notes.append("--sigma ignored: the file holds no predictor")
+            notes.append("sigma ignored: the file holds no predictor")
         notes.append("encoder only: commands that need a predictor (viz heatmap, viz similarity) "
                      "cannot use it")
 
@@ -474,7 +442,58 @@ def import_checkpoint(
         value = _scalar(raw.get(key)) if layout == "official" else None
         if value is not None:
             meta[key if key == "epoch" else f"source_{key}"] = value
-    seen: set[int] = set()
+    tensors = _flat_tensors(parts)
+    check_finite(tensors, f"'{src}'")  # a diverged run's file: refused now, not at every later use
+    save_checkpoint(out, Checkpoint(meta, tensors))
+    params = {p: sum(v.numel() for v in sd.values()) for p, sd in parts.items()}
+    report = write_report(report_path(out, "import"), {
+        "checkpoint": str(out), "source_file": str(src), **meta, "params": params, "notes": notes,
+    })
+    return Imported(out, meta, list(parts), params, notes, report)
+
+
+def _import_predictor(raw: dict, parts: dict, src: Path, arch: str, grid: int, method: str | None,
+                      sigma: float | None) -> tuple[dict, dict]:
+    """The predictor's state dict (m̃ set by the method) and what the metadata says of it."""
+    spec = parse_arch(arch)[0]
+    pred = dict(parts["predictor"])
+    _require(pred, ("predictor_embed.weight", "predictor_pos_embed"), "predictor", src)
+    width = pred["predictor_embed.weight"].shape[0]
+    depth = _block_count(pred, "predictor_blocks")
+    if width % spec.heads:
+        raise UserError(f"'{src}': predictor width {width} is not divisible by the "
+                        f"{spec.heads} heads of {arch}")
+    pos = pred["predictor_pos_embed"]
+    sincos = pos.shape == (1, grid * grid, width) and width % 4 == 0 and torch.allclose(
+        pos[0].float(), sincos_2d(width, grid), atol=1e-5)
+    pred_pos = "sincos" if sincos else "learned"
+    check_state(_predictor_shapes(grid, arch, width, depth, pred_pos), pred, "predictor", src, arch)
+    if method is not None:
+        why = GIVEN
+    else:
+        found = method_evidence(raw, parts, src)
+        if found is None:
+            raise UserError(
+                f"cannot tell whether '{src}' was trained with StoP or I-JEPA (no optimizer "
+                "state to read, and the file name does not say): pass the method, stop or "
+                "ijepa; it decides the mask token (b for StoP, mask_token for I-JEPA)"
+            )
+        method, why = found
+    if method == "stop":
+        # official StoP: masked token = ψ + A n + b, mask_token unused, so m̃ := b
+        pred["mask_token"] = pred["predictor_embed.bias"].reshape(1, 1, width).clone()
+    return pred, {
+        "method": method, "method_from": why,
+        "mask_token_from": "predictor_embed.bias" if method == "stop" else "mask_token",
+        "sigma": default_sigma(method, arch) if sigma is None else sigma,
+        "pred_depth": depth, "pred_width": width, "pred_pos": pred_pos,
+        "noise_on": "masked", "cov": "learned",
+    }
+
+
+def _flat_tensors(parts: dict) -> dict[str, torch.Tensor]:
+    """Every part's tensors under `part.name`, in fp32, each stored once."""
+    tensors, seen = {}, set()
     for p, sd in parts.items():
         for k, v in sd.items():
             v = v.float() if v.is_floating_point() else v
@@ -483,10 +502,4 @@ def import_checkpoint(
             # safetensors stores each tensor once, so copy the second user of a storage
             tensors[f"{p}.{k}"] = v.clone() if ptr in seen else v
             seen.add(ptr)
-    check_finite(tensors, f"'{src}'")  # a diverged run's file: refused now, not at every later use
-    save_checkpoint(out, Checkpoint(meta, tensors))
-    params = {p: sum(v.numel() for v in sd.values()) for p, sd in parts.items()}
-    report = write_report(report_path(out, "import"), {
-        "checkpoint": str(out), "source_file": str(src), **meta, "params": params, "notes": notes,
-    })
-    return Imported(out, meta, list(parts), params, notes, report)
+    return tensors

@@ -4,6 +4,7 @@ timm."""
 
 import re
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from stoptool.errors import UserError
 
@@ -63,7 +64,14 @@ def default_img_size(arch: str) -> int:
     return 8 * patch if patch <= 4 else 224
 
 
-INITS = ("released", "timm")
+# The predictor's ablation switches (paper Tables 6, 7 and Fig. 3) and the initialisations:
+# here rather than beside the predictor, so that configs and checkpoint checks read them
+# without importing the model code.
+NoiseOn = Literal["masked", "context", "both"]
+Covariance = Literal["learned", "fixed"]
+PredPos = Literal["sincos", "learned"]
+Init = Literal["released", "timm"]
+INITS: tuple[str, ...] = get_args(Init)
 
 
 def default_init(arch: str) -> str:

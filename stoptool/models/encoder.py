@@ -58,7 +58,7 @@ def build_encoder(arch: str, img_size: int, init: str | None = None) -> VisionTr
     patch = check_img_size(arch, img_size)
     init = init or default_init(arch)
     if init not in INITS:
-        raise UserError(f"--init must be one of {', '.join(INITS)}, got '{init}'")
+        raise UserError(f"init must be one of {', '.join(INITS)}, got '{init}'")
     # timm: trunc-normal linears, PyTorch's default for the patch convolution, and (fix_init)
     # each block's output projections divided by sqrt(2 * layer)
     model = VisionTransformer(**timm_kwargs(arch, img_size), fix_init=init == "timm")

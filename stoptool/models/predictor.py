@@ -15,7 +15,6 @@ Parameter names follow the released I-JEPA/StoP code so their checkpoints load d
 
 import math
 from functools import partial
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +23,9 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from stoptool.models.archs import Covariance, NoiseOn, PredPos
 from stoptool.models.encoder import init_like_released_code
 from stoptool.models.pos_embed import sincos_2d
-
-NoiseOn = Literal["masked", "context", "both"]
-Covariance = Literal["learned", "fixed"]
-PredPos = Literal["sincos", "learned"]
 
 
 class Predictor(nn.Module):

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -16,8 +17,9 @@ from stoptool.data.datasets import BUILTIN, FolderDataset, ImageDataset, open_da
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import resolve_checkpoint
 from stoptool.io.paths import check_file, check_writable, write_report
-from stoptool.models.archs import check_img_size, default_img_size, default_init
+from stoptool.models.archs import Init, check_img_size, default_img_size, default_init
 from stoptool.models.encoder import build_encoder
+from stoptool.options import Precision, check_fields, option
 from stoptool.probe.features import (
     LAYERS,
     Features,
@@ -40,29 +42,40 @@ METHODS = ("logreg", "linear", "knn")
 
 @dataclass
 class ProbeConfig:
-    ckpt: str | None = None
-    dataset: str = "digits"
-    data_root: str | None = None
-    download: bool = False
-    train_dir: str | None = None
-    val_dir: str | None = None
-    subset: str | None = None
-    fraction: float = 1.0
-    layers: str = "last"
-    method: str = "logreg"  # or linear, knn, all
-    img_size: int | None = None
-    which: str = "target"  # target | context
-    random_init: bool = False
-    arch: str | None = None
-    init: str | None = None  # how the --random-init encoder is drawn (default: as pretrain's for the arch)
-    batch_size: int = 128
-    device: str = "auto"
-    precision: str = "auto"
-    workers: int | None = None
-    cache_dir: str | None = None
-    cache: bool = True
-    seed: int = 0
-    out: str | None = None
+    """`stoptool probe`: which encoder, on which data, how. Checks itself (`validate`)."""
+
+    ckpt: str | None = option(None, "A stoptool checkpoint, or a run directory (its latest).")
+    dataset: str = option("digits", "digits | count | cifar10 | cifar100 | PATH with train/ and val/.")
+    data_root: str | None = option(None, "Where CIFAR's release archive or extracted folder lives.")
+    download: bool = option(False, "Fetch the CIFAR archive into data_root when it is missing.")
+    train_dir: str | None = option(None, "ImageFolder tree of training images (with val_dir).")
+    val_dir: str | None = option(None, "ImageFolder tree of test images.")
+    subset: str | None = option(None, "Keep only the training images named in this file.")
+    fraction: float = option(1.0, "Class-balanced share of the training labels, in (0, 1].")
+    layers: Literal[LAYERS] = option("last", "last | last4.")
+    method: Literal[METHODS + ("all",)] = option("logreg", "logreg | linear | knn | all.")
+    img_size: int | None = option(None, "Evaluation image size.", positive=True)
+    which: Literal["target", "context"] = option("target", "Which encoder of a pretrain checkpoint.")
+    random_init: bool = option(False, "Probe an untrained encoder of arch (seeded).")
+    arch: str | None = option(None, "Arch of the random_init encoder.")
+    init: Init | None = option(None, "How the random_init encoder is drawn.", default_text="as pretrain's")
+    batch_size: int = option(128, "Images per batch during feature extraction.", positive=True)
+    device: str = option("auto", "auto | cpu | cuda | cuda:N.")
+    precision: Precision = option("auto", "Extraction precision.")
+    workers: int | None = option(None, "Data loader workers.", low=0)
+    cache_dir: str | None = option(None, "Feature cache directory.")
+    cache: bool = option(True, "Reuse and store extracted features.")
+    seed: int = option(0, "Seed of fraction, the held-out split, the linear probe and random_init.", low=0,
+                       high=2**32 - 1)
+    out: str | None = option(None, "JSON results file.")
+
+    def validate(self) -> "ProbeConfig":
+        check_fields(self)
+        if not 0 < self.fraction <= 1:
+            raise UserError(f"fraction must be in (0, 1], got {self.fraction}", key="fraction")
+        if self.ckpt is not None:  # a run directory stands for its latest
+            self.ckpt = str(check_file(resolve_checkpoint(self.ckpt), "checkpoint"))
+        return self
 
     def methods(self) -> tuple[str, ...]:
         return METHODS if self.method == "all" else (self.method,)
@@ -87,22 +100,22 @@ class Encoder:
 
 def load_encoder(cfg: ProbeConfig) -> Encoder:
     if cfg.which not in ("target", "context"):
-        raise UserError(f"--which must be target or context, got '{cfg.which}'")
+        raise UserError(f"which must be target or context, got '{cfg.which}'", key="which")
     if cfg.random_init:
         if cfg.ckpt is not None:
-            raise UserError("give either a checkpoint or --random-init, not both")
+            raise UserError("give either a checkpoint or random_init, not both", key="random_init")
         if cfg.arch is None:
-            raise UserError("--random-init needs --arch (e.g. --arch vit_t4)")
+            raise UserError("random_init needs an arch (e.g. vit_t4)", key="arch")
         img_size = default_img_size(cfg.arch) if cfg.img_size is None else cfg.img_size
-        check_img_size(cfg.arch, img_size, "--img-size")
+        check_img_size(cfg.arch, img_size, "img_size")
         torch.manual_seed(cfg.seed)
         init = cfg.init or default_init(cfg.arch)
         return Encoder(build_encoder(cfg.arch, img_size, init).eval(), cfg.arch, img_size, "random-init",
                        {"seed": cfg.seed, "init": init})
     if cfg.ckpt is None:
-        raise UserError("give a checkpoint to probe, or --random-init --arch NAME")
+        raise UserError("give a checkpoint to probe, or random_init with an arch")
     if cfg.arch is not None or cfg.init is not None:
-        raise UserError("--arch and --init are for --random-init; a checkpoint holds its own weights")
+        raise UserError("arch and init are for random_init; a checkpoint holds its own weights", key="arch")
     from stoptool.io.models import check_holds, load_model
 
     loaded = load_model(cfg.ckpt)
@@ -111,7 +124,7 @@ def load_encoder(cfg: ProbeConfig) -> Encoder:
     net = loaded.model.target_encoder if cfg.which == "target" else loaded.model.encoder
     arch, img_size = meta["arch"], meta["img_size"]
     if cfg.img_size is not None and cfg.img_size != img_size:
-        check_img_size(arch, cfg.img_size, "--img-size")
+        check_img_size(arch, cfg.img_size, "img_size")
         # The positions are fixed sine-cosine, so the encoder is exact at any grid: rebuild
         # it for the new size and keep every trained weight.
         resized = build_encoder(arch, cfg.img_size)
@@ -126,13 +139,14 @@ def open_splits(cfg: ProbeConfig) -> tuple[ImageDataset, ImageDataset, str]:
     """(train, test, tag): tag names the data set in file names and tables."""
     if cfg.train_dir or cfg.val_dir:
         if not (cfg.train_dir and cfg.val_dir):
-            raise UserError("--train-dir and --val-dir go together")
+            raise UserError("train_dir and val_dir go together", key="val_dir")
         train = FolderDataset(cfg.train_dir, cfg.subset)
         test = FolderDataset(cfg.val_dir)
         tag = Path(cfg.train_dir).resolve().parent.name or "folder"
     elif cfg.dataset in BUILTIN:
         if cfg.subset is not None:
-            raise UserError("--subset keeps images of an ImageFolder tree; use it with a PATH data set")
+            raise UserError("subset keeps images of an ImageFolder tree; use it with a PATH data set",
+                            key="subset")
         train = open_dataset(cfg.dataset, "train", root=cfg.data_root, download=cfg.download)
         test = open_dataset(cfg.dataset, "test", root=cfg.data_root)
         tag = cfg.dataset
@@ -160,21 +174,6 @@ def open_splits(cfg: ProbeConfig) -> tuple[ImageDataset, ImageDataset, str]:
     if len(train.classes) < 2:
         raise UserError(f"a probe needs at least 2 classes; the training split has {len(train.classes)}")
     return train, test, tag
-
-
-def validate(cfg: ProbeConfig) -> None:
-    if cfg.workers is not None and cfg.workers < 0:
-        raise UserError(f"--workers must be >= 0, got {cfg.workers}")
-    if not 0 < cfg.fraction <= 1:
-        raise UserError(f"--fraction must be in (0, 1], got {cfg.fraction}")
-    if cfg.layers not in LAYERS:
-        raise UserError(f"--layers must be one of {', '.join(LAYERS)}, got '{cfg.layers}'")
-    if cfg.method not in METHODS + ("all",):
-        raise UserError(f"--method must be one of {', '.join(METHODS)}, all; got '{cfg.method}'")
-    if cfg.batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {cfg.batch_size}")
-    if cfg.ckpt is not None:  # a run directory stands for its latest
-        cfg.ckpt = str(check_file(resolve_checkpoint(cfg.ckpt), "checkpoint"))
 
 
 def default_json_path(cfg: ProbeConfig, enc: Encoder, tag: str) -> Path:
@@ -214,7 +213,7 @@ def get_features(enc: Encoder, data: ImageDataset, split: str, cfg: ProbeConfig,
 
 def run_probe(cfg: ProbeConfig, progress: Callable[[str, int, int], None] | None = None) -> ProbeReport:
     """Probe per `cfg`. `progress(split, done, total)` is called during feature extraction."""
-    validate(cfg)
+    cfg.validate()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device, fp16=False)
     enc = load_encoder(cfg)
@@ -226,7 +225,7 @@ def run_probe(cfg: ProbeConfig, progress: Callable[[str, int, int], None] | None
     if cfg.cache:
         cache_dir = feature_cache_dir(cfg)
         if cache_dir.exists() and not cache_dir.is_dir():
-            raise UserError(f"feature cache '{cache_dir}' is not a directory (see --cache-dir)")
+            raise UserError(f"feature cache '{cache_dir}' is not a directory", key="cache_dir")
         check_writable(cache_dir / "features.npz")
 
     enc_hash = encoder_fingerprint(enc.net)

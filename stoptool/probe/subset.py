@@ -10,7 +10,7 @@ def balanced_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.nd
     classes as evenly as their sizes allow. The same (labels, fraction, seed) give the same
     indices."""
     if not 0 < fraction <= 1:
-        raise UserError(f"--fraction must be in (0, 1], got {fraction}")
+        raise UserError(f"fraction must be in (0, 1], got {fraction}", key="fraction")
     labels = np.asarray(labels)
     if fraction == 1:
         return np.arange(len(labels))

@@ -131,7 +131,7 @@ def check_same_step(step: int, world: World, device: torch.device) -> None:
     if lo.item() != hi.item():
         raise UserError(
             f"the processes found different checkpoints in the run directory (steps {lo.item()} to "
-            f"{hi.item()}): --out must be on a filesystem that every node shares"
+            f"{hi.item()}): out must be on a filesystem that every node shares", key="out"
         )
 
 
@@ -219,6 +219,54 @@ class TargetNet(nn.Module):
         return encode(self.encoder, images)
 
 
+class Nets:
+    """The networks as a training step calls them, and the little it needs to know of the
+    processes: plain modules in one process; under torchrun the online network wrapped by DDP
+    or FSDP and, under FSDP, the sharded target encoder. The step is the same either way."""
+
+    def __init__(self, model: JEPA, online: nn.Module, target: nn.Module, world: World = World(),
+                 sharded: bool = False):
+        self.model, self.world, self.sharded = model, world, sharded
+        self.online = online  # (images, ctx_idx, tgt_idx) -> (prediction, ‖A‖₁)
+        self._target = target
+
+    @classmethod
+    def plain(cls, model: JEPA) -> "Nets":
+        return cls(model, OnlineNet(model.encoder, model.predictor), TargetNet(model.target_encoder))
+
+    def target(self, images: torch.Tensor) -> torch.Tensor:
+        """f̄_θ's tokens of whole images."""
+        tokens = self._target(images)
+        if self.sharded:
+            self._target.reshard()  # FSDP keeps a root's weights gathered after a forward without backward
+        return tokens
+
+    def mean(self, value: torch.Tensor) -> float:
+        """A scalar averaged over the processes (every process gets the same number)."""
+        return mean_over_ranks(value, self.world) if self.world.distributed else value.item()
+
+    def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The target encoder's weights and the context encoder's, as this process holds them
+        (its shards under FSDP, where both encoders are sharded alike): the EMA's operands."""
+        target = [local(p) for p in self.model.target_encoder.parameters()]
+        online = [local(p.detach()) for p in self.model.encoder.parameters()]
+        return target, online
+
+
+def wrap_networks(model: JEPA, world: World, device: torch.device, fsdp: bool = False,
+                  shard_group: int | None = None) -> Nets:
+    """`model`'s networks for this launch: plain in one process, DDP or (with `fsdp`) FSDP
+    under torchrun. Every process starts from rank 0's weights."""
+    if not world.distributed:
+        return Nets.plain(model)
+    if fsdp:
+        online, target = fully_sharded(model, world, device, shard_group)
+        return Nets(model, online, target, world, sharded=True)
+    broadcast_module(model.target_encoder, world)  # DDP keeps the rest in sync
+    online = data_parallel(OnlineNet(model.encoder, model.predictor), world, device)
+    return Nets(model, online, TargetNet(model.target_encoder), world)
+
+
 def data_parallel(online: OnlineNet, world: World, device: torch.device) -> nn.Module:
     """`online` wrapped for gradient averaging across ranks (itself when there is one rank)."""
     if not world.distributed:
@@ -238,16 +286,17 @@ def check_fsdp_support(distribute=None) -> None:
     except (ImportError, NameError):
         supported = False
     if not supported:
-        raise UserError(f"--fsdp needs a newer torch than {torch.__version__} (FSDP2's fully_shard and "
-                        "distribute_tensor's src_data_rank): upgrade torch, or train without --fsdp")
+        raise UserError(f"fsdp needs a newer torch than {torch.__version__} (FSDP2's fully_shard and "
+                        "distribute_tensor's src_data_rank): upgrade torch, or train without fsdp",
+                        key="fsdp")
 
 
 def check_shard_group(world: World, shard_group: int | None) -> int:
     """The number of processes that share one copy of the weights: all of them by default."""
     group = world.size if shard_group is None else shard_group
     if group < 1 or world.size % group:
-        raise UserError(f"--shard-group {group} does not divide the {plural(world.size, 'process')} of "
-                        "this launch: give a divisor, e.g. the processes per node")
+        raise UserError(f"shard_group {group} does not divide the {plural(world.size, 'process')} of "
+                        "this launch: give a divisor, e.g. the processes per node", key="shard_group")
     return group
 
 

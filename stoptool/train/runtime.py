@@ -1,8 +1,12 @@
-"""Device and precision choices: what 'auto' means on this machine."""
+"""Device and precision choices (what 'auto' means on this machine), and the preparation of a
+model for them that training and `stoptool bench` share: attention kernel, recomputation,
+autocast, compilation."""
 
 import contextlib
 import functools
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -166,3 +170,28 @@ def set_attention(model: torch.nn.Module, impl: str) -> None:
     for module in model.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = impl == "sdpa"
+
+
+@dataclass
+class Prepared:
+    """How a prepared model runs."""
+
+    precision: str  # bf16 | fp16 | fp32
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    attn: str  # sdpa | math
+    compiled: bool
+    compile_failure: str | None = None  # why compilation is unavailable, where it was asked for
+
+
+def prepare_model(model, device: torch.device, precision: str, attn: str = "auto",
+                  grad_checkpoint: bool = False, compile: bool = False, training: bool = True) -> Prepared:
+    """Set `model` (a JEPA) up to run on `device` in `precision`: the attention kernel that
+    'auto' picks there, activation recomputation, and compiled blocks where asked and possible."""
+    impl = attention_impl(attn, device, precision, training)
+    set_attention(model, impl)
+    if grad_checkpoint:
+        model.encoder.set_grad_checkpointing(True)
+        model.predictor.grad_checkpointing = True
+    autocast = autocast_factory(device, precision)
+    failure = compile_blocks(model, autocast) if compile else None
+    return Prepared(precision, autocast, impl, compile and failure is None, failure)

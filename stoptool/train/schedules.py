@@ -10,6 +10,15 @@ yields its first value, 0.996, for step 0.
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class Hyper(NamedTuple):
+    """One step's values of the schedules."""
+
+    lr: float
+    wd: float
+    momentum: float  # of the EMA
 
 
 @dataclass(frozen=True)
@@ -46,12 +55,13 @@ class Schedules:
         start, end = self.ema
         return start + (end - start) * min(step / max(1, self.total), 1.0)
 
-    def at(self, step: int) -> tuple[float, float, float]:
+    def at(self, step: int) -> Hyper:
         """(lr, wd, momentum) for training step `step` (0-based), aligned as described above."""
-        return self.lr_at(step + 1), self.wd_at(step + 1), self.momentum_at(step)
+        return Hyper(self.lr_at(step + 1), self.wd_at(step + 1), self.momentum_at(step))
 
 
 def make_schedules(cfg, iterations_per_epoch: int) -> Schedules:
+    """The schedules of an optimization config (`PretrainConfig.optim`)."""
     ipe = iterations_per_epoch
     freeze = None if cfg.const_after_epoch is None else int(cfg.const_after_epoch * ipe)
     return Schedules(

@@ -2,6 +2,10 @@
 
 masks (from the loader) -> targets from the EMA encoder -> context features -> predictor with
 stochastic masked positions -> smooth-L1 loss -> optimizer step -> EMA update.
+
+The step calls the networks through `state.nets` (see `train.distributed.Nets`): the same
+code runs in one process and under torchrun, where those wrappers average gradients (DDP) or
+gather shards (FSDP).
 """
 
 import math
@@ -12,9 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from stoptool.models.encoder import encode
-from stoptool.models.jepa import JEPA, predict
-from stoptool.train.distributed import local
+from stoptool.models.jepa import JEPA
+from stoptool.train.distributed import Nets
+from stoptool.train.schedules import Hyper
 
 
 @dataclass
@@ -24,52 +28,75 @@ class StepInputs:
     tgt_idx: torch.Tensor  # [B, M, K] patch indices of M target blocks
 
 
-def gather_targets(tokens: torch.Tensor, tgt_idx: torch.Tensor) -> torch.Tensor:
-    """tokens [B, N, D], tgt_idx [B, M, K] -> [B, M, K, D]."""
-    batch = torch.arange(tokens.size(0), device=tokens.device)[:, None, None]
-    return tokens[batch, tgt_idx]
+@dataclass
+class TrainState:
+    """Everything a step reads and updates. `scaler` is a no-op unless training in fp16."""
+
+    model: JEPA
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    nets: Nets
+    autocast: Callable[[], AbstractContextManager]
+    a_l1: float = 0.0  # λ of the l1 penalty on A
+    clip_grad: float | None = None  # max gradient norm of the context encoder
 
 
-def compute_targets(
-    model: JEPA, inputs: StepInputs, autocast: Callable[[], AbstractContextManager], target=None
-):
-    """f̄_θ on the whole image, layer-normed over features (no affine), gathered per block.
-    `target`, if given, is the sharded target encoder (a TargetNet under FSDP)."""
-    with torch.no_grad(), autocast():
-        if target is not None:
-            h = target(inputs.images)
-            target.reshard()  # FSDP keeps a root's weights gathered after a forward without backward
-        else:
-            h = encode(model.target_encoder, inputs.images)
-    h = F.layer_norm(h.float(), h.shape[-1:])
-    return gather_targets(h, inputs.tgt_idx)
+class NonFiniteLoss(RuntimeError):
+    pass
 
 
-def jepa_loss(
-    model: JEPA, inputs: StepInputs, autocast, a_l1: float = 0.0, online=None, target=None
-) -> torch.Tensor:
-    """The loss of one batch. `online`, if given, runs context encoder and predictor in one
-    call (an OnlineNet wrapped by DDP or FSDP) and `target` the target encoder (under FSDP);
-    they compute exactly what the default does."""
-    targets = compute_targets(model, inputs, autocast, target)
+def train_step(state: TrainState, batch: StepInputs, hp: Hyper) -> float:
+    """Run one step; return the loss. Raises NonFiniteLoss before touching any weight.
+
+    The context encoder's gradient norm, and only it, is clipped (`clip_grad`), as the
+    released StoP loop does. The loss is averaged over the processes first, so that every
+    process takes the same decision on it.
+    """
+    set_hyperparams(state.optimizer, hp.lr, hp.wd)
+    loss = jepa_loss(state.nets, batch, state.autocast, state.a_l1)
+    value = state.nets.mean(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteLoss(f"loss is {value}")
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    if state.clip_grad:
+        state.scaler.unscale_(state.optimizer)
+        torch.nn.utils.clip_grad_norm_(state.model.encoder.parameters(), state.clip_grad)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    ema_update(*state.nets.ema_pairs(), hp.momentum)
+    return value
+
+
+def jepa_loss(nets: Nets, batch: StepInputs, autocast, a_l1: float = 0.0) -> torch.Tensor:
+    """smooth-L1(g_φ(f_θ(context)) at the targets, f̄_θ(image) at the targets) (+ λ‖A‖₁)."""
+    targets = compute_targets(nets.target, batch, autocast)
     with autocast():
-        if online is not None:
-            pred, a_norm = online(inputs.images, inputs.ctx_idx, inputs.tgt_idx)
-        else:
-            pred = predict(model.encoder, model.predictor, inputs.images, inputs.ctx_idx, inputs.tgt_idx)
-            a_norm = model.predictor.A.float().abs().sum() if a_l1 else None
+        pred, a_norm = nets.online(batch.images, batch.ctx_idx, batch.tgt_idx)
     loss = F.smooth_l1_loss(pred.float(), targets, beta=1.0)
     if a_l1:
         loss = loss + a_l1 * a_norm
     return loss
 
 
+def compute_targets(target: Callable, batch: StepInputs, autocast) -> torch.Tensor:
+    """f̄_θ on the whole image (`target`: images -> tokens), layer-normed over features (no
+    affine), gathered per block: [B, M, K, D]."""
+    with torch.no_grad(), autocast():
+        h = target(batch.images)
+    h = F.layer_norm(h.float(), h.shape[-1:])
+    return gather_targets(h, batch.tgt_idx)
+
+
+def gather_targets(tokens: torch.Tensor, tgt_idx: torch.Tensor) -> torch.Tensor:
+    """tokens [B, N, D], tgt_idx [B, M, K] -> [B, M, K, D]."""
+    batch = torch.arange(tokens.size(0), device=tokens.device)[:, None, None]
+    return tokens[batch, tgt_idx]
+
+
 @torch.no_grad()
-def ema_update(model: JEPA, momentum: float) -> None:
-    """f̄_θ <- m f̄_θ + (1 - m) f_θ, in place and in fp32 (shard by shard under FSDP: both
-    encoders are sharded alike)."""
-    target = [local(p) for p in model.target_encoder.parameters()]
-    online = [local(p.detach()) for p in model.encoder.parameters()]
+def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], momentum: float) -> None:
+    """f̄_θ <- m f̄_θ + (1 - m) f_θ, in place and in fp32, over matching lists of weights."""
     torch._foreach_mul_(target, momentum)
     torch._foreach_add_(target, online, alpha=1.0 - momentum)
 
@@ -81,54 +108,6 @@ def set_hyperparams(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> N
             group["weight_decay"] = wd
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-def train_step(
-    model: JEPA,
-    optimizer: torch.optim.Optimizer,
-    inputs: StepInputs,
-    lr: float,
-    wd: float,
-    momentum: float,
-    autocast,
-    scaler: torch.amp.GradScaler | None = None,
-    a_l1: float = 0.0,
-    clip_grad: float | None = None,
-    online=None,
-    reduce: Callable[[torch.Tensor], float] | None = None,
-    target=None,
-) -> float:
-    """Run one step; return the loss. Raises NonFiniteLoss before touching any weight.
-
-    `clip_grad` clips the context encoder's gradient norm, and only it, as the released StoP
-    loop does. Under data parallelism `online` is the wrapped context encoder + predictor (and, under
-    FSDP, `target` the sharded target encoder), and `reduce` averages the loss over ranks, so
-    that every rank takes the same decision on it.
-    """
-    set_hyperparams(optimizer, lr, wd)
-    loss = jepa_loss(model, inputs, autocast, a_l1, online, target)
-    value = reduce(loss.detach()) if reduce is not None else loss.item()
-    if not math.isfinite(value):
-        raise NonFiniteLoss(f"loss is {value}")
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        if clip_grad:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.encoder.parameters(), clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        if clip_grad:
-            torch.nn.utils.clip_grad_norm_(model.encoder.parameters(), clip_grad)
-        optimizer.step()
-    ema_update(model, momentum)
-    return value
-
-
 def make_optimizer(model: JEPA, lr: float, wd: float) -> torch.optim.AdamW:
     """AdamW over `param_groups`, with the fused kernel where this torch has one for the device
     (one pass over all parameters instead of a dozen per tensor: about 5 % of a vit_s16 step
@@ -137,6 +116,20 @@ def make_optimizer(model: JEPA, lr: float, wd: float) -> torch.optim.AdamW:
         return torch.optim.AdamW(param_groups(model), lr=lr, weight_decay=wd, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(param_groups(model), lr=lr, weight_decay=wd)
+
+
+def make_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """fp16 needs a loss scale against underflowing gradients; elsewhere the scaler does nothing."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def single_process_state(model: JEPA, autocast, precision: str = "fp32", lr: float = 1e-3,
+                         wd: float = 0.04, **options) -> TrainState:
+    """A TrainState for `model` in this process alone (bench, tests): plain networks, a fresh
+    AdamW; `options` are TrainState's a_l1 and clip_grad."""
+    device = next(model.parameters()).device
+    return TrainState(model, make_optimizer(model, lr, wd), make_scaler(device, precision),
+                      Nets.plain(model), autocast, **options)
 
 
 def use_fused_like(optimizer: torch.optim.Optimizer, groups: list[dict]) -> list[dict]:

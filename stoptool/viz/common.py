@@ -44,7 +44,7 @@ def check_out(out: str | Path | None, default: Path) -> Path:
     path = Path(out) if out is not None else default
     if path.is_dir():
         raise UserError(
-            f"--out '{path}' is a directory; give a file name such as {path / default.name}"
+            f"out '{path}' is a directory; give a file name such as {path / default.name}", key="out"
         )
     if path.suffix == "":
         path = path.with_suffix(".png")
@@ -55,14 +55,14 @@ def check_out(out: str | Path | None, default: Path) -> Path:
         )
     if path.is_dir():
         raise UserError(
-            f"--out '{path}' is a directory; give a file name such as {path / default.name}"
+            f"out '{path}' is a directory; give a file name such as {path / default.name}", key="out"
         )
     return check_writable(path, beside=(path.with_suffix(".json").name,))  # the numbers go beside it
 
 
 def check_dpi(dpi: int) -> int:
     if not 10 <= dpi <= 1200:
-        raise UserError(f"--dpi must be between 10 and 1200, got {dpi}")
+        raise UserError(f"dpi must be between 10 and 1200, got {dpi}", key="dpi")
     return dpi
 
 
@@ -136,7 +136,7 @@ def show_image(ax, image: np.ndarray, title: str | None = None) -> None:
         ax.set_title(title, fontsize=9)
 
 
-def parse_cells(text: str, grid: int, flag: str) -> list[tuple[int, int]]:
+def parse_cells(text: str, grid: int, key: str) -> list[tuple[int, int]]:
     """"r,c;r,c" -> [(r, c), ...], each inside the grid."""
     cells = []
     for part in text.replace(" ", "").split(";"):
@@ -145,15 +145,15 @@ def parse_cells(text: str, grid: int, flag: str) -> list[tuple[int, int]]:
         try:
             r, c = (int(x) for x in part.split(","))
         except ValueError:
-            raise UserError(f"{flag} takes ROW,COL pairs separated by ';', got '{text}'") from None
+            raise UserError(f"{key} takes ROW,COL pairs separated by ';', got '{text}'", key=key) from None
         if not (0 <= r < grid and 0 <= c < grid):
             raise UserError(
-                f"{flag} {r},{c} is outside the {grid}×{grid} patch grid "
-                f"(rows and columns 0..{grid - 1})"
+                f"{key} {r},{c} is outside the {grid}×{grid} patch grid "
+                f"(rows and columns 0..{grid - 1})", key=key
             )
         cells.append((r, c))
     if not cells:
-        raise UserError(f"{flag} names no patch, got '{text}'")
+        raise UserError(f"{key} names no patch, got '{text}'", key=key)
     return cells
 
 

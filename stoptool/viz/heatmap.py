@@ -13,7 +13,8 @@ alike; one that has only learned position puts it on j alone.
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from matplotlib.figure import Figure
 from stoptool.config import config_from_dict
 from stoptool.errors import UserError
 from stoptool.masks import MaskConfig, MaskSampler
+from stoptool.models.encoder import encode
 from stoptool.models.jepa import JEPA, predict
 from stoptool.train.step import StepInputs, compute_targets
 from stoptool.viz.common import (
@@ -67,7 +69,7 @@ def mask_config_from_meta(meta: dict, grid: int) -> MaskConfig:
     (imported checkpoints carry no config)."""
     saved = meta.get("config") or {}
     cfg = config_from_dict({k: saved[k] for k in MASK_KEYS if saved.get(k) is not None})
-    return replace(cfg.mask_config(), grid=grid)
+    return cfg.masks.on_grid(grid)
 
 
 def locate(tgt_idx: torch.Tensor, patch: int, grid: int) -> MaskedPatch:
@@ -77,8 +79,8 @@ def locate(tgt_idx: torch.Tensor, patch: int, grid: int) -> MaskedPatch:
         r, c = divmod(patch, grid)
         centres = " ".join(f"{p.index // grid},{p.index % grid}" for p in block_centres(tgt_idx, grid))
         raise UserError(
-            f"--patch {r},{c} is not in a target block of this mask; pick a masked patch, e.g. "
-            f"one of the block centres {centres} (or change --seed)"
+            f"patch {r},{c} is not in a target block of this mask; pick a masked patch, e.g. "
+            f"one of the block centres {centres} (or change the seed)", key="patch"
         )
     block, position = hits[0].tolist()
     return MaskedPatch(patch, block, position)
@@ -106,7 +108,8 @@ def predictions_and_targets(
         # the training targets, taken at every patch (one "block" holding the whole grid)
         every_patch = torch.arange(model.predictor.grid**2)[None, None]
         inputs = StepInputs(image[None], ctx_idx[None], every_patch)
-        targets = compute_targets(model, inputs, contextlib.nullcontext)[0, 0]
+        target = partial(encode, model.target_encoder)
+        targets = compute_targets(target, inputs, contextlib.nullcontext)[0, 0]
         pred = predict(model.encoder, model.predictor, image[None], ctx_idx[None], tgt_idx[None])[0].float()
     finally:
         model.train(was_training)
@@ -115,7 +118,7 @@ def predictions_and_targets(
 
 def check_temperature(temperature: float) -> None:
     if not 0 < temperature < float("inf"):
-        raise UserError(f"--temperature must be positive, got {temperature}")
+        raise UserError(f"temperature must be positive, got {temperature}", key="temperature")
 
 
 def heatmap_probs(
@@ -209,7 +212,7 @@ def make_heatmap(
     if patch is None:
         patches = [p.index for p in block_centres(tgt_idx, grid)]
     else:
-        patches = [r * grid + c for r, c in parse_cells(patch, grid, "--patch")]
+        patches = [r * grid + c for r, c in parse_cells(patch, grid, "patch")]
     patches = list(dict.fromkeys(patches))  # overlapping blocks may share a centre: draw it once
     for p in patches:
         locate(tgt_idx, p, grid)

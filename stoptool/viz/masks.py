@@ -6,7 +6,6 @@ the same settings and generator state.
 """
 
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -88,14 +87,14 @@ def mask_settings(config: str | None, overrides: dict) -> tuple[int, int, MaskCo
     patch = overrides.pop("patch", None)
     img_size = overrides.pop("img_size", None)
     cfg = config_from_dict({**values, **{k: v for k, v in overrides.items() if v is not None}})
-    img_size = img_size if img_size is not None else cfg.img_size
-    patch = patch if patch is not None else cfg.patch
+    img_size = img_size if img_size is not None else cfg.model.img_size
+    patch = patch if patch is not None else cfg.model.patch
     if patch < 1 or img_size < 1 or img_size % patch:
         raise UserError(
             f"image size {img_size} is not a positive multiple of the patch size {patch}"
         )
     check_grid(img_size // patch, f"image size {img_size} with patch {patch}")
-    return img_size, patch, replace(cfg.mask_config(), grid=img_size // patch).validate()
+    return img_size, patch, cfg.masks.on_grid(img_size // patch).validate()
 
 
 def make_masks(
@@ -110,7 +109,7 @@ def make_masks(
     path = check_out(out, Path("masks.png"))
     check_dpi(dpi)
     if not seeds:
-        raise UserError("--seeds names no seed")
+        raise UserError("seeds names no seed", key="seeds")
     img_size, patch, cfg = mask_settings(config, dict(overrides or {}))
     _, display = load_image(image, img_size)
     masks = sample_masks(cfg, seeds)

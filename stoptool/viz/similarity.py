@@ -44,7 +44,7 @@ CELL_INCHES = 1.5  # side of one query's heatmap
 def default_queries(grid: int, n: int = 3) -> list[tuple[int, int]]:
     """An n × n spread of patches over the grid, away from the border when the grid allows."""
     if n < 1:
-        raise UserError(f"--queries N needs N >= 1, got {n}")
+        raise UserError(f"queries N needs N >= 1, got {n}", key="queries")
     n = min(n, grid)
     if n == 1:
         return [(grid // 2, grid // 2)]
@@ -60,10 +60,10 @@ def parse_queries(text: str | None, grid: int) -> list[tuple[int, int]]:
     if text.strip().isdigit():
         n = int(text)
         if n > grid:
-            raise UserError(f"--queries {n} asks for a {n}×{n} spread of patches, but the patch grid "
-                            f"is {grid}×{grid}: give at most {grid}")
+            raise UserError(f"queries {n} asks for a {n}×{n} spread of patches, but the patch grid "
+                            f"is {grid}×{grid}: give at most {grid}", key="queries")
         return default_queries(grid, n)
-    return parse_cells(text, grid, "--queries")
+    return parse_cells(text, grid, "queries")
 
 
 MAX_DRAWS = 1_000_000  # the mean's sampling error is then about 1e-3 of a cosine's spread
@@ -71,9 +71,9 @@ MAX_DRAWS = 1_000_000  # the mean's sampling error is then about 1e-3 of a cosin
 
 def check_noise(sigma: float, draws: int) -> None:
     if not sigma >= 0 or sigma == float("inf"):
-        raise UserError(f"--sigma must be >= 0 (it is the noise standard deviation), got {sigma}")
+        raise UserError(f"sigma must be >= 0 (it is the noise standard deviation), got {sigma}", key="sigma")
     if not 1 <= draws <= MAX_DRAWS:
-        raise UserError(f"--draws must be between 1 and {MAX_DRAWS:,}, got {draws}")
+        raise UserError(f"draws must be between 1 and {MAX_DRAWS:,}, got {draws}", key="draws")
 
 
 @torch.no_grad()

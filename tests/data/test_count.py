@@ -52,7 +52,7 @@ def test_images_are_the_same_pixels_on_every_draw():
 
 def test_open_dataset_names_it_and_refuses_a_subset():
     assert open_dataset("count", "test").name == "count/test"
-    with pytest.raises(UserError, match="--subset keeps images of an ImageFolder tree; count has none"):
+    with pytest.raises(UserError, match="subset keeps images of an ImageFolder tree; count has none"):
         open_dataset("count", "train", subset="list.txt")
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stoptool.data.datasets import FolderDataset
+from stoptool.data.datasets import FolderDataset, open_dataset
 from stoptool.errors import UserError
 
 
@@ -77,3 +77,9 @@ def test_an_image_too_large_to_open_safely_is_skipped_and_16_bit_grey_is_scaled(
     grey = np.asarray(ds.load(1))
     assert grey.shape == (16, 16, 3)
     np.testing.assert_array_equal(grey[..., 0], np.rint(ramp / 257.0).astype(np.uint8))
+
+
+def test_imagenet_by_name_says_to_give_the_path_of_its_tree(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no folder named imagenet here
+    with pytest.raises(UserError, match="not bundled: set dataset to the path of an ImageFolder tree"):
+        open_dataset("imagenet")

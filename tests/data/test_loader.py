@@ -23,7 +23,7 @@ def test_run_batches_continue_across_epochs_from_any_step():
 def test_workers_give_the_batches_of_the_main_process_across_an_epoch_end(tiny_cfg):
     cfg = tiny_cfg(batch_size=64)
     data = open_dataset("digits", "train")  # 21 batches of 64 an epoch
-    transform = PretrainTransform(cfg.img_size, cfg.crop_scale)
+    transform = PretrainTransform(cfg.model.img_size, cfg.data.crop_scale)
     sampler = MaskSampler(cfg.mask_config())
 
     def batches(workers: int) -> list:

@@ -43,7 +43,7 @@ def test_optimizer_state_round_trip(tiny_cfg):
     from stoptool.models.jepa import build_jepa
     from stoptool.train.step import param_groups
 
-    model = build_jepa(tiny_cfg())
+    model = build_jepa(tiny_cfg().model)
     opt = torch.optim.AdamW(param_groups(model), lr=1e-3)
     model.predictor.mask_token.sum().backward()
     opt.step()
@@ -152,6 +152,8 @@ def test_a_write_that_fails_midway_leaves_the_old_checkpoint_whole(tmp_path, mon
         ("pred_width", "x", "a positive integer"),
         ("img_size", 0, "a positive integer"),
         ("noise_on", "everywhere", "one of masked, context, both"),
+        ("pred_pos", "rope", "one of sincos, learned"),
+        ("cov", ["fixed"], "one of learned, fixed"),
         ("which", "both", "target or context"),
         ("step", "5", "an integer >= 0"),  # what a resume reads
         ("iterations_per_epoch", 0, "an integer >= 1"),

@@ -10,20 +10,21 @@ from timm.models.vision_transformer import VisionTransformer
 from typer.testing import CliRunner
 
 from stoptool.cli import app
-from stoptool.config import PretrainConfig
+from stoptool.config import config_from_dict
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import Checkpoint, save_checkpoint
 from stoptool.io.export import export_timm
 from stoptool.io.models import load_model
 from stoptool.models.encoder import encode, timm_kwargs
 from stoptool.models.jepa import build_jepa
-from stoptool.train.pretrain import model_meta, model_tensors
+from stoptool.train.checkpointer import model_tensors
+from stoptool.train.pretrain import model_meta
 
 
 def make_checkpoint(path, arch, img):
-    cfg = PretrainConfig(arch=arch, img_size=img, pred_width=48, pred_depth=1).validate()
+    cfg = config_from_dict(dict(arch=arch, img_size=img, pred_width=48, pred_depth=1)).validate()
     torch.manual_seed(0)
-    model = build_jepa(cfg).eval()
+    model = build_jepa(cfg.model).eval()
     with torch.no_grad():  # an EMA target that has drifted from the context encoder
         for p in model.target_encoder.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -82,7 +83,7 @@ def test_which_context_exports_the_context_encoder(tmp_path, tiny_run):
     with torch.no_grad():
         torch.testing.assert_close(load_with_timm(res.line)(x), pooled(model.encoder, x),
                                    rtol=1e-6, atol=1e-6)
-    with pytest.raises(UserError, match="--which must be target or context"):
+    with pytest.raises(UserError, match="which must be target or context"):
         export_timm(run, tmp_path / "x.safetensors", which="ema")
 
 
@@ -149,7 +150,8 @@ def test_bad_requests_are_one_line_errors(tmp_path, tiny_run):
     with pytest.raises(UserError, match="holds only the target encoder"):
         export_timm(out, tmp_path / "again.safetensors", which="context")
     probe = runner.invoke(app, ["probe", out, "--which", "context", "--method", "knn"])
-    assert probe.exit_code == 2 and "holds only the target encoder; use --which target" in probe.stderr
+    assert probe.exit_code == 2
+    assert "holds only the target encoder; take which=target (--which)" in probe.stderr
     assert not (tmp_path / "out.probe-digits.json").exists()
 
 

@@ -328,13 +328,33 @@ def test_method_from_file_name_or_kind_else_refused(tmp_path):
 
     save_official(tmp_path / "run.pth.tar", enc, pred, target)
     out = tmp_path / "none.safetensors"
-    with pytest.raises(UserError, match="--kind stop or --kind ijepa"):
+    with pytest.raises(UserError, match="pass the method, stop or ijepa; it decides the mask token"):
         import_checkpoint(tmp_path / "run.pth.tar", out)
     assert not out.exists()
     import_checkpoint(tmp_path / "run.pth.tar", out, method="stop", sigma=0.4)
     meta = read_meta(out)
     assert (meta["method"], meta["sigma"]) == ("stop", 0.4)
-    assert meta["method_from"] == "given with --kind"
+    assert meta["method_from"] == "given by the user"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"method": "mae"}, "method (what trained the checkpoint) must be one of stop, ijepa, got 'mae'"),
+    ({"sigma": -0.5}, "sigma must be >= 0 (it is the noise standard deviation), got -0.5"),
+    ({"sigma": float("nan")}, "sigma must be >= 0 (it is the noise standard deviation), got nan"),
+])
+def test_bad_arguments_are_refused_by_their_names_before_anything_is_read(tmp_path, kwargs, message):
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(UserError) as err:
+        import_checkpoint(tmp_path / "absent.pth.tar", out, **kwargs)
+    assert str(err.value) == message
+    assert not out.exists()
+
+
+def test_sigma_without_a_predictor_is_noted_as_ignored(tmp_path):
+    enc, _, _ = build_official("vit_t4", 16, "ijepa")
+    torch.save(enc.state_dict(), tmp_path / "encoder.pth")
+    res = import_checkpoint(tmp_path / "encoder.pth", tmp_path / "out.safetensors", sigma=0.3)
+    assert "sigma ignored: the file holds no predictor" in res.notes and "sigma" not in res.meta
 
 
 def test_arch_override_is_checked_against_the_shapes(tmp_path):

@@ -110,10 +110,10 @@ def test_timm_init_rescales_output_projections_by_depth():
 
 
 def test_default_init_by_arch():
-    from stoptool.config import PretrainConfig
+    from stoptool.config import ModelConfig
     from stoptool.models.archs import default_init
 
-    assert default_init("vit_b16") == PretrainConfig(arch="vit_b16").init == "released"
-    assert default_init("vit_t4") == PretrainConfig(arch="vit_t4").init == "timm"
-    with pytest.raises(UserError, match="--init must be one of released, timm"):
+    assert default_init("vit_b16") == ModelConfig(arch="vit_b16").init == "released"
+    assert default_init("vit_t4") == ModelConfig(arch="vit_t4").init == "timm"
+    with pytest.raises(UserError, match="init must be one of released, timm, got 'xavier'"):
         build_encoder("vit_t4", 32, "xavier")

@@ -12,7 +12,8 @@ from stoptool.cli import app
 from stoptool.io.checkpoint import Checkpoint, save_checkpoint
 from stoptool.models.jepa import build_jepa
 from stoptool.probe import run as probe_run
-from stoptool.train.pretrain import model_meta, model_tensors
+from stoptool.train.checkpointer import model_tensors
+from stoptool.train.pretrain import model_meta
 
 runner = CliRunner(env={"COLUMNS": "400"})
 
@@ -34,7 +35,7 @@ def folder(tmp_path_factory):
 def make_ckpt(path, tiny_cfg, seed=0):
     cfg = tiny_cfg()
     torch.manual_seed(seed)
-    model = build_jepa(cfg)
+    model = build_jepa(cfg.model)
     save_checkpoint(path, Checkpoint({"kind": "pretrain", **model_meta(cfg), "step": 0, "epoch": 0},
                                      model_tensors(model)))
     return path
@@ -159,17 +160,22 @@ def test_train_and_val_dirs_with_subset(tmp_path, folder, tiny_cfg):
     [
         (["/no/such/ckpt.safetensors"], "checkpoint '/no/such/ckpt.safetensors' does not exist"),
         (["--random-init", "--arch", "vit_t2", "--dataset", "imagenet-x"], "unknown dataset 'imagenet-x'"),
-        (["--random-init", "--arch", "vit_t2", "--fraction", "0"], "--fraction must be in (0, 1]"),
-        (["--random-init", "--arch", "vit_t2", "--fraction", "1.5"], "--fraction must be in (0, 1]"),
-        (["--random-init", "--arch", "vit_t2", "--layers", "all"], "--layers must be one of last, last4"),
-        (["--random-init", "--arch", "vit_t2", "--method", "svm"], "--method must be one of"),
-        (["--random-init"], "--random-init needs --arch"),
-        (["--random-init", "--arch", "vit_t2", "--init", "xavier"], "--init must be one of released, timm"),
+        (["--random-init", "--arch", "vit_t2", "--fraction", "0"],
+         "fraction must be in (0, 1], got 0.0 (--fraction)"),
+        (["--random-init", "--arch", "vit_t2", "--fraction", "1.5"],
+         "fraction must be in (0, 1], got 1.5 (--fraction)"),
+        (["--random-init", "--arch", "vit_t2", "--layers", "all"],
+         "layers must be one of last, last4, got 'all' (--layers)"),
+        (["--random-init", "--arch", "vit_t2", "--method", "svm"],
+         "method must be one of logreg, linear, knn, all, got 'svm' (--method)"),
+        (["--random-init"], "random_init needs an arch (e.g. vit_t4) (--arch)"),
+        (["--random-init", "--arch", "vit_t2", "--init", "xavier"],
+         "init must be one of released, timm, got 'xavier' (--init)"),
         ([], "give a checkpoint to probe"),
         (["--random-init", "--arch", "vit_t2", "--img-size", "15"],
          "not a positive multiple of the patch size 2"),
         (["--random-init", "--arch", "vit_t2", "--img-size", "0"],
-         "--img-size 0 is not a positive multiple of the patch size 2"),
+         "img_size must be positive, got 0 (--img-size)"),
         (["--random-init", "--arch", "vit_t2", "--dataset", "cifar10", "--data-root", "{tmp}"],
          "CIFAR-10 not found: put cifar-10-python.tar.gz"),
     ],
@@ -187,7 +193,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     "args, message",
     [
         (["--dataset", "cifar10", "--download", "--data-root", "{file}"],
-         "--data-root '{file}' is not a directory"),
+         "data_root '{file}' is not a directory"),
         (["--cache-dir", "{file}"], "feature cache '{file}' is not a directory"),
     ],
 )
@@ -237,13 +243,14 @@ def test_a_folder_without_train_and_val_is_explained(tmp_path, folder):
 def test_init_is_for_random_init_only(tmp_path, tiny_cfg):
     ckpt = make_ckpt(tmp_path / "c.safetensors", tiny_cfg)
     result = probe(str(ckpt), "--init", "timm", "--out", str(tmp_path / "r.json"), cache_dir=tmp_path / "c")
-    assert result.exit_code == 2 and "--arch and --init are for --random-init" in result.stderr
+    assert result.exit_code == 2
+    assert "arch and init are for random_init; a checkpoint holds its own weights (--arch)" in result.stderr
 
 
 @pytest.mark.parametrize("init", ["released", "timm"])
 def test_random_init_baseline_is_drawn_like_pretrain(init, tiny_cfg):
     torch.manual_seed(0)
-    built = build_jepa(tiny_cfg(init=init)).target_encoder
+    built = build_jepa(tiny_cfg(init=init).model).target_encoder
     cfg = probe_run.ProbeConfig(random_init=True, arch="vit_t2", img_size=16, init=init)
     enc = probe_run.load_encoder(cfg)
     for (name, a), (_, b) in zip(built.state_dict().items(), enc.net.state_dict().items()):
@@ -254,14 +261,14 @@ def test_checkpoint_probe_at_image_size_0_is_refused(tmp_path, tiny_cfg):
     ckpt = make_ckpt(tmp_path / "c.safetensors", tiny_cfg)
     result = probe(str(ckpt), "--img-size", "0", "--out", str(tmp_path / "r.json"), cache_dir=tmp_path / "c")
     assert result.exit_code == 2
-    assert "--img-size 0 is not a positive multiple of the patch size" in result.stderr
+    assert "img_size must be positive, got 0 (--img-size)" in result.stderr
     assert not (tmp_path / "r.json").exists()
 
 
 @pytest.mark.parametrize("arch", ["vit_t2", "vit_t4", "vit_t8"])
 def test_random_init_baseline_uses_pretrains_default_image_size(arch):
-    from stoptool.config import PretrainConfig
+    from stoptool.config import ModelConfig
 
     enc = probe_run.load_encoder(probe_run.ProbeConfig(random_init=True, arch=arch))
     expected = {"vit_t2": 16, "vit_t4": 32, "vit_t8": 224}[arch]
-    assert enc.img_size == PretrainConfig(arch=arch).img_size == expected
+    assert enc.img_size == ModelConfig(arch=arch).img_size == expected

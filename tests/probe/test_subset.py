@@ -47,5 +47,5 @@ def test_fraction_one_keeps_everything_in_order():
 
 @pytest.mark.parametrize("fraction", [0, -0.5, 1.01])
 def test_fraction_outside_0_1_is_refused(fraction):
-    with pytest.raises(UserError, match=r"--fraction must be in \(0, 1\]"):
+    with pytest.raises(UserError, match=r"fraction must be in \(0, 1\]"):
         balanced_subset(np.zeros(10, int), fraction)

@@ -8,17 +8,15 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from stoptool.config import PretrainConfig
+from stoptool.config import PretrainConfig, config_from_dict
 from stoptool.masks import MaskSampler
 from stoptool.models.jepa import build_jepa
 from stoptool.train.distributed import (
-    OnlineNet,
-    data_parallel,
-    fully_sharded,
     init_world,
     leave_world,
     whole,
     world_from_env,
+    wrap_networks,
 )
 from stoptool.train.runtime import autocast_factory
 from stoptool.train.step import StepInputs, jepa_loss
@@ -27,13 +25,14 @@ from stoptool.train.step import StepInputs, jepa_loss
 def fixed_batch(cfg: PretrainConfig, n: int) -> StepInputs:
     """The same images and masks in every process (and in the test's one-process reference)."""
     ctx, tgt = MaskSampler(cfg.mask_config())(n, torch.Generator().manual_seed(3))
-    images = torch.randn(n, 3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(4))
+    side = cfg.model.img_size
+    images = torch.randn(n, 3, side, side, generator=torch.Generator().manual_seed(4))
     return StepInputs(images, ctx, tgt)
 
 
 def config() -> PretrainConfig:
-    return PretrainConfig(
-        arch="vit_t2", img_size=16, pred_width=48, pred_depth=1, sigma=0.0, precision="fp32"
+    return config_from_dict(
+        dict(arch="vit_t2", img_size=16, pred_width=48, pred_depth=1, sigma=0.0, precision="fp32")
     ).validate()
 
 
@@ -42,22 +41,21 @@ def main(out: str, mode: str = "ddp") -> None:
     device = init_world(world, torch.device("cpu"))
     cfg = config()
     torch.manual_seed(0)
-    model = build_jepa(cfg).train()
+    model = build_jepa(cfg.model).train()
     batch = fixed_batch(cfg, 8)
     n = 8 // world.size
     part = slice(n * world.rank, n * world.rank + n)
     mine = StepInputs(batch.images[part], batch.ctx_idx[part], batch.tgt_idx[part])
-    target = None
     if mode == "fsdp":
-        online, target = fully_sharded(model, world, device)
+        nets = wrap_networks(model, world, device, fsdp=True)
     elif mode == "hsdp":  # two groups of two: each group holds one sharded copy
-        online, target = fully_sharded(model, world, device, shard_group=2)
+        nets = wrap_networks(model, world, device, fsdp=True, shard_group=2)
         mesh = model.encoder.blocks[0].attn.qkv.weight.device_mesh
         # rows are replicas, columns shards: ranks 0 and 1 share a copy (a node's processes)
         assert mesh.mesh.tolist() == [[0, 1], [2, 3]] and mesh.mesh_dim_names == ("replicate", "shard")
     else:
-        online = data_parallel(OnlineNet(model.encoder, model.predictor), world, device)
-    jepa_loss(model, mine, autocast_factory(device, "fp32"), online=online, target=target).backward()
+        nets = wrap_networks(model, world, device)
+    jepa_loss(nets, mine, autocast_factory(device, "fp32")).backward()
     grads = {f"{part}.{name}": whole(p.grad) for part in ("encoder", "predictor")
              for name, p in getattr(model, part).named_parameters() if p.grad is not None}
     if world.main:

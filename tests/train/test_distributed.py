@@ -21,8 +21,8 @@ from stoptool.data.transforms import PretrainTransform
 from stoptool.errors import UserError
 from stoptool.masks import MaskSampler
 from stoptool.models.jepa import build_jepa
-from stoptool.train.distributed import World, check_fsdp_support, own_rng_states
-from stoptool.train.pretrain import METRICS
+from stoptool.train.distributed import Nets, World, check_fsdp_support, own_rng_states
+from stoptool.train.logs import METRICS
 from stoptool.train.runtime import autocast_factory
 from stoptool.train.step import jepa_loss
 
@@ -48,7 +48,7 @@ def test_each_rank_loads_its_slice_of_the_images_with_its_own_masks(tiny_cfg):
     each half with masks of its own."""
     cfg = tiny_cfg()
     data = open_dataset("digits", "train")
-    transform = PretrainTransform(cfg.img_size, cfg.crop_scale)
+    transform = PretrainTransform(cfg.model.img_size, cfg.data.crop_scale)
     sampler = MaskSampler(cfg.mask_config())
     ipe = len(data) // 16  # steps 0 .. ipe - 1 are epoch 0
 
@@ -94,24 +94,24 @@ def test_a_shard_group_that_does_not_divide_the_processes_is_refused(tmp_path):
     args = ["pretrain", *TINY, "--fsdp", "--shard-group", "3", "--steps", "1", "--out", str(tmp_path / "run")]
     result = runner.invoke(app, args)
     assert result.exit_code == 2
-    assert "--shard-group 3 does not divide the 4 processes of this launch" in result.stderr
+    assert "shard_group 3 does not divide the 4 processes of this launch" in result.stderr
     assert not (tmp_path / "run").exists()
     zero = ["pretrain", *TINY, "--fsdp", "--shard-group", "0", "--out", str(tmp_path / "b")]
     result = CliRunner().invoke(app, zero)
-    assert result.exit_code == 2 and "--shard-group must be at least 1, got 0" in result.stderr
+    assert result.exit_code == 2 and "shard_group must be >= 1, got 0 (--shard-group)" in result.stderr
     assert not (tmp_path / "b").exists()
     # a config that sets it for a sharded run may be reused without --fsdp: a note, not an error
     result = CliRunner().invoke(app, ["pretrain", *TINY, "--shard-group", "2", "--steps", "1",
                                       "--out", str(tmp_path / "c")])
     assert result.exit_code == 0, result.output
-    assert "--shard-group 2 sets how --fsdp shards; without --fsdp it changes nothing" in result.output
+    assert "shard_group 2 sets how fsdp shards; without fsdp it changes nothing" in result.output
 
 
 def test_a_torch_without_fsdp2_gets_one_line():
     def old_distribute_tensor(tensor, device_mesh=None, placements=None):
         return tensor
 
-    with pytest.raises(UserError, match=r"--fsdp needs a newer torch than .* upgrade torch, or train"):
+    with pytest.raises(UserError, match=r"fsdp needs a newer torch than .* upgrade torch, or train"):
         check_fsdp_support(old_distribute_tensor)
     check_fsdp_support()  # the torch installed here has both
 
@@ -149,8 +149,9 @@ def test_processes_average_to_the_one_process_gradient(tmp_path, mode, nproc):
         sys.path.remove(str(HERE))
     cfg = config()
     torch.manual_seed(0)
-    model = build_jepa(cfg).train()
-    jepa_loss(model, fixed_batch(cfg, 8), autocast_factory(torch.device("cpu"), "fp32")).backward()
+    model = build_jepa(cfg.model).train()
+    fp32 = autocast_factory(torch.device("cpu"), "fp32")
+    jepa_loss(Nets.plain(model), fixed_batch(cfg, 8), fp32).backward()
     ddp = load_file(str(out))
     ref = {f"{part}.{name}": p.grad for part in ("encoder", "predictor")
            for name, p in getattr(model, part).named_parameters() if p.grad is not None}
@@ -239,7 +240,7 @@ def test_an_fsdp_checkpoint_resumes_in_one_process(launches, tmp_path):
 def test_fsdp_refuses_compile_and_notes_a_single_process(tmp_path):
     result = CliRunner().invoke(app, ["pretrain", *TINY, "--fsdp", "--compile", "--out", str(tmp_path / "a")])
     assert result.exit_code == 2
-    assert "--fsdp and --compile do not go together" in result.output
+    assert "fsdp and compile do not go together: drop one of them (--fsdp)" in result.output
     assert not (tmp_path / "a").exists()
     single = ["pretrain", *TINY, "--fsdp", "--steps", "1", "--out", str(tmp_path / "b")]
     result = CliRunner().invoke(app, single)

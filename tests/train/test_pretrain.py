@@ -8,8 +8,11 @@ import torch
 
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import load_checkpoint
+from stoptool.train import fit as loop
 from stoptool.train import pretrain as engine
-from stoptool.train.pretrain import Interrupted, pretrain
+from stoptool.train import state as run_state
+from stoptool.train.fit import Interrupted
+from stoptool.train.pretrain import pretrain
 
 
 def _cfg(tiny_cfg, folder, out, **kw):
@@ -85,16 +88,16 @@ def test_sigint_finishes_the_step_and_saves(tiny_cfg, image_folder, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, image_folder, tmp_path, monkeypatch):
-    real_step = engine.train_step
+    real_step = loop.train_step
     calls = {"n": 0}
 
     def failing(*args, **kw):
         calls["n"] += 1
         if calls["n"] == 5:
-            raise engine.NonFiniteLoss("loss is nan")
+            raise loop.NonFiniteLoss("loss is nan")
         return real_step(*args, **kw)
 
-    monkeypatch.setattr(engine, "train_step", failing)
+    monkeypatch.setattr(loop, "train_step", failing)
     # latest is written after every epoch, whatever --save-every says of snapshots
     with pytest.raises(UserError, match="step 4: loss is nan; the last good checkpoint is kept"):
         pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "r", save_every=10))
@@ -105,9 +108,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, image_fo
 @pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled, but CUDA is not available")
 def test_non_finite_loss_before_any_checkpoint_says_so(tiny_cfg, image_folder, tmp_path, monkeypatch):
     def failing(*args, **kw):
-        raise engine.NonFiniteLoss("loss is nan")
+        raise loop.NonFiniteLoss("loss is nan")
 
-    monkeypatch.setattr(engine, "train_step", failing)
+    monkeypatch.setattr(loop, "train_step", failing)
     with pytest.raises(UserError, match=r"step 0: loss is nan; no checkpoint had been written yet "
                                         r"\(try a lower --lr\)$"):
         pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "r"))
@@ -162,8 +165,8 @@ def test_ablation_flags_are_saved_and_rebuilt_by_the_loader(tiny_cfg, image_fold
     # the learned positions were trained: they left their initial draw (pretrain seeds as here)
     from stoptool.models.jepa import build_jepa
 
-    torch.manual_seed(cfg.seed)
-    start = build_jepa(cfg).predictor.predictor_pos_embed.detach()
+    torch.manual_seed(cfg.runtime.seed)
+    start = build_jepa(cfg.model).predictor.predictor_pos_embed.detach()
     assert not torch.equal(saved["predictor_pos_embed"], start)
 
 
@@ -171,14 +174,15 @@ def test_an_fp16_run_saves_its_loss_scale_and_resumes_with_it(tiny_cfg, image_fo
     """fp16 runs on GPUs; here fp16 autocast and the scaler run on the CPU in its place. The
     scale the scaler has settled on goes into the checkpoint and comes back on resume (a fresh
     scaler would start at 65536 again and skip steps on overflow)."""
-    made, real = [], torch.amp.GradScaler
+    made = []
 
-    def cpu_scaler(device):
-        made.append(real("cpu", init_scale=2.0**10, growth_interval=2))
+    def cpu_scaler(device, precision):
+        assert precision == "fp16"
+        made.append(torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2))
         return made[-1]
 
     monkeypatch.setattr(engine, "resolve_precision", lambda *args, **kw: "fp16")
-    monkeypatch.setattr(torch.amp, "GradScaler", cpu_scaler)
+    monkeypatch.setattr(run_state, "make_scaler", cpu_scaler)
     pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "run", steps=4))
     saved = load_checkpoint(tmp_path / "run" / "latest.safetensors").meta["grad_scaler"]
     assert saved == made[0].state_dict()

@@ -86,7 +86,7 @@ FakeInductorError.__module__ = "torch._inductor.exc"
 
 def test_compile_failure_in_a_training_step_falls_back_to_eager(tiny_cfg, tmp_path, monkeypatch):
     # Blocks that fail the way a compiled block fails on a graph first met in training.
-    import stoptool.train.pretrain as pretrain_module
+    import stoptool.train.runtime as runtime_module
     from stoptool.train.pretrain import pretrain
     from stoptool.train.runtime import transformer_blocks
 
@@ -98,7 +98,7 @@ def test_compile_failure_in_a_training_step_falls_back_to_eager(tiny_cfg, tmp_pa
             block._compiled_call_impl = fail
         return None  # the up-front probe passed
 
-    monkeypatch.setattr(pretrain_module, "compile_blocks", failing_compile)
+    monkeypatch.setattr(runtime_module, "compile_blocks", failing_compile)
     notes = []
     compiled = pretrain(tiny_cfg(steps=3, compile=True, out=str(tmp_path / "c")), notify=notes.append)
     eager = pretrain(tiny_cfg(steps=3, out=str(tmp_path / "e")))

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from stoptool.config import PretrainConfig
+from stoptool.config import config_from_dict
 from stoptool.train.schedules import Schedules, make_schedules
 
 S = Schedules(
@@ -35,8 +35,8 @@ def test_momentum_linear():
 
 
 def test_schedules_span_ipe_scale_epochs_and_freeze():
-    cfg = PretrainConfig(epochs=10, warmup=2, ipe_scale=1.25, const_after_epoch=6)
-    s = make_schedules(cfg, iterations_per_epoch=20)
+    cfg = config_from_dict(dict(epochs=10, warmup=2, ipe_scale=1.25, const_after_epoch=6))
+    s = make_schedules(cfg.optim, iterations_per_epoch=20)
     assert s.total == 250 and s.warmup == 40 and s.freeze_at == 120
     assert s.lr_at(200) == s.lr_at(120) and s.wd_at(199) == s.wd_at(120)
     assert s.momentum_at(125) == pytest.approx(0.996 + 0.004 * 125 / 250)
@@ -63,9 +63,9 @@ def _released_loop_values(warmup, start_lr, lr, final_lr, wd, final_wd, total, h
 
 @pytest.mark.parametrize("hold", [None, 6])
 def test_each_step_runs_with_the_released_loops_values(hold):
-    cfg = PretrainConfig(epochs=10, warmup=2, lr=1e-3, start_lr=2e-4, final_lr=1e-6, wd=0.04, final_wd=0.4,
-                         const_after_epoch=hold)
-    s = make_schedules(cfg, iterations_per_epoch=20)
+    cfg = config_from_dict(dict(epochs=10, warmup=2, lr=1e-3, start_lr=2e-4, final_lr=1e-6, wd=0.04,
+                                final_wd=0.4, const_after_epoch=hold))
+    s = make_schedules(cfg.optim, iterations_per_epoch=20)
     ref = _released_loop_values(40, 2e-4, 1e-3, 1e-6, 0.04, 0.4, 200, None if hold is None else 120)
     assert [s.at(step) for step in range(200)] == [pytest.approx(v, rel=1e-12) for v in ref]
     # step 0 is one warmup step in; the last step runs at the end of the cosine

@@ -8,12 +8,16 @@ from torch.torch_version import TorchVersion
 
 from stoptool.masks import MaskSampler
 from stoptool.models.jepa import build_jepa
+from stoptool.train.distributed import Nets
 from stoptool.train.runtime import autocast_factory
+from stoptool.train.schedules import Hyper
 from stoptool.train.step import (
     NonFiniteLoss,
     StepInputs,
+    TrainState,
     ema_update,
     make_optimizer,
+    make_scaler,
     param_groups,
     train_step,
     use_fused_like,
@@ -25,17 +29,24 @@ def _batch(cfg, sampler, gen, images):
     return StepInputs(images, ctx, tgt)
 
 
+def _step(model, opt, batch, lr, wd, m, ac, scaler=None, clip_grad=None):
+    """One train_step of `model` in this process alone."""
+    scaler = scaler or make_scaler(torch.device("cpu"), "fp32")
+    state = TrainState(model, opt, scaler, Nets.plain(model), ac, clip_grad=clip_grad)
+    return train_step(state, batch, Hyper(lr, wd, m))
+
+
 def test_twenty_steps_lower_the_loss(tiny_cfg):
     cfg = tiny_cfg(sigma=0.25)
     torch.manual_seed(0)
-    model = build_jepa(cfg).train()
+    model = build_jepa(cfg.model).train()
     opt = torch.optim.AdamW(param_groups(model), lr=1e-3)
     sampler = MaskSampler(cfg.mask_config())
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(8, 3, 16, 16)  # a fixed tiny set of random images
     ac = autocast_factory(torch.device("cpu"), "fp32")
     losses = [
-        train_step(model, opt, _batch(cfg, sampler, gen, images), 1e-3, 0.04, 0.996, ac) for _ in range(20)
+        _step(model, opt, _batch(cfg, sampler, gen, images), 1e-3, 0.04, 0.996, ac) for _ in range(20)
     ]
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
 
@@ -43,14 +54,14 @@ def test_twenty_steps_lower_the_loss(tiny_cfg):
 def test_target_encoder_moves_toward_online_at_the_scheduled_momentum(tiny_cfg):
     cfg = tiny_cfg()
     torch.manual_seed(0)
-    model = build_jepa(cfg).train()
+    model = build_jepa(cfg.model).train()
     opt = torch.optim.AdamW(param_groups(model), lr=1e-2)
     sampler = MaskSampler(cfg.mask_config())
     gen = torch.Generator().manual_seed(0)
     before = [p.clone() for p in model.target_encoder.parameters()]
     m = 0.9
     ac = autocast_factory(torch.device("cpu"), "fp32")
-    train_step(model, opt, _batch(cfg, sampler, gen, torch.randn(8, 3, 16, 16)), 1e-2, 0.0, m, ac)
+    _step(model, opt, _batch(cfg, sampler, gen, torch.randn(8, 3, 16, 16)), 1e-2, 0.0, m, ac)
     online = list(model.encoder.parameters())
     after = list(model.target_encoder.parameters())
     moved = 0
@@ -62,17 +73,17 @@ def test_target_encoder_moves_toward_online_at_the_scheduled_momentum(tiny_cfg):
 
 
 def test_ema_momentum_one_keeps_target_fixed(tiny_cfg):
-    model = build_jepa(tiny_cfg())
+    model = build_jepa(tiny_cfg().model)
     with torch.no_grad():
         for p in model.encoder.parameters():
             p.add_(1.0)
     before = [p.clone() for p in model.target_encoder.parameters()]
-    ema_update(model, 1.0)
+    ema_update(*Nets.plain(model).ema_pairs(), 1.0)
     assert all(torch.equal(b, a) for b, a in zip(before, model.target_encoder.parameters()))
 
 
 def test_weight_decay_skips_biases_and_1d(tiny_cfg):
-    model = build_jepa(tiny_cfg())
+    model = build_jepa(tiny_cfg().model)
     decay, no_decay = param_groups(model)
     assert all(p.ndim > 1 for p in decay["params"])
     assert all(p.ndim == 1 for p in no_decay["params"])
@@ -82,14 +93,14 @@ def test_weight_decay_skips_biases_and_1d(tiny_cfg):
 
 def _three_steps(cfg, opt_factory):
     torch.manual_seed(0)
-    model = build_jepa(cfg).train()
+    model = build_jepa(cfg.model).train()
     opt = opt_factory(model)
     sampler = MaskSampler(cfg.mask_config())
     gen = torch.Generator().manual_seed(0)
     ac = autocast_factory(torch.device("cpu"), "fp32")
     images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     for _ in range(3):
-        train_step(model, opt, _batch(cfg, sampler, gen, images), 1e-3, 0.04, 0.996, ac)
+        _step(model, opt, _batch(cfg, sampler, gen, images), 1e-3, 0.04, 0.996, ac)
     return model, opt
 
 
@@ -127,7 +138,7 @@ def test_state_saved_by_plain_adamw_resumes_in_the_fused_one(tiny_cfg):
 def test_saved_groups_take_the_current_kernel_choice(tiny_cfg):
     """A checkpoint's param groups written with (or without) the fused kernel load into an
     optimizer that chose otherwise, and keep their hyperparameters."""
-    model = build_jepa(tiny_cfg())
+    model = build_jepa(tiny_cfg().model)
     opt = make_optimizer(model, 1e-3, 0.04)
     groups = opt.state_dict()["param_groups"]
     saved = [{**g, "fused": not g.get("fused"), "foreach": True, "lr": 0.5} for g in groups]
@@ -139,18 +150,18 @@ def test_saved_groups_take_the_current_kernel_choice(tiny_cfg):
 def test_a_nan_loss_raises_before_any_weight_or_optimizer_state_changes(tiny_cfg):
     cfg = tiny_cfg()
     torch.manual_seed(0)
-    model = build_jepa(cfg).train()
+    model = build_jepa(cfg.model).train()
     opt = make_optimizer(model, 1e-3, 0.04)
     sampler = MaskSampler(cfg.mask_config())
     gen = torch.Generator().manual_seed(0)
     ac = autocast_factory(torch.device("cpu"), "fp32")
-    train_step(model, opt, _batch(cfg, sampler, gen, torch.randn(8, 3, 16, 16)), 1e-3, 0.04, 0.996, ac)
+    _step(model, opt, _batch(cfg, sampler, gen, torch.randn(8, 3, 16, 16)), 1e-3, 0.04, 0.996, ac)
     weights = copy.deepcopy(model.state_dict())
     state = copy.deepcopy(opt.state_dict())
     images = torch.randn(8, 3, 16, 16)
     images[3, 0, 5, 5] = float("nan")  # one bad pixel poisons the loss through the real forward
     with pytest.raises(NonFiniteLoss, match="loss is nan"):
-        train_step(model, opt, _batch(cfg, sampler, gen, images), 1e-3, 0.04, 0.996, ac)
+        _step(model, opt, _batch(cfg, sampler, gen, images), 1e-3, 0.04, 0.996, ac)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, weights[name]), name
     after = opt.state_dict()["state"]
@@ -167,7 +178,7 @@ def test_clip_grad_clips_the_context_encoder_only(tiny_cfg, scaled):
     CPU) the gradients are unscaled before they are clipped."""
     cfg = tiny_cfg(sigma=0.25)
     torch.manual_seed(0)
-    base = build_jepa(cfg).train()
+    base = build_jepa(cfg.model).train()
     sampler, gen = MaskSampler(cfg.mask_config()), torch.Generator().manual_seed(0)
     batch = _batch(cfg, sampler, gen, torch.randn(4, 3, 16, 16))
     ac = autocast_factory(torch.device("cpu"), "fp32")
@@ -178,7 +189,7 @@ def test_clip_grad_clips_the_context_encoder_only(tiny_cfg, scaled):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         torch.manual_seed(1)  # the same noise draw in both steps
         scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if scaled else None
-        train_step(model, opt, batch, 1.0, 0.0, 1.0, ac, scaler, clip_grad=clip)
+        _step(model, opt, batch, 1.0, 0.0, 1.0, ac, scaler, clip_grad=clip)
         return {n: before[n] - p.detach() for n, p in model.named_parameters() if n in before}
 
     free = moves(None)

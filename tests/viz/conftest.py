@@ -2,7 +2,7 @@
 
 import pytest
 
-from stoptool.config import PretrainConfig
+from stoptool.config import config_from_dict
 
 
 @pytest.fixture(scope="session")
@@ -10,10 +10,10 @@ def tiny_run(tmp_path_factory):
     from stoptool.train.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("vizrun") / "run"
-    cfg = PretrainConfig(
+    cfg = config_from_dict(dict(
         arch="vit_t2", img_size=16, pred_width=48, pred_depth=1, batch_size=8, steps=3,
         sigma=0.25, precision="fp32", workers=0, log_every=1, out=str(out),
-    )
+    ))
     pretrain(cfg.validate(), resume=False)
     return out
 

@@ -115,13 +115,13 @@ def one_line_error(args, message):
     "args, message",
     [
         (["--out", "fig.jpg"], "one of .png, .svg, .pdf"),
-        (["--dpi", "0"], "--dpi must be between"),
+        (["--dpi", "0"], "dpi must be between 10 and 1200, got 0 (--dpi)"),
         (["--queries", "9,9"], "outside the 8×8 patch grid"),
-        (["--queries", "a;b"], "--queries takes ROW,COL pairs"),
-        (["--sigma", "-1"], "--sigma must be >= 0"),
-        (["--sigma", "nan"], "--sigma must be >= 0"),
-        (["--draws", "0"], "--draws must be between 1 and 1,000,000, got 0"),
-        (["--draws", "1000001"], "--draws must be between 1 and 1,000,000, got 1000001"),
+        (["--queries", "a;b"], "queries takes ROW,COL pairs"),
+        (["--sigma", "-1"], "sigma must be >= 0 (it is the noise standard deviation), got -1.0 (--sigma)"),
+        (["--sigma", "nan"], "sigma must be >= 0"),
+        (["--draws", "0"], "draws must be between 1 and 1,000,000, got 0 (--draws)"),
+        (["--draws", "1000001"], "draws must be between 1 and 1,000,000, got 1000001 (--draws)"),
     ],
 )
 def test_similarity_bad_input(tiny_ckpt, tmp_path, monkeypatch, args, message):
@@ -138,8 +138,8 @@ def test_similarity_needs_a_checkpoint(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--temperature", "0"], "--temperature must be positive"),
-        (["--temperature", "nan"], "--temperature must be positive"),
+        (["--temperature", "0"], "temperature must be positive, got 0.0 (--temperature)"),
+        (["--temperature", "nan"], "temperature must be positive"),
         (["--patch", "8,0"], "outside the 8×8 patch grid"),
     ],
 )
@@ -152,7 +152,7 @@ def test_heatmap_patch_outside_the_targets(tiny_ckpt, tmp_path):
     ctx, _ = masks.sample_masks(heatmap.mask_config_from_meta({}, 8), [0])[0]
     r, c = divmod(int(ctx[0]), 8)  # a context patch is never a target
     one_line_error(["heatmap", tiny_ckpt, "--patch", f"{r},{c}", "--out", tmp_path / "h.png"],
-                   f"--patch {r},{c} is not in a target block")
+                   f"patch {r},{c} is not in a target block")
     assert not (tmp_path / "h.png").exists()
 
 
@@ -169,7 +169,7 @@ def test_heatmap_unreadable_image(tiny_ckpt, tmp_path):
         (["--seeds", "a,b"], "--seeds takes integers"),
         (["--seeds", "0,-1"], "--seeds must each be between 0 and 4294967295"),
         (["--seeds", "99999999999999999999"], "--seeds must each be between 0 and 4294967295"),
-        (["--target-scale", "0.3,0.1"], "target-scale must satisfy"),
+        (["--target-scale", "0.3,0.1"], "target_scale must satisfy"),
         (["--config", "no-such-preset"], "unknown preset"),
     ],
 )
@@ -183,6 +183,6 @@ def test_an_existing_directory_as_out_is_refused_with_or_without_a_suffix(tmp_pa
         folder = tmp_path / name
         folder.mkdir()
         result = runner.invoke(app, ["viz", "masks", "--out", str(folder)])
-        assert result.exit_code == 2 and f"--out '{folder}' is a directory" in result.stderr, result.output
+        assert result.exit_code == 2 and f"out '{folder}' is a directory" in result.stderr, result.output
     assert all(p.is_dir() for p in tmp_path.iterdir())  # the two folders, no figure written beside them
     assert not any((tmp_path / "fig").iterdir())

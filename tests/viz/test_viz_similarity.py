@@ -83,7 +83,7 @@ def test_query_parsing():
     with pytest.raises(UserError, match="outside the 8×8 patch grid"):
         parse_queries("8,0", 8)
     assert len(parse_queries("8", 8)) == 64
-    with pytest.raises(UserError, match="--queries 9 asks for a 9×9 spread of patches, but the patch "
+    with pytest.raises(UserError, match="queries 9 asks for a 9×9 spread of patches, but the patch "
                                         "grid is 8×8: give at most 8"):
         parse_queries("9", 8)
     assert parse_queries(None, 2) == default_queries(2, 2)  # the default spread fits small grids

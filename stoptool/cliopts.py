@@ -1,0 +1,60 @@
+"""Command-line flags generated from declared options (`stoptool.options`).
+
+`with_options(fields)` adds one typer option per field to a command: the flag is the key with
+dashes, the help is the field's help and default, every flag defaults to None (so that a flag
+left out never overrides a config file), and the command receives the flags that were given
+as `overrides`, keyed and typed like a config file's values.
+"""
+
+import functools
+import inspect
+from dataclasses import Field
+
+import typer
+
+from stoptool.options import base_type, coerce, default_help, is_pair, key_of
+
+
+def flag_of(f: Field) -> str:
+    return "--" + key_of(f).replace("_", "-")
+
+
+def _parameter(f: Field, panel: str | None) -> inspect.Parameter:
+    key = key_of(f)
+    kind = base_type(f)
+    help_text = f"{f.metadata['help']} (default: {default_help(f)})"
+    if kind is bool:
+        decls = f.metadata.get("flags") or (f"{flag_of(f)}/--no-{flag_of(f)[2:]}",)
+        info = typer.Option(None, *decls, help=help_text, rich_help_panel=panel)
+        annotation = bool | None
+    else:
+        info = typer.Option(None, flag_of(f), help=help_text, metavar="MIN,MAX" if is_pair(f) else None,
+                            rich_help_panel=panel)
+        annotation = (kind if kind in (int, float) else str) | None
+        if is_pair(f):
+            annotation = str | None
+    return inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
+
+
+def with_options(option_fields: list[Field], panels: dict[str, str] | None = None):
+    """Decorate a command `fn(..., overrides: dict)` with a flag for each of `option_fields`,
+    shown in --help under the panel that `panels` gives its key (if any)."""
+    by_key = {key_of(f): f for f in option_fields}
+
+    def decorate(fn):
+        sig = inspect.signature(fn)
+        own = [p for name, p in sig.parameters.items() if name != "overrides"]
+        generated = [_parameter(f, (panels or {}).get(key_of(f))) for f in option_fields]
+
+        @functools.wraps(fn)
+        def command(*args, **kwargs):
+            given = {k: kwargs.pop(k) for k in by_key if k in kwargs}
+            overrides = {k: coerce(by_key[k], v) for k, v in given.items() if v is not None}
+            return fn(*args, overrides=overrides, **kwargs)
+
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + generated
+        command.__signature__ = sig.replace(parameters=params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate
