@@ -60,6 +60,7 @@ def digest(t: torch.Tensor) -> str:
 def figures(run_dir: Path) -> dict:
     """Per-step losses (exact, as float.hex) and every tensor's sha256 and sum."""
     rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]  # not the evaluation of the initial weights, nor alarms
     tensors = load_checkpoint(run_dir / "latest.safetensors").tensors
     return {
         "losses": [float(r["loss"]).hex() for r in rows],

@@ -1,5 +1,9 @@
 """`stoptool bench`: throughput of the training step, of feature extraction and of the mask
 sampler, with FLOPs counted from the shapes and set against the device's own matmul rate.
+
+With a preset (`--config`), the step timed is the one that preset trains, and its whole
+schedule is projected from the measured rate: on one device, and on `--devices N` by linear
+scaling.
 """
 
 import resource
@@ -9,15 +13,19 @@ from dataclasses import asdict, replace
 
 import torch
 
-from stoptool.config import BenchConfig, config_from_dict
+from stoptool.config import BenchConfig, build_config, config_from_dict, read_config_file
+from stoptool.data.datasets import train_images
+from stoptool.errors import UserError
 from stoptool.flops import encoder_flops, train_step_flops
 from stoptool.masks import MaskSampler
 from stoptool.models.encoder import encode
 from stoptool.models.jepa import build_jepa
 from stoptool.train.runtime import (
-    DTYPES,
     Prepared,
+    device_sync,
     eager_on_compile_failure,
+    matmul_rate,
+    matmul_size,  # noqa: F401 (part of bench's interface)
     prepare_model,
     resolve_device,
     resolve_precision,
@@ -26,67 +34,17 @@ from stoptool.train.schedules import Hyper
 from stoptool.train.step import StepInputs, single_process_state, train_step
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_size(seconds_at_256: float, largest: int, most_seconds: float = 1.0) -> int:
-    """The side of the square matmuls that measure the rate: `largest`, unless one product
-    would take over `most_seconds` (a product 2× wider takes 8× longer), judged from one
-    256² product. bf16 on a CPU without bf16 instructions runs at about 1 GFLOP/s or less: 54 s
-    a 2048² product on an AVX2 machine, 0.2 s a 512² one."""
-    n, seconds = 256, seconds_at_256
-    while n < largest and seconds * 8 <= most_seconds:
-        n, seconds = 2 * n, seconds * 8
-    return n
-
-
-def matmul_rate(device: torch.device, precision: str, n: int | None = None, reps: int = 10) -> float:
-    """The device's measured dense matmul rate (FLOP/s) in this precision: 2048² matmuls on a
-    CPU, 8192² on a GPU (smaller ones leave a GPU's tensor cores part idle), smaller where
-    these would take over a second each (see `matmul_size`); at most `reps` products a timing,
-    fewer where they take over 0.05 s each, best of 3 timings."""
-    dtype = DTYPES[precision]
-
-    def product(side: int):
-        a = torch.randn(side, side, device=device).to(dtype)
-        b = torch.randn(side, side, device=device).to(dtype)
-        return lambda: a @ b
-
-    def seconds_of_one(run) -> float:  # after a first, untimed call
-        run()
-        _sync(device)
-        t = time.perf_counter()
-        run()
-        _sync(device)
-        return time.perf_counter() - t
-
-    if n is None:
-        n = matmul_size(seconds_of_one(product(256)), 8192 if device.type == "cuda" else 2048)
-    run = product(n)
-    reps = max(1, min(reps, int(0.5 / max(seconds_of_one(run), 1e-9))))
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(reps):
-            run()
-        _sync(device)
-        best = min(best, (time.perf_counter() - t) / reps)
-    return 2 * n**3 / best
-
-
 def _timed(fn, device, steps: int, warmup: int, repeats: int) -> list[float]:
     """Seconds per call, one median-ready number per repeat."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    device_sync(device)
     per_call = []
     for _ in range(repeats):
         t = time.perf_counter()
         for _ in range(steps):
             fn()
-        _sync(device)
+        device_sync(device)
         per_call.append((time.perf_counter() - t) / steps)
     return per_call
 
@@ -117,8 +75,7 @@ def bench(cfg: BenchConfig) -> dict:
     precision = resolve_precision(cfg.precision, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not an earlier one's
-    model_keys = ("arch", "img_size", "batch_size", "sigma", "pred_width", "pred_depth")
-    pcfg = config_from_dict({k: getattr(cfg, k) for k in model_keys}).validate()
+    pcfg = _run_config(cfg)
     m = pcfg.model
     cfg = replace(cfg, img_size=m.img_size, pred_width=m.pred_width, pred_depth=m.pred_depth)
     torch.manual_seed(0)
@@ -146,7 +103,11 @@ def bench(cfg: BenchConfig) -> dict:
     if prepared.compiled:
         eager_run = run
         run = lambda: eager_on_compile_failure(eager_run, model, compile_failed)  # noqa: E731
-    seconds = _timed(run, device, cfg.steps, cfg.warmup, cfg.repeats)
+    try:
+        seconds = _timed(run, device, cfg.steps, cfg.warmup, cfg.repeats)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"a batch of {cfg.batch_size} does not fit in the memory of {device}: time a smaller "
+                        "one (--batch-size, or --devices N with --config)", key="batch_size") from None
     result.update(_summary(seconds, cfg.batch_size, "img"), **facts)
     result["peak_memory_mib"] = _peak_memory_mib(device)  # before the matmuls below add theirs
     result["flops_per_image"] = flops
@@ -154,7 +115,38 @@ def bench(cfg: BenchConfig) -> dict:
     rate = matmul_rate(device, precision)
     result["matmul_flops"] = rate
     result["share_of_matmul_rate"] = result["achieved_flops"] / rate
+    if cfg.config and cfg.what == "train":
+        result.update(projection(cfg, result["img_per_s"]))
     return result
+
+
+MODEL_KEYS = ("arch", "img_size", "batch_size", "sigma", "pred_width", "pred_depth")
+
+
+def _run_config(cfg: BenchConfig):
+    """The pretraining config whose step is timed: the preset's (masks, predictor ablations)
+    or pretrain's defaults, with the bench's model fields."""
+    values = read_config_file(cfg.config) if cfg.config else {}
+    values.update({k: getattr(cfg, k) for k in MODEL_KEYS})
+    return config_from_dict(values).validate()
+
+
+def projection(cfg: BenchConfig, img_per_s: float) -> dict:
+    """The preset's whole schedule at `img_per_s` (images a second, one device): epochs ×
+    iterations per epoch of its data set, each step its global batch. On `devices` devices the
+    estimate scales linearly: each at this rate, nothing lost to communication or data loading."""
+    run = build_config(cfg.config)
+    d, o = run.data, run.optim
+    size = train_images(d.dataset, d.subset, d.data_root)
+    ipe = size // o.batch_size
+    if ipe == 0:
+        raise UserError(f"the preset's data set has {size:,} images, fewer than its batch of {o.batch_size}",
+                        key="config")
+    steps = o.epochs * ipe if o.steps is None else min(o.epochs * ipe, o.steps)
+    hours = steps * o.batch_size / img_per_s / 3600
+    return {"dataset": d.dataset, "dataset_images": size, "epochs": o.epochs, "iterations_per_epoch": ipe,
+            "schedule_steps": steps, "global_batch": o.batch_size, "images_seen": steps * o.batch_size,
+            "projected_hours": hours, "projected_hours_devices": hours / cfg.devices}
 
 
 def _extract_work(cfg: BenchConfig, pcfg, model, prepared: Prepared, images):
@@ -186,7 +178,7 @@ def bench_masks(cfg: BenchConfig) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        pcfg = config_from_dict({"arch": cfg.arch, "img_size": cfg.img_size}).validate()
+        pcfg = _run_config(cfg)
         cfg = replace(cfg, img_size=pcfg.model.img_size)
         sampler = MaskSampler(pcfg.mask_config())
         gen = torch.Generator().manual_seed(0)

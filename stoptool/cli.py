@@ -1,14 +1,17 @@
 """The `stoptool` command line: parse, validate, call, report. No method code lives here."""
 
+import datetime
 import errno
 import functools
 import json
 import sys
+import time
 from pathlib import Path
 
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from stoptool.cliopts import with_options
@@ -39,7 +42,8 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except UserError as err:
             flag = f" (--{err.key.replace('_', '-')})" if err.key else ""  # the key's spelling as a flag
-            err_console.print(f"[bold red]error:[/] {err}{flag}", highlight=False, soft_wrap=True)
+            # the message is text, not markup: a `[hf]` in it must print as written
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}{flag}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except OSError as err:
             if err.errno != errno.ENAMETOOLONG:
@@ -52,8 +56,33 @@ def user_errors(fn):
 
 
 def _note(text: str) -> None:
-    """One line on stderr, never wrapped or read as markup."""
-    err_console.print(f"note: {text}", highlight=False, markup=False, soft_wrap=True)
+    """One line on stderr, never wrapped or read as markup; the engine's alarms come as
+    "warning: ..." and keep that word."""
+    line = text if text.startswith("warning: ") else f"note: {text}"
+    err_console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    from stoptool.train.runtime import environment
+
+    env = environment()
+    sys.stdout.write(
+        f"stoptool {env['stoptool']}\ntorch {env['torch']}\ntimm {env['timm']}\n"
+        f"device (--device auto): {env['auto_device']}\n"
+        f"fast bf16: {'yes' if env['fast_bf16'] else 'no'} ({env['fast_bf16_why']})\n"
+    )
+    raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print stoptool's, torch's and timm's versions, the device --device auto "
+                                 "picks here and whether bf16 is fast on it, then exit."),
+):
+    pass
 
 
 def print_table(title: str, rows: dict) -> None:
@@ -118,23 +147,27 @@ def pretrain(
         "final loss": f"{result.loss:.5f}" if result.loss is not None else "-",
         "seconds": f"{result.seconds:.1f}",
         "img/s": result.images_per_second,
-        **({"skipped images": f"{result.skipped_images} (unreadable)"} if result.skipped_images else {}),
+        **({"skipped images": f"{result.skipped_images} (unreadable), listed in {result.run_dir / 'skipped.txt'}"}
+           if result.skipped_images else {}),
         "metrics": result.run_dir / "metrics.jsonl",
         "summary": result.run_dir / "summary.json",
     })
 
 
 class _ProgressBar:
-    """A rich progress bar fed by the training loop's progress callback."""
+    """A rich progress bar fed by the training loop's progress callback; where stderr is not a
+    terminal (a cluster's log file, a pipe), one plain line per logged row instead."""
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.progress = None
         self.task = None
         self.fields = {"loss": "-", "lr": "-", "ips": "-", "epoch": "-"}
+        self.lines = not quiet and not err_console.is_terminal
+        self.first: tuple[float, int] | None = None  # (time, step) of the first update, for the ETA
 
     def __enter__(self):
-        if not self.quiet:
+        if not self.quiet and not self.lines:
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -154,6 +187,9 @@ class _ProgressBar:
         return self
 
     def update(self, step: int, total: int, row: dict | None) -> None:
+        if self.lines:
+            self._line(step, total, row)
+            return
         if self.progress is None:
             return
         if self.task is None:  # shown from the first step on: an error in the checks before it prints alone
@@ -165,6 +201,22 @@ class _ProgressBar:
                 "ips": f"{row['img_per_s']:.0f}", "epoch": f"{row['epoch']:.1f}",
             }
         self.progress.update(self.task, completed=step, **self.fields)
+
+    def _line(self, step: int, total: int, row: dict | None) -> None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = (now, step)
+        if row is None:
+            return
+        t0, s0 = self.first
+        eta = (now - t0) / (step - s0) * (total - step) if step > s0 else None
+        parts = [f"step {step}/{total}", f"epoch {row['epoch']:.2f}", f"loss {row['loss']:.4f}",
+                 f"lr {row['lr']:.2e}", f"{row['img_per_s']:.1f} img/s",
+                 f"ETA {datetime.timedelta(seconds=round(eta))}" if eta is not None else "ETA -"]
+        if "knn_top1" in row:
+            parts.append(f"knn_top1 {100 * row['knn_top1']:.2f}")
+        sys.stderr.write("pretrain " + "  ".join(parts) + "\n")
+        sys.stderr.flush()
 
     def stop(self):
         if self.progress is not None:
@@ -187,11 +239,19 @@ def _note_slow_bf16(precision: str, device: str) -> None:
 
 @app.command()
 @user_errors
-def info(ckpt: Path = typer.Argument(..., help="A stoptool checkpoint (.safetensors), or a run directory (its latest)."),
+def info(ckpt: Path = typer.Argument(..., help="A stoptool checkpoint (.safetensors), a run directory (its latest), or a model folder written by export --to hf|transformers."),
          json_out: bool = typer.Option(False, "--json", help="Print the metadata as JSON.")):
-    """Show what a checkpoint holds: arch, σ, step, data, config, parameter counts."""
+    """Show what a checkpoint or model folder holds: arch, σ, step, data, config, parameter counts."""
     from stoptool.io.checkpoint import load_checkpoint, resolve_checkpoint, stoptool_view
+    from stoptool.io.folders import describe_folder, is_model_folder
 
+    if is_model_folder(ckpt):
+        rows, whole = describe_folder(ckpt)
+        if json_out:
+            sys.stdout.write(json.dumps(whole, indent=2) + "\n")
+        else:
+            print_table(f"model folder {ckpt.name}", rows)
+        return
     ckpt = resolve_checkpoint(ckpt)
     ck = stoptool_view(load_checkpoint(ckpt))
     meta = ck.meta
@@ -225,13 +285,13 @@ def info(ckpt: Path = typer.Argument(..., help="A stoptool checkpoint (.safetens
 @app.command("import")
 @user_errors
 def import_cmd(
-    src: Path = typer.Argument(..., help="An official I-JEPA / StoP checkpoint (.pth.tar), or encoder weights with timm's names (.pth, .bin, .safetensors)."),
+    src: Path = typer.Argument(..., help="An official I-JEPA / StoP checkpoint (.pth.tar); encoder weights with timm's or transformers' IJepaModel names (.pth, .bin, .safetensors); or a timm / transformers model folder (export --to hf|transformers writes them)."),
     out: Path = typer.Argument(..., help="The stoptool checkpoint to write (.safetensors)."),
     arch: str | None = typer.Option(None, help="Encoder arch, e.g. vit_h14. (default: inferred from the tensor shapes)"),
     kind: str | None = typer.Option(None, help="stop | ijepa: how the predictor was trained; sets m̃ to b (StoP) or mask_token (I-JEPA). (default: read from the optimizer state or the file name)"),
     sigma: float | None = typer.Option(None, help="StoP noise standard deviation σ to record. (default: 0.25 for StoP, 0.2 for StoP ViT-H, 0 for I-JEPA)"),
 ):
-    """Convert an official I-JEPA / StoP checkpoint into a stoptool checkpoint."""
+    """Convert an official I-JEPA / StoP checkpoint, encoder weights or a hub model folder into a stoptool checkpoint."""
     from stoptool.io.official import import_checkpoint
 
     res = import_checkpoint(src, out, arch=arch, method=kind, sigma=sigma)
@@ -257,13 +317,34 @@ def import_cmd(
 @user_errors
 def export(
     ckpt: Path = typer.Argument(..., help="A stoptool checkpoint (.safetensors), or a run directory (its latest)."),
-    out: Path = typer.Argument(..., help="The file to write (.safetensors)."),
-    to: str = typer.Option("timm", "--to", help="Target format (timm)."),
+    out: Path = typer.Argument(..., help="What to write: a .safetensors file (--to timm), or a folder (--to hf, --to transformers)."),
+    to: str = typer.Option("timm", "--to", help="timm: one safetensors file for timm.create_model | hf: a Hugging Face Hub folder for timm (config.json, model.safetensors, README.md model card) that timm.create_model('local-dir:OUT') loads, and 'hf-hub:ORG/NAME' once uploaded | transformers: a transformers IJepaModel folder with a model card (needs transformers, which stoptool's hf extra installs)."),
     which: str = typer.Option("target", help="Which encoder: target (the EMA one the paper evaluates) | context."),
+    license_: str | None = typer.Option(None, "--license", help="Hub license id for the model card of a folder, e.g. mit, apache-2.0, cc-by-nc-4.0. (default: none stated)"),
+    force: bool = typer.Option(False, "--force", help="Write the folder into one that is not empty: its config.json, model.safetensors and README.md are replaced, other files (a clone's .git) stay."),
+    push: str | None = typer.Option(None, "--push", metavar="ORG/NAME", help="Upload the folder to this Hugging Face Hub model repository, created if missing (needs huggingface_hub and a login: hf auth login)."),
 ):
-    """Write an encoder as a safetensors file that timm loads, and print the Python that loads it."""
+    """Write an encoder for timm (one file) or as a Hub model folder with a model card (timm or transformers), and print the Python that loads it."""
+    if to not in ("timm", "hf", "transformers"):
+        raise UserError(f"--to must be timm, hf or transformers, got '{to}'")
     if to != "timm":
-        raise UserError(f"--to must be timm, got '{to}'")
+        from stoptool.io.hub import export_folder
+
+        pub = export_folder(ckpt, out, to=to, which=which, license=license_, force=force, push=push)
+        rows = {"folder": pub.out, "layout": "timm (local-dir / hf-hub)" if to == "hf" else "transformers IJepaModel",
+                "encoder": pub.facts["which"], "arch": pub.facts["arch"], "img_size": pub.facts["img_size"],
+                "params": f"{pub.params:,}", "probe results": pub.probes, "report": pub.report}
+        if pub.url:
+            rows["uploaded to"] = pub.url
+        print_table("export", rows)
+        for note in pub.notes:
+            _note(note)
+        console.print("load it with:", highlight=False)
+        sys.stdout.write(pub.load + "\n")
+        return
+    if license_ is not None or push is not None:
+        raise UserError("a license and push are for the hub folders (--to hf or --to transformers), not a timm file",
+                        key="push" if push is not None else "license")
     from stoptool.io.export import export_timm
 
     res = export_timm(ckpt, out, which=which)
@@ -295,22 +376,21 @@ def _report_figure(name: str, result) -> None:
 @viz_app.command("similarity")
 @user_errors
 def viz_similarity(
-    ckpt: Path = typer.Argument(..., help="A stoptool checkpoint with a predictor (.safetensors), or a run directory (its latest)."),
-    sigma: float | None = typer.Option(None, help="Noise standard deviation σ of the stochastic maps. (default: the checkpoint's σ; 0.25 if it was trained with σ = 0)"),
+    ckpts: list[Path] = typer.Argument(..., metavar="CKPT...", help="One or more stoptool checkpoints with a predictor (.safetensors), or run directories (their latest); e.g. an I-JEPA and a StoP checkpoint."),
+    sigma: float | None = typer.Option(None, help="Noise standard deviation σ of the stochastic maps. (default: each checkpoint's σ; for one checkpoint trained with σ = 0, 0.25)"),
     draws: int = typer.Option(256, help="Noise draws n averaged per query (1 to 1,000,000)."),
     queries: str | None = typer.Option(None, help="Query patches: N for an N×N spread over the grid, or ROW,COL;ROW,COL;... (default: 3)"),
     seed: int = typer.Option(0, help="Seed of the noise draws.", min=0, max=SEED_MAX),
-    out: Path | None = typer.Option(None, help=_OUT_HELP.format(name="similarity", anchor="checkpoint")),
+    out: Path | None = typer.Option(None, help="Figure file; .png, .svg or .pdf (the numbers go to the same name with .json). (default: figures/similarity.png beside the checkpoint; figures/similarity-compare.png beside the first of several)"),
     dpi: int = typer.Option(150, help=_DPI_HELP),
 ):
     """Cosine similarity of the stochastic position ψ_q + A n to every deterministic ψ (paper Fig. 5).
 
-    The similarities of each draw are averaged (the mean embedding would just be ψ_q), and
-    shown beside the deterministic σ = 0 maps on one colour scale.
+    The similarities of each draw are averaged (the mean embedding would just be ψ_q). One checkpoint: its σ = 0 and σ maps on one colour scale, and their difference (σ minus σ = 0) on a diverging scale of its own. Several checkpoints: each at its own σ, side by side on one colour scale, each panel titled with its σ.
     """
     from stoptool.viz.similarity import make_similarity
 
-    _report_figure("similarity", make_similarity(ckpt, out, sigma, draws, queries, seed, dpi))
+    _report_figure("similarity", make_similarity(ckpts, out, sigma, draws, queries, seed, dpi))
 
 
 @viz_app.command("heatmap")
@@ -327,7 +407,7 @@ def viz_heatmap(
     """Where a masked patch's prediction points: softmax over tokens of cos(prediction, target) (paper Fig. 6).
 
     The model runs in eval mode (no noise); targets are the target encoder's layer-normed
-    tokens of the whole image. Context (green) and target blocks are outlined.
+    tokens of the whole image. Context (green) and target blocks are outlined; a legend names every mark.
     """
     from stoptool.viz.heatmap import make_heatmap
 
@@ -380,11 +460,14 @@ def bench(
     json_out: Path | None = typer.Option(None, "--json", help="Also write the figures to this JSON file."),
     overrides: dict | None = None,
 ):
-    """Measure img/s, FLOPs per image, achieved FLOP/s and its share of the device's matmul rate."""
-    from stoptool.bench import bench as run_bench
-    from stoptool.options import build
+    """Measure img/s, FLOPs per image, achieved FLOP/s and its share of the device's matmul rate.
 
-    cfg = build(BenchConfig, overrides).validate()
+    With --config PRESET, time the step that preset trains and project the wall-clock of its whole schedule (on one device, and on --devices N by linear scaling).
+    """
+    from stoptool.bench import bench as run_bench
+    from stoptool.config import bench_config
+
+    cfg = bench_config(overrides)
     if json_out is not None:
         if json_out.is_dir():
             raise UserError(f"--json '{json_out}' is a directory; give a file name")
@@ -413,6 +496,8 @@ def bench(
         if "compile_failed" in result:
             rows["compile"] = f"unavailable, ran eagerly: {result['compile_failed']}"
         rows["attention"] = result["attn"]
+        if "projected_hours" in result:
+            rows.update(_projection_rows(cfg, result))
     print_table("bench", rows)
     if json_out:
         from stoptool.io.paths import write_report
@@ -420,6 +505,30 @@ def bench(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         write_report(json_out, result)
         console.print(f"wrote {json_out}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _projection_rows(cfg: BenchConfig, r: dict) -> dict:
+    """A preset's whole schedule at the measured rate, as `bench --config` prints it."""
+    data = r["dataset"] + (" (ImageNet-1k train)" if r["dataset"] == "imagenet" else "")
+    rows = {
+        "preset": cfg.config,
+        "schedule": f"{r['epochs']:,} epochs × {r['iterations_per_epoch']:,} steps = {r['schedule_steps']:,} "
+                    f"steps of {r['global_batch']:,} images ({r['images_seen']:,} images)",
+        "data": f"{data}: {r['dataset_images']:,} training images",
+        "projected, 1 device": f"{_duration(r['projected_hours'])} at the img/s above",
+    }
+    if cfg.devices > 1:
+        rows[f"projected, {cfg.devices} devices"] = (
+            f"{_duration(r['projected_hours_devices'])}: a linear-scaling estimate ({cfg.devices} × the img/s "
+            "above; communication not counted)")
+    rows["not counted"] = "data loading, checkpoints, evaluation, start-up"
+    return rows
+
+
+def _duration(hours: float) -> str:
+    if hours < 1:
+        return f"{hours * 60:.1f} min"
+    return f"{hours:,.1f} h" + (f" ({hours / 24:,.1f} days)" if hours >= 48 else "")
 
 
 @app.command()
@@ -482,6 +591,8 @@ def probe(
     if info["skipped_images"]:
         cached += f"; {info['skipped_images']} unreadable images skipped"
     console.print(f"{cached}; results in {report.json_path}", highlight=False, markup=False, soft_wrap=True)
+    for note in report.notes:
+        _note(note)
 
 
 class _ExtractBar:

@@ -175,8 +175,34 @@ class RuntimeConfig:
             raise UserError("fsdp and compile do not go together: drop one of them", key="fsdp")
 
 
+LOGGERS = ("jsonl", "csv", "tensorboard", "wandb")
+
+
+@dataclass
+class WatchConfig:
+    eval_every: int | None = option(None, "Online k-NN probe every N epochs (and on the initial weights "
+                                    "and at the end); 0 turns it off.", low=0,
+                                    default_text="1 for in-memory sets (digits, count, CIFAR); 5 for folders")
+    eval_dataset: str | None = option(None, "Labelled set of the online k-NN, as probe's --dataset.",
+                                      default_text="the pretraining set's own labelled splits")
+    eval_max_images: int = option(10000, "Images of each split (bank and test) the online k-NN uses, a "
+                                  "seeded sample when there are more.", positive=True)
+    log: str = option("jsonl,csv,tensorboard", "Loggers, comma-separated: jsonl, csv, tensorboard, wandb "
+                      "(WANDB_MODE=offline works).")
+
+    def loggers(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.log.split(",") if name.strip())
+
+    def validate(self) -> None:
+        check_fields(self)
+        unknown = [n for n in self.loggers() if n not in LOGGERS]
+        if unknown or not self.loggers():
+            raise UserError(f"log takes a comma-separated list of {', '.join(LOGGERS)}, got '{self.log}'",
+                            key="log")
+
+
 SECTIONS = {"model": ModelConfig, "masks": MaskConfig, "data": DataConfig, "optim": OptimConfig,
-            "runtime": RuntimeConfig}
+            "runtime": RuntimeConfig, "watch": WatchConfig}
 
 
 @dataclass
@@ -186,6 +212,7 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
 
     def mask_config(self) -> MaskConfig:
         """The mask settings on this config's patch grid."""
@@ -208,7 +235,7 @@ class PretrainConfig:
         return "".join(parts)
 
     def validate(self) -> "PretrainConfig":
-        for section in (self.model, self.data, self.optim, self.runtime):
+        for section in (self.model, self.data, self.optim, self.runtime, self.watch):
             section.validate()
         self.mask_config().validate()  # the masks on this image's patch grid
         return self
@@ -318,11 +345,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 @dataclass
 class BenchConfig:
     """`stoptool bench`: what to time, on which model; the model fields mean what they mean for
-    `pretrain` (None: pretrain's default for the arch)."""
+    `pretrain` (None: pretrain's default for the arch). With `config`, the model, mask and runtime
+    settings are the preset's (see `bench_config`) and the bench projects its whole schedule."""
 
+    config: str | None = option(None, "A pretrain preset (e.g. stop-vitb16-in1k) or YAML file: time the step "
+                                "it runs (its model, masks and precision; its global batch split over "
+                                "--devices) and project the wall-clock of its whole schedule; flags given "
+                                "override it.", default_text="none: the flags alone")
     arch: str = like(ModelConfig, "arch", "vit_s16")
     img_size: int | None = like(ModelConfig, "img_size")
-    batch_size: int = like(OptimConfig, "batch_size", 16, help="Batch size.")
+    batch_size: int = like(OptimConfig, "batch_size", 16, help="Batch size (of one device).",
+                           default_text="16; with --config, the preset's batch / --devices")
+    devices: int = option(1, "With --config: devices sharing the preset's global batch; the projection adds "
+                          "their wall-clock, a linear-scaling estimate.", positive=True)
     precision: Precision = like(RuntimeConfig, "precision")
     device: str = like(RuntimeConfig, "device")
     steps: int = option(5, "Timed steps per repeat.", positive=True)
@@ -341,7 +376,32 @@ class BenchConfig:
 
     def validate(self) -> "BenchConfig":
         check_fields(self)
+        if self.devices != 1 and not self.config:
+            raise UserError("devices splits a preset's batch: give a preset with --config too", key="devices")
         return self
+
+
+# What `bench --config` takes from the preset (over bench's own defaults).
+BENCH_FROM_PRESET = ("arch", "img_size", "sigma", "pred_width", "pred_depth", "precision", "device", "attn",
+                     "grad_checkpoint", "compile")
+
+
+def bench_config(flags: dict[str, Any]) -> BenchConfig:
+    """`stoptool bench`'s config from the flags given (typed, by key). With `config`, the
+    preset's settings come first, its global batch split over `devices`, and the flags given
+    override them."""
+    given = build(BenchConfig, flags).validate()  # the flags' own checks first
+    if not given.config:
+        return given
+    run = build_config(given.config).to_dict()
+    preset = {k: run[k] for k in BENCH_FROM_PRESET}
+    if "batch_size" not in flags:
+        if run["batch_size"] % given.devices:
+            raise UserError(f"the preset's batch of {run['batch_size']} does not split evenly over "
+                            f"{given.devices} devices: give one device's batch with --batch-size",
+                            key="devices")
+        preset["batch_size"] = run["batch_size"] // given.devices
+    return build(BenchConfig, {**preset, **flags}).validate()
 
 
 def option_fields() -> list:
@@ -350,7 +410,7 @@ def option_fields() -> list:
 
 
 PANELS = {"model": "Model", "masks": "Masks", "data": "Data and augmentation", "optim": "Optimization",
-          "runtime": "Runtime"}
+          "runtime": "Runtime", "watch": "Watching the run"}
 
 
 def option_panels() -> dict[str, str]:

@@ -27,6 +27,7 @@ def tiny_config(**kw) -> PretrainConfig:
         workers=0,
         log_every=1,
         save_every=1,
+        eval_every=0,  # the online k-NN has tests of its own (tests/train/test_watch.py)
     )
     base.update(kw)
     return config_from_dict(base).validate()

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from stoptool.bench import matmul_size
@@ -114,3 +115,86 @@ def test_bad_bench_input(args, message):
 )
 def test_the_matmul_rate_is_measured_on_products_of_at_most_a_second(seconds_at_256, largest, side):
     assert matmul_size(seconds_at_256, largest) == side
+
+
+TINY_PRESET = {
+    "arch": "vit_t2", "img_size": 16, "pred_width": 48, "pred_depth": 1, "num_targets": 2,
+    "dataset": "digits", "epochs": 2, "batch_size": 8, "precision": "fp32", "device": "cpu",
+}
+TIMING = ["--steps", "1", "--warmup", "1", "--repeats", "2"]
+
+
+def test_bench_config_times_the_presets_step_and_projects_its_schedule(tmp_path):
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(yaml.safe_dump(TINY_PRESET))
+    out = tmp_path / "b.json"
+    result = runner.invoke(app, ["bench", "--config", str(preset), *TIMING, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    # the preset's model, masks and batch were timed
+    timed = (r["arch"], r["img_size"], r["pred_width"], r["pred_depth"], r["batch_size"])
+    assert timed == ("vit_t2", 16, 48, 1, 8)
+    counted = train_step_flops("vit_t2", 16, 48, 1, r["context_tokens"], r["target_tokens"], 2)  # 2 targets
+    assert r["flops_per_image"] == counted.total
+    # digits: 1,347 training images, 168 steps of 8 an epoch, 2 epochs
+    assert (r["dataset_images"], r["iterations_per_epoch"], r["schedule_steps"]) == (1347, 168, 336)
+    assert r["images_seen"] == 336 * 8
+    # one device runs the preset's whole batch a step: the schedule takes its steps at the measured step time
+    assert r["projected_hours"] == pytest.approx(336 * r["ms_per_step"] / 3.6e6)
+    assert r["projected_hours_devices"] == r["projected_hours"] and r["devices"] == 1
+    assert "digits: 1,347 training images" in result.stdout
+    assert "2 epochs × 168 steps = 336 steps of 8 images (2,688 images)" in result.stdout
+    assert "linear-scaling" not in result.stdout
+
+
+def test_bench_config_on_devices_times_one_devices_share_and_scales_linearly(tmp_path):
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(yaml.safe_dump(TINY_PRESET))
+    out = tmp_path / "b.json"
+    args = ["bench", "--config", str(preset), "--devices", "2", *TIMING, "--json", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    assert r["batch_size"] == 4 and r["devices"] == 2  # half the preset's batch of 8 on each device
+    assert r["projected_hours"] == pytest.approx(336 * 8 / r["img_per_s"] / 3600)
+    assert r["projected_hours_devices"] == pytest.approx(r["projected_hours"] / 2)
+    assert "projected, 2 devices" in result.stdout and "a linear-scaling estimate" in result.stdout
+    # flags given override the preset
+    args = ["bench", "--config", str(preset), "--batch-size", "2", "--arch", "vit_t4", "--img-size", "32",
+            *TIMING, "--json", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    r = json.loads(out.read_text())
+    assert (r["arch"], r["batch_size"], r["pred_depth"]) == ("vit_t4", 2, 1)
+
+
+def test_the_paper_presets_schedule_is_epochs_times_imagenet_steps():
+    from stoptool.bench import projection
+    from stoptool.config import bench_config
+
+    cfg = bench_config({"config": "stop-vitb16-in1k", "devices": 16})
+    timed = (cfg.arch, cfg.img_size, cfg.batch_size, cfg.pred_depth, cfg.sigma)
+    assert timed == ("vit_b16", 224, 128, 6, 0.25)
+    p = projection(cfg, img_per_s=1000.0)
+    # ImageNet-1k train: 1,281,167 images, 625 steps of 2,048 an epoch, 600 epochs
+    assert (p["dataset_images"], p["iterations_per_epoch"], p["schedule_steps"]) == (1_281_167, 625, 375_000)
+    assert p["images_seen"] == 768_000_000
+    assert p["projected_hours"] == pytest.approx(768e6 / 1000 / 3600)
+    assert p["projected_hours_devices"] == pytest.approx(p["projected_hours"] / 16)
+    vith = projection(bench_config({"config": "ijepa-vith14-in1k"}), img_per_s=1000.0)
+    assert vith["schedule_steps"] == 300 * 625
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config", "stop-vitb16-in1k", "--devices", "3"],
+         "the preset's batch of 2048 does not split evenly over 3 devices: give one device's batch with "
+         "--batch-size (--devices)"),
+        (["--devices", "2"], "devices splits a preset's batch: give a preset with --config too (--devices)"),
+        (["--config", "no-such-preset"], "unknown preset 'no-such-preset'"),
+    ],
+)
+def test_bad_bench_config_input(args, message):
+    result = runner.invoke(app, ["bench", *args])
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1

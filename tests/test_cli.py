@@ -25,6 +25,8 @@ TINY = [
     "8",
     "--precision",
     "fp32",
+    "--eval-every",  # the online k-NN is tested in tests/train/test_watch.py
+    "0",
     "-q",
 ]
 
@@ -64,7 +66,8 @@ def test_tiny_pretrain_writes_the_run_directory(tmp_path):
         (["--sigma", "-0.1"], "sigma must be >= 0"),
         (["--target-scale", "0.1,1.5"], "target_scale must satisfy 0 < min <= max <= 1"),
         (["--context-scale", "0,0.5"], "context_scale must satisfy"),
-        (["--dataset", "/no/such/dir"], "unknown dataset '/no/such/dir'"),
+        (["--dataset", "/no/such/dir"], "dataset path does not exist: /no/such/dir (--dataset)"),
+        (["--dataset", "no-such-set"], "unknown dataset 'no-such-set': use digits, count, cifar10"),
         (["--config", "no-such-preset"], "unknown preset 'no-such-preset'"),
         (["--noise-on", "everywhere"],
          "noise_on must be one of masked, context, both, got 'everywhere' (--noise-on)"),
@@ -330,7 +333,8 @@ def test_no_arguments_print_the_help_once():
     assert out.count("viz [OPTIONS] COMMAND") == 1 and "similarity" in out
 
 @pytest.mark.parametrize(
-    "preset", ["stop-vitb16-in1k", "stop-vitl16-in1k", "stop-vith16-in1k", "ijepa-vith14-in1k"]
+    "preset",
+    ["stop-vitb16-in1k", "stop-vitl16-in1k", "stop-vith16-in1k", "stop-vith14-in1k", "ijepa-vith14-in1k"],
 )
 def test_presets_match_the_paper(preset):
     from stoptool.config import build_config
@@ -340,6 +344,7 @@ def test_presets_match_the_paper(preset):
         "stop-vitb16-in1k": ("vit_b16", 600, 8e-4, 1e-4, 15, 6, 0.25),
         "stop-vitl16-in1k": ("vit_l16", 600, 8e-4, 1e-4, 15, 12, 0.25),
         "stop-vith16-in1k": ("vit_h16", 300, 1e-3, 1e-6, 40, 12, 0.2),
+        "stop-vith14-in1k": ("vit_h14", 300, 1e-3, 1e-6, 40, 12, 0.2),
         "ijepa-vith14-in1k": ("vit_h14", 300, 1e-3, 1e-6, 40, 12, 0.0),
     }[preset]
     flat = cfg.to_dict()
@@ -347,6 +352,20 @@ def test_presets_match_the_paper(preset):
     assert got == expected
     assert flat["batch_size"] == 2048 and flat["img_size"] == 224 and flat["start_lr"] == 2e-4
     assert (flat["wd"], flat["final_wd"]) == (0.04, 0.4)
+    stop = preset.startswith("stop-")  # the StoP release adds flips, blur and grey to I-JEPA's crops
+    assert (flat["hflip"], flat["blur"], flat["gray"]) == ((0.5, 0.5, 0.2) if stop else (0.0, 0.0, 0.0))
+    assert flat["const_after_epoch"] == (250 if preset.startswith("stop-vith") else None)
+
+
+def test_the_smaller_rung_is_the_vitb16_recipe_at_a_tenth_of_its_epochs():
+    from stoptool.config import build_config
+
+    rung = build_config("stop-vits16-in1k-ep60").to_dict()
+    paper = build_config("stop-vitb16-in1k").to_dict()
+    assert (rung["arch"], rung["epochs"], rung["warmup"]) == ("vit_s16", 60, 1.5)
+    assert (paper["epochs"], paper["warmup"]) == (600, 15)
+    assert {k: v for k, v in rung.items() if k not in ("arch", "epochs", "warmup")} == {
+        k: v for k, v in paper.items() if k not in ("arch", "epochs", "warmup")}
 
 
 def test_size_defaults_follow_the_arch():

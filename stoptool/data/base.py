@@ -24,6 +24,14 @@ class ImageDataset:
     def load(self, index: int) -> Image.Image:
         raise NotImplementedError
 
+    def item_name(self, index: int) -> str:
+        """How messages name image `index` (a file's path, where there is one)."""
+        return f"{self.name}[{index}]"
+
+    def subset_note(self) -> str | None:
+        """A line on the subset file's lines that named no image, where there were any."""
+        return None
+
     def describe(self) -> dict:
         return {"name": self.name, "size": len(self), "classes": len(self.classes)}
 

@@ -8,6 +8,7 @@ restricted by a subset file of relative paths.
 """
 
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,16 @@ from PIL import Image
 
 from stoptool.data.base import ArrayDataset, ImageDataset  # also imported from here by callers
 from stoptool.data.cifar import load_cifar
+from stoptool.data.count import SIZES as COUNT_SIZES
 from stoptool.data.count import count_dataset
 from stoptool.errors import UserError
 from stoptool.io.paths import asset, check_file
 
 BUILTIN = ("digits", "count", "cifar10", "cifar100")  # data set names that are not paths
+# Training images of each data set known by name; "imagenet" is the name the paper presets give
+# ImageNet-1k (ILSVRC-2012), whose train split has 1,281,167 images.
+TRAIN_IMAGES = {"digits": 1347, "count": COUNT_SIZES["train"], "cifar10": 50_000, "cifar100": 50_000,
+                "imagenet": 1_281_167}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
 
 
@@ -68,8 +74,10 @@ class FolderDataset(ImageDataset):
             for p in sorted((root / cls).rglob("*")):
                 if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
                     files.append((p, label))
+        self.subset_lines, self.subset_unmatched = 0, []  # lines of the subset file, those naming no image
         if subset is not None:
-            files = _apply_subset(root, files, Path(subset))
+            files, self.subset_lines, self.subset_unmatched = _apply_subset(root, files, Path(subset))
+            self.subset = str(subset)
         if not files:
             raise UserError(f"dataset path '{root}' holds no images in class sub-directories")
         self.files = [f for f, _ in files]
@@ -79,6 +87,17 @@ class FolderDataset(ImageDataset):
 
     def load(self, index: int) -> Image.Image:
         return read_rgb(self.files[index])
+
+    def item_name(self, index: int) -> str:
+        return str(self.files[index])
+
+    def subset_note(self) -> str | None:
+        """One line on the subset file's lines that name no image here, if there are any."""
+        if not self.subset_unmatched:
+            return None
+        n = len(self.subset_unmatched)
+        return (f"{n:,} of {self.subset_lines:,} lines of the subset file '{self.subset}' name no image "
+                f"under '{self.root}' and are ignored (first: {self.subset_unmatched[0]})")
 
 
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N"}
@@ -99,8 +118,10 @@ def read_rgb(path: Path) -> Image.Image:
         raise ValueError(str(err)) from None
 
 
-def _apply_subset(root: Path, files: list[tuple[Path, int]], subset: Path) -> list[tuple[Path, int]]:
-    """Keep the files named in `subset`: one per line, as a relative path or a bare file name."""
+def _apply_subset(root: Path, files: list[tuple[Path, int]], subset: Path) -> tuple[list, int, list[str]]:
+    """Keep the files named in `subset`: one per line, as a relative path or a bare file name.
+    Returns the kept (file, label) pairs, the number of distinct lines, and the lines that name
+    no file (in file order)."""
     check_file(subset, "subset file")
     try:
         text = subset.read_text()
@@ -108,14 +129,37 @@ def _apply_subset(root: Path, files: list[tuple[Path, int]], subset: Path) -> li
         raise UserError(
             f"subset file '{subset}' is not text: it lists image file names, one per line"
         ) from None
-    wanted = {line.strip() for line in text.splitlines() if line.strip()}
-    kept = [
-        (f, label) for f, label in files
-        if f.name in wanted or f.relative_to(root).as_posix() in wanted
-    ]
+    lines = list(dict.fromkeys(line.strip() for line in text.splitlines() if line.strip()))
+    wanted = set(lines)
+    kept, matched = [], set()
+    for f, label in files:
+        names = {f.name, f.relative_to(root).as_posix()} & wanted
+        if names:
+            kept.append((f, label))
+            matched |= names
     if not kept:
         raise UserError(f"subset file '{subset}' names no image under '{root}'")
-    return kept
+    return kept, len(lines), [line for line in lines if line not in matched]
+
+
+def has_separator(name: str) -> bool:
+    """Whether a --dataset value is written as a path (holds a directory separator)."""
+    return any(sep and sep in name for sep in ("/", os.sep, os.altsep))
+
+
+def missing_dataset(name: str, names: str) -> UserError:
+    """The error for a --dataset value that is neither a known name nor an existing path:
+    written as a path, it is a path that does not exist; else `names` lists what would do."""
+    if has_separator(name):
+        return UserError(f"dataset path does not exist: {name}", key="dataset")
+    return UserError(f"unknown dataset '{name}': use {names}", key="dataset")
+
+
+def train_images(name: str, subset: str | None = None, root: str | Path | None = None) -> int:
+    """How many training images a data set has: from `TRAIN_IMAGES` for a name, else counted."""
+    if subset is None and name in TRAIN_IMAGES:
+        return TRAIN_IMAGES[name]
+    return len(open_dataset(name, "train", subset, root=root))
 
 
 def open_dataset(name: str, split: str = "train", subset: str | None = None,
@@ -137,10 +181,7 @@ def open_dataset(name: str, split: str = "train", subset: str | None = None,
             "(train/ and val/, one folder per class)"
         )
     if not path.exists():
-        raise UserError(
-            f"unknown dataset '{name}': use digits, count, cifar10, cifar100 or a path to an "
-            "ImageFolder directory"
-        )
+        raise missing_dataset(name, "digits, count, cifar10, cifar100 or a path to an ImageFolder directory")
     if (path / split).is_dir():
         path = path / split
     return FolderDataset(path, subset)

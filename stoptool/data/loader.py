@@ -31,21 +31,60 @@ class AugmentedImages(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, key: tuple[int, int, int]) -> tuple[tuple[int, int, int], torch.Tensor, int]:
-        """The key (the collate seeds the batch's masks from it), the image, files skipped."""
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[tuple[int, int, int], torch.Tensor, list]:
+        """The key (the collate seeds the batch's masks from it), the image, and the images
+        skipped on the way as (name, reason) pairs."""
         epoch, _, index = key
         rng = random.Random(stream_seed(self.seed, epoch, index))
-        skipped = 0
-        # An unreadable file is replaced by the next readable one and counted.
+        skipped = []
+        # An unreadable file is replaced by the next readable one, and named.
         for attempt in range(len(self.data)):
             i = (index + attempt) % len(self.data)
             try:
                 img = self.data.load(i)
-            except (OSError, ValueError):
-                skipped += 1
+            except (OSError, ValueError) as err:
+                name = self.data.item_name(i)
+                skipped.append((name, unreadable_reason(err, name)))
                 continue
             return key, self.transform(img, rng), skipped
         raise UserError(f"no readable image in '{self.data.name}'")
+
+
+def unreadable_reason(err: Exception, name: str) -> str:
+    """The decoder's message, without the file name it repeats."""
+    text = str(err).replace(f" {name!r}", "").replace(f" '{name}'", "").strip()
+    return text or type(err).__name__
+
+
+class SkipReport:
+    """`loader`'s batches, each with its number of skipped images (what the training loop
+    counts); the skipped images' names are kept, in the order met, and the first `NAMED` of
+    them go to `notify` with the decoder's reason as their batch arrives."""
+
+    NAMED = 10
+
+    def __init__(self, loader, notify=None, listed_in: str = "skipped.txt"):
+        self.loader, self.notify, self.listed_in = loader, notify, listed_in
+        self.names: dict[str, None] = {}  # each skipped image once, in the order met
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, ctx_idx, tgt_idx, skipped in self.loader:
+            for name, reason in skipped:
+                self._met(name, reason)
+            yield images, ctx_idx, tgt_idx, len(skipped)
+
+    def _met(self, name: str, reason: str) -> None:
+        if name in self.names:
+            return
+        self.names[name] = None
+        if self.notify and len(self.names) <= self.NAMED:
+            self.notify(f"unreadable image skipped: {name} ({reason})")
+            if len(self.names) == self.NAMED:
+                self.notify(f"further unreadable images are skipped without a note here; {self.listed_in} "
+                            "lists every one")
 
 
 def check_readable(data: ImageDataset) -> None:
@@ -64,9 +103,9 @@ class MaskCollate:
     def __init__(self, sampler: MaskSampler, seed: int, rank: int = 0):
         self.sampler, self.seed, self.rank = sampler, seed, rank
 
-    def __call__(self, items: list[tuple[tuple[int, int, int], torch.Tensor, int]]):
+    def __call__(self, items: list[tuple[tuple[int, int, int], torch.Tensor, list]]):
         images = torch.stack([x for _, x, _ in items])
-        skipped = sum(s for _, _, s in items)
+        skipped = [s for _, _, named in items for s in named]
         epoch, batch, _ = items[0][0]
         # rank 0 keeps the one-process stream; other ranks add their rank (not -1 - rank:
         # Python hashes -1 and -2 alike)

@@ -1,4 +1,5 @@
-"""Export an encoder for timm: one safetensors file that timm's VisionTransformer loads.
+"""Export an encoder for timm: one safetensors file that timm's VisionTransformer loads (the
+hub folders, `--to hf` and `--to transformers`, are `io/hub.py`'s).
 
 A stoptool encoder *is* a timm `VisionTransformer(class_token=False, global_pool="avg",
 fc_norm=False, ...)`, so the export writes its state dict under timm's names and nothing
@@ -73,35 +74,43 @@ def timm_line(name: str, kwargs: dict[str, Any], path: Path) -> str:
     return f"import timm; model = timm.create_model({name!r}, pretrained=True, {overlay}, {args})"
 
 
-def export_timm(ckpt_path: str | Path, out: str | Path, which: str = "target") -> Exported:
-    """Write the `which` encoder ("target" or "context") of `ckpt_path` to `out` for timm."""
-    ckpt_path, out = resolve_checkpoint(ckpt_path), Path(out)
+def check_which(which: str) -> None:
     if which not in WHICH:
         raise UserError(f"which must be target or context, got '{which}'", key="which")
-    check_checkpoint_out(out, ckpt_path, "export")
+
+
+def read_encoder(ckpt_path: Path, which: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """The `which` encoder of a checkpoint as timm's state dict (fp32; every key of timm's
+    encoder, no other, each of its shape, all finite: never a half-filled export), what an
+    export says of it (which, source, arch, image size, σ, method, step, epoch, data), and the
+    checkpoint's own metadata."""
     ckpt = stoptool_view(load_checkpoint(ckpt_path))
     meta = ckpt.meta
     part = WHICH[which]
     check_holds(ckpt, which, ckpt_path)
     if "arch" not in meta or "img_size" not in meta:
         raise UserError(f"'{ckpt_path}' does not say its arch and image size")
-
-    # every key of timm's encoder, no other, each of its shape: never a half-filled export
     expected = encoder_shapes(meta["arch"], meta["img_size"])
     state = ckpt.part(part)
     check_state(expected, state, f"{which} encoder", ckpt_path, meta["arch"])
     check_finite({f"{part}.{k}": v for k, v in state.items()}, f"'{ckpt_path}'")
     tensors = {k: state[k].to(torch.float32).contiguous() for k in expected}
-
-    name, kwargs = timm_model_args(meta["arch"], meta["img_size"])
-    out_meta = {
-        "kind": TIMM_ENCODER, "which": which, "source": ckpt_path.name,
-        "arch": meta["arch"], "img_size": meta["img_size"], "patch": parse_arch(meta["arch"])[1],
-        "timm_model": name, "timm_kwargs": kwargs,
-    }
+    facts = {"which": which, "source": ckpt_path.name, "arch": meta["arch"], "img_size": meta["img_size"],
+             "patch": parse_arch(meta["arch"])[1]}
     for key in ("sigma", "method", "step", "epoch", "data"):
         if key in meta:
-            out_meta[key] = meta[key]
+            facts[key] = meta[key]
+    return tensors, facts, meta
+
+
+def export_timm(ckpt_path: str | Path, out: str | Path, which: str = "target") -> Exported:
+    """Write the `which` encoder ("target" or "context") of `ckpt_path` to `out` for timm."""
+    ckpt_path, out = resolve_checkpoint(ckpt_path), Path(out)
+    check_which(which)
+    check_checkpoint_out(out, ckpt_path, "export")
+    tensors, facts, _ = read_encoder(ckpt_path, which)
+    name, kwargs = timm_model_args(facts["arch"], facts["img_size"])
+    out_meta = {"kind": TIMM_ENCODER, **facts, "timm_model": name, "timm_kwargs": kwargs}
     save_checkpoint(out, Checkpoint(out_meta, tensors))
     line = timm_line(name, kwargs, out.resolve())
     params = sum(t.numel() for t in tensors.values())

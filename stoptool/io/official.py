@@ -1,4 +1,5 @@
-"""Import the released I-JEPA / StoP checkpoints (and timm-named encoder weights).
+"""Import the released I-JEPA / StoP checkpoints, and encoder weights: a state dict under timm's
+names or transformers' `IJepaModel`'s, or a model folder of either (`io/folders.py`).
 
 The official code (facebookresearch/ijepa, amirbar/StoP) saves a `torch.save` dict with
 `encoder`, `predictor`, `target_encoder`, `opt`, `scaler`, `epoch`, ...; its state-dict keys
@@ -31,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import FORMAT, Checkpoint, save_checkpoint
+from stoptool.io.folders import has_ijepa_names, ijepa_to_timm, is_model_folder, open_folder
 from stoptool.io.models import check_finite
 from stoptool.io.paths import check_checkpoint_out, check_file, report_path, write_report
 from stoptool.models.archs import ARCHS, parse_arch
@@ -195,8 +197,11 @@ def _kind(meta: dict[str, str]) -> str | None:
 
 
 def read_source(path: str | Path) -> dict[str, Any]:
-    """The top-level dict of `path` (.pth.tar/.pth/.pt/.bin via torch, or .safetensors)."""
+    """The top-level dict of `path` (.pth.tar/.pth/.pt/.bin via torch, or .safetensors), or the
+    weights of a timm or transformers model folder."""
     path = Path(path)
+    if is_model_folder(path):
+        path = open_folder(path).weights
     check_file(path, "source file")
     with open(path, "rb") as f:
         head = f.read(16)
@@ -221,6 +226,12 @@ def _state_dict(obj: Any, what: str, path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _encoder_state(obj: Any, what: str, path: Path) -> dict[str, torch.Tensor]:
+    """A bare encoder's state dict under timm's names (transformers' IJepaModel names renamed)."""
+    sd = _state_dict(obj, what, path)
+    return ijepa_to_timm(sd) if has_ijepa_names(sd) else sd
+
+
 def split_parts(raw: dict[str, Any], path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], str]:
     """The state dicts of `raw` by part, and the layout: "official" or "state-dict"."""
     if any(p in raw for p in PARTS):
@@ -229,11 +240,11 @@ def split_parts(raw: dict[str, Any], path: Path) -> tuple[dict[str, dict[str, to
             raise UserError(f"'{path}' has a predictor but no encoder or target_encoder")
         return parts, "official"
     if raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
-        # a bare encoder with timm's names: stored as the target encoder, the evaluated one
-        return {"target_encoder": _state_dict(raw, "state dict", path)}, "state-dict"
+        # a bare encoder (timm's or transformers' names): stored as the target encoder, the evaluated one
+        return {"target_encoder": _encoder_state(raw, "state dict", path)}, "state-dict"
     for wrapper in ("state_dict", "model"):
         if isinstance(raw.get(wrapper), Mapping):
-            return {"target_encoder": _state_dict(raw[wrapper], wrapper, path)}, "state-dict"
+            return {"target_encoder": _encoder_state(raw[wrapper], wrapper, path)}, "state-dict"
     keys = ", ".join(sorted(map(str, raw))[:8])
     raise UserError(
         f"'{path}' is neither an I-JEPA/StoP checkpoint (encoder, predictor, target_encoder, ...) "
@@ -252,11 +263,7 @@ def _block_count(sd: dict[str, torch.Tensor], prefix: str) -> int:
 def _require(sd: dict[str, torch.Tensor], keys: tuple[str, ...], what: str, path: Path) -> None:
     missing = [k for k in keys if k not in sd]
     if missing:
-        hint = ""
-        if any(k.startswith("embeddings.") for k in sd):
-            hint = (" (these are Hugging Face transformers names; stoptool reads timm's, e.g. "
-                    "the weights of timm's vit_huge_patch14_gap_224.in1k_ijepa)")
-        raise UserError(f"'{path}': the {what} is missing {', '.join(missing)}{hint}")
+        raise UserError(f"'{path}': the {what} is missing {', '.join(missing)}")
 
 
 def infer_arch(sd: dict[str, torch.Tensor], path: Path) -> tuple[str, int]:
@@ -407,6 +414,12 @@ def import_checkpoint(
 
     raw = read_source(src)
     parts, layout = split_parts(raw, src)
+    folder = open_folder(src) if is_model_folder(src) else None
+    facts = _folder_facts(folder.facts) if folder else {}
+    if folder:
+        layout = f"{folder.layout}-folder"
+        if facts.get("which") == "context" and list(parts) == ["target_encoder"]:  # as exported
+            parts = {"encoder": parts.pop("target_encoder")}
     encoders = [p for p in ("target_encoder", "encoder") if p in parts]
     first = parts[encoders[0]]
     if arch is None:
@@ -420,10 +433,10 @@ def import_checkpoint(
 
     patch = parse_arch(arch)[1]
     grid = img_size // patch
-    notes: list[str] = []
+    notes: list[str] = folder.notes if folder else []
     meta: dict[str, Any] = {
         "kind": "imported", "source": src.name, "source_layout": layout,
-        "arch": arch, "img_size": img_size, "patch": patch,
+        "arch": arch, "img_size": img_size, "patch": patch, **facts,
     }
 
     if "predictor" in parts:
@@ -489,6 +502,20 @@ def _import_predictor(raw: dict, parts: dict, src: Path, arch: str, grid: int, m
         "pred_depth": depth, "pred_width": width, "pred_pos": pred_pos,
         "noise_on": "masked", "cov": "learned",
     }
+
+
+def _folder_facts(facts: dict[str, Any]) -> dict[str, Any]:
+    """What an exported folder says of its encoder's training, where the values are of their
+    types (a hand-edited value is dropped, not carried into a checkpoint that would be refused)."""
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    checks = {
+        "sigma": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf,
+        "method": lambda v: v in METHODS, "which": lambda v: v in ("target", "context"),
+        "step": count, "epoch": count, "data": lambda v: isinstance(v, dict),
+    }
+    return {k: facts[k] for k, ok in checks.items() if k in facts and ok(facts[k])}
 
 
 def _flat_tensors(parts: dict) -> dict[str, torch.Tensor]:

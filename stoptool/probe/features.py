@@ -49,16 +49,19 @@ def pooled_features(encoder: torch.nn.Module, images: torch.Tensor, layers: str)
     raise ValueError(f"unknown layers {layers!r}")
 
 
-class _EvalImages(Dataset):
-    """Evaluation-transformed images; an unreadable file yields None and is counted."""
+class EvalImages(Dataset):
+    """Evaluation-transformed images (of `indices` only, when given); an unreadable file
+    yields None and is counted."""
 
-    def __init__(self, data: ImageDataset, img_size: int):
+    def __init__(self, data: ImageDataset, img_size: int, indices=None):
         self.data, self.img_size = data, img_size
+        self.indices = list(range(len(data))) if indices is None else [int(i) for i in indices]
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.indices)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, n: int):
+        i = self.indices[n]
         try:
             img = self.data.load(i)
         except (OSError, ValueError):
@@ -66,7 +69,7 @@ class _EvalImages(Dataset):
         return to_tensor(center_crop(img, self.img_size)), int(self.data.labels[i])
 
 
-def _collate(items):
+def collate_eval(items):
     kept = [(x, y) for x, y in items if x is not None]
     images = torch.stack([x for x, _ in kept]) if kept else None
     labels = torch.tensor([y for _, y in kept], dtype=torch.int64)
@@ -89,8 +92,8 @@ def extract_features(
     encoder = encoder.to(device).eval()
     autocast = autocast_factory(device, precision)
     loader = DataLoader(
-        _EvalImages(data, img_size), batch_size=batch_size, shuffle=False,
-        num_workers=workers, collate_fn=_collate,
+        EvalImages(data, img_size), batch_size=batch_size, shuffle=False,
+        num_workers=workers, collate_fn=collate_eval,
     )
     xs, ys, skipped, done = [], [], 0, 0
     if progress:

@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from stoptool.data.datasets import BUILTIN, FolderDataset, ImageDataset, open_dataset
+from stoptool.data.datasets import BUILTIN, FolderDataset, ImageDataset, missing_dataset, open_dataset
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import resolve_checkpoint
 from stoptool.io.paths import check_file, check_writable, write_report
@@ -87,6 +87,7 @@ class ProbeReport:
     info: dict
     json_path: Path
     extracted: list[str] = field(default_factory=list)  # splits computed (not from cache)
+    notes: list[str] = field(default_factory=list)  # one line each, for the user
 
 
 @dataclass
@@ -152,11 +153,12 @@ def open_splits(cfg: ProbeConfig) -> tuple[ImageDataset, ImageDataset, str]:
         tag = cfg.dataset
     else:
         root = Path(cfg.dataset).expanduser()
+        if not root.exists():
+            raise missing_dataset(cfg.dataset, "digits, count, cifar10, cifar100 or a directory with train/ "
+                                  "and val/ ImageFolder trees")
         if not root.is_dir():
-            raise UserError(
-                f"unknown dataset '{cfg.dataset}': use digits, count, cifar10, cifar100 or a directory "
-                "with train/ and val/ ImageFolder trees"
-            )
+            raise UserError(f"dataset path '{cfg.dataset}' is not a directory: give one with train/ and val/ "
+                            "ImageFolder trees", key="dataset")
         val = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
         if not (root / "train").is_dir() or val is None:
             raise UserError(
@@ -262,8 +264,11 @@ def run_probe(cfg: ProbeConfig, progress: Callable[[str, int, int], None] | None
         "skipped_images": f_train.skipped + f_test.skipped, "precision": precision,
         "device": str(device), "seed": cfg.seed,
     }
+    if cfg.subset is not None:
+        info.update(subset=cfg.subset, subset_lines=train.subset_lines,
+                    subset_unmatched=len(train.subset_unmatched))
     write_json(json_path, info, rows)
-    return ProbeReport(rows, info, json_path, extracted)
+    return ProbeReport(rows, info, json_path, extracted, [n for n in (train.subset_note(),) if n])
 
 
 def _row_key(row: dict) -> tuple:

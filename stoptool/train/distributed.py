@@ -143,6 +143,16 @@ def sum_over_ranks(value: float, world: World, device: torch.device) -> float:
     return t.item()
 
 
+def gather_lists(items: list, world: World) -> list:
+    """Every rank's `items`, one list in rank order, on every rank (small lists of strings:
+    they travel pickled)."""
+    if not world.distributed:
+        return list(items)
+    parts = [None] * world.size
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
 def rng_states(world: World, device: torch.device) -> dict[str, torch.Tensor]:
     """Every process's random states, on every process: rank 0's under `rng.cpu` and
     `rng.cuda` (the one-process names), rank r's under `rng.cpu.rank<r>`, `rng.cuda.rank<r>`."""

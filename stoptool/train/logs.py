@@ -1,59 +1,30 @@
-"""What a run logs: one metrics row every `log_every` steps, as JSON lines (and TensorBoard
-events where tensorboard is installed), written by process 0 alone."""
+"""What a run logs, written by process 0 alone: one metrics row every `log_every` steps (and
+at every online evaluation), to each logger named by `log`: metrics.jsonl, metrics.csv,
+TensorBoard events under tb/, wandb. Alarms go to metrics.jsonl as rows of their own.
 
+On resume every logger drops what an interrupted process wrote after the checkpoint it
+resumes from, so no step appears twice and none is missing.
+"""
+
+import csv
+import importlib.util
 import json
 import math
 import os
 import time
 from pathlib import Path
 
+from stoptool.errors import UserError
 from stoptool.models.jepa import JEPA
 from stoptool.train.distributed import whole
 
 METRICS = "metrics.jsonl"
-
-
-class MetricsLog:
-    """JSON lines, one per logged step; on resume, rows past the resumed step are dropped."""
-
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        if path.exists():
-            kept = [r for r in path.read_text().splitlines() if _row_step(r) <= resume_step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(r + "\n" for r in kept))
-            os.replace(tmp, path)  # a kill here leaves the old file whole
-        self._file = open(path, "a")
-        self._tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(path.parent / "tb"))
-        except ImportError:
-            pass
-
-    def write(self, row: dict) -> None:
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            for k, v in row.items():
-                if k not in ("step", "epoch") and isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, row["step"])
-
-    def close(self) -> None:
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
-
-
-class NoLog:
-    """What processes other than 0 log to: nothing."""
-
-    def write(self, row: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+CSV = "metrics.csv"
+# metrics.csv's header, fixed so that the files of different runs line up; a value a row lacks
+# (no evaluation at that step, no health metrics on a step before any was logged) stays empty
+CSV_COLUMNS = ("step", "epoch", "loss", "lr", "wd", "momentum", "A_norm", "mask_token_norm", "img_per_s",
+               "step_s", "data_s", "grad_norm", "rankme", "feature_std", "mfu", "knn_top1", "knn_top5",
+               "time")
 
 
 def _row_step(line: str) -> float:
@@ -65,31 +36,198 @@ def _row_step(line: str) -> float:
         return math.inf
 
 
+def _csv_step(line: str) -> float:
+    try:
+        return float(line.split(",", 1)[0])
+    except ValueError:
+        return math.inf
+
+
+def _keep_rows(path: Path, resume_step: int, step_of, header: int = 0) -> None:
+    """Drop the rows of `path` past `resume_step` (all of them for a run starting afresh),
+    keeping its first `header` lines; the file is replaced whole, so a kill here leaves the
+    old one intact."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = lines[:header] + [r for r in lines[header:] if resume_step and step_of(r) <= resume_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(r + "\n" for r in kept))
+    os.replace(tmp, path)
+
+
+def first_health(path: Path) -> dict:
+    """The first logged `rankme` and `feature_std` of a run (those of its initial weights), from
+    its metrics.jsonl: a resumed run's collapse alarm measures against them too."""
+    first = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            for key in ("rankme", "feature_std"):
+                if isinstance(row, dict) and key in row:
+                    first.setdefault(key, row[key])
+    return first
+
+
+class JsonlLog:
+    """metrics.jsonl: one JSON object per row; alarms are rows too."""
+
+    def __init__(self, run_dir: Path, resume_step: int, **_):
+        path = run_dir / METRICS
+        _keep_rows(path, resume_step, _row_step)
+        self._file = open(path, "a")
+
+    def write(self, row: dict) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def alarm(self, alarm: dict) -> None:
+        self.write(alarm)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class CsvLog:
+    """metrics.csv, with the fixed header CSV_COLUMNS."""
+
+    def __init__(self, run_dir: Path, resume_step: int, **_):
+        path = run_dir / CSV
+        _keep_rows(path, resume_step, _csv_step, header=1)
+        fresh = not path.exists() or path.stat().st_size == 0
+        self._file = open(path, "a", newline="")
+        self._writer = csv.DictWriter(self._file, CSV_COLUMNS, extrasaction="ignore")
+        if fresh:
+            self._writer.writeheader()
+
+    def write(self, row: dict) -> None:
+        self._writer.writerow(row)
+        self._file.flush()
+
+    def alarm(self, alarm: dict) -> None:
+        pass  # a table of numbers; alarms are in metrics.jsonl and summary.json
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class TensorBoardLog:
+    """Scalars under RUN/tb/; alarms as text. On resume, TensorBoard's purge_step hides what an
+    interrupted process logged past the resumed step; a fresh start removes earlier events."""
+
+    def __init__(self, run_dir: Path, resume_step: int, **_):
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = run_dir / "tb"
+        if not resume_step:  # a run starting afresh: an earlier attempt's events go, as its rows do
+            for old in tb.glob("events.out.tfevents.*"):
+                old.unlink()
+        self._tb = SummaryWriter(str(tb), purge_step=resume_step + 1 if resume_step else None)
+
+    def write(self, row: dict) -> None:
+        for k, v in row.items():
+            if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self._tb.add_scalar(k, v, row["step"])
+
+    def alarm(self, alarm: dict) -> None:
+        self._tb.add_text("alarms", f"{alarm['alarm']}: {alarm['message']}", alarm["step"])
+
+    def close(self) -> None:
+        self._tb.close()
+
+
+class WandbLog:
+    """Weights & Biases (optional; WANDB_MODE=offline works). The wandb run's id is kept in the
+    run directory, so that a resumed run goes on logging into the same wandb run."""
+
+    def __init__(self, run_dir: Path, resume_step: int, config: dict | None = None):
+        import wandb
+
+        id_file = run_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id + "\n")
+        self._run = wandb.init(project="stoptool", name=run_dir.name, id=run_id, resume="allow",
+                               dir=str(run_dir), config=config or {})
+
+    def write(self, row: dict) -> None:
+        values = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        self._run.log(values, step=row["step"])
+
+    def alarm(self, alarm: dict) -> None:
+        self._run.log({"alarm": alarm["message"]}, step=alarm["step"])
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+KINDS = {"jsonl": JsonlLog, "csv": CsvLog, "tensorboard": TensorBoardLog, "wandb": WandbLog}
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_loggers(names) -> None:
+    """Every named logger can run here: one line naming a missing package, before any work."""
+    for name in names:
+        package = PACKAGES.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            raise UserError(f"log names {name}, but the {package} package is not installed: "
+                            f"pip install {package}, or drop {name} from log", key="log")
+
+
+class Loggers:
+    """The run's loggers: process 0's; other processes get none (`names` empty)."""
+
+    def __init__(self, names, run_dir: Path, resume_step: int, config: dict | None = None):
+        self._logs = [KINDS[n](run_dir, resume_step, config=config) for n in names]
+
+    def write(self, row: dict) -> None:
+        for log in self._logs:
+            log.write(row)
+
+    def alarm(self, alarm: dict) -> None:
+        for log in self._logs:
+            log.alarm(alarm)
+
+    def close(self) -> None:
+        for log in self._logs:
+            log.close()
+
+
 class Window:
-    """The steps since the last logged row: their count, summed loss and start time."""
+    """The steps since the last logged row: their count, summed loss, time waiting for the
+    loader and time in all, and when it started."""
 
     def __init__(self):
         self.start, self.steps, self.loss = time.perf_counter(), 0, 0.0
+        self.data_s = self.step_s = 0.0
 
-    def add(self, loss: float) -> None:
+    def add(self, loss: float, data_s: float, step_s: float) -> None:
         self.steps += 1
         self.loss += loss
+        self.data_s += data_s
+        self.step_s += step_s
 
 
 def metrics_row(model: JEPA, step: int, ipe: int, window: Window, batch: int, hp) -> dict:
-    """The logged row after `step`: the window's mean loss and speed, the schedules' values,
+    """The row after `step`: the window's mean loss, speed and timings, the schedules' values,
     and ‖A‖, ‖m̃‖ (paper Fig. 4)."""
     elapsed = time.perf_counter() - window.start
+    n = max(1, window.steps)
     pred = model.predictor
     return {
         "step": step,
         "epoch": round(step / ipe, 3),
-        "loss": window.loss / max(1, window.steps),
+        "loss": window.loss / n,
         "lr": hp.lr,
         "wd": hp.wd,
         "momentum": hp.momentum,
         "A_norm": whole(pred.A.detach()).float().norm().item(),
         "mask_token_norm": whole(pred.mask_token.detach()).float().norm().item(),
         "img_per_s": window.steps * batch / elapsed if elapsed > 0 else math.nan,
+        "step_s": window.step_s / n,
+        "data_s": window.data_s / n,
         "time": time.time(),
     }
+

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from stoptool.config import PretrainConfig
 from stoptool.data.datasets import ArrayDataset, ImageDataset, open_dataset
-from stoptool.data.loader import check_readable, pretrain_loader
+from stoptool.data.loader import SkipReport, check_readable, pretrain_loader
 from stoptool.data.transforms import PretrainTransform
 from stoptool.errors import UserError, plural
+from stoptool.flops import train_step_flops
 from stoptool.io.checkpoint import LATEST
 from stoptool.io.paths import check_writable, write_report, write_text_atomic
 from stoptool.masks import MaskSampler
@@ -23,17 +24,25 @@ from stoptool.train.distributed import (
     check_fsdp_support,
     check_same_step,
     check_shard_group,
+    gather_lists,
     init_world,
     leave_world,
     replicas_agree,
     sum_over_ranks,
     world_from_env,
 )
-from stoptool.train.fit import Fitted, Plan, compile_guard, fit
-from stoptool.train.logs import METRICS, MetricsLog, NoLog
-from stoptool.train.runtime import default_workers, resolve_device, resolve_precision
+from stoptool.train.fit import Fitted, Plan, Report, compile_guard, fit
+from stoptool.train.logs import METRICS, Loggers, check_loggers, first_health
+from stoptool.train.runtime import (
+    cached_matmul_rate,
+    default_workers,
+    environment,
+    resolve_device,
+    resolve_precision,
+)
 from stoptool.train.schedules import make_schedules
 from stoptool.train.state import build_model, build_state, load_resumable, restore_rng
+from stoptool.train.watch import Alarms, Watch, online_eval
 
 
 @dataclass
@@ -87,11 +96,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
 
 
 def _pretrain(cfg: PretrainConfig, resume, progress, notify, world, device, precision) -> RunResult:
-    data = _training_data(cfg)
+    data = _training_data(cfg, notify)
     ipe = len(data) // cfg.optim.batch_size
-    last_step = cfg.optim.epochs * ipe
-    if cfg.optim.steps is not None:
-        last_step = min(last_step, cfg.optim.steps)
+    last_step = _last_step(cfg, ipe, notify)
     run_dir = _run_dir(cfg)
     latest = run_dir / LATEST
     saved = load_resumable(latest, cfg) if resume and latest.exists() else None
@@ -100,6 +107,8 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world, device, prec
     restore_rng(saved, world, cfg.runtime.seed, step, device)
     if step >= last_step:
         return RunResult(run_dir, latest, step, step // ipe, None, 0.0, None, already_done=True)
+    if saved is not None and notify:
+        notify(_resuming(run_dir, step, last_step, ipe))
     state, compiled = build_state(cfg, model, saved, world, device, precision, notify)
     del saved  # the whole checkpoint, in every process's memory until here
     if world.main:
@@ -110,25 +119,64 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world, device, prec
     meta = {"kind": "pretrain", **model_meta(cfg), "config": cfg.to_dict(), "data": data.describe(),
             "iterations_per_epoch": ipe, "precision": precision}
     ckpt = Checkpointer(state, meta, ipe, world, device)
-    loader, workers = _loader(cfg, data, step, last_step, world, device)
+    loader, workers = _loader(cfg, data, step, last_step, world, device, notify)
     step_fn = compile_guard(step, notify) if compiled and not world.distributed else None
-    log = MetricsLog(run_dir / METRICS, step) if world.main else NoLog()
+    report = _report(cfg, plan, data, step, precision, notify, progress)
     start = time.perf_counter()
     if progress:
         progress(step, last_step, None)
     try:
-        fitted = fit(plan, state, loader, step, ckpt, log, progress, step_fn)
+        fitted = fit(plan, state, loader, step, ckpt, report, step_fn)
+    except UserError as err:  # a diverged run: what it found goes into the summary too
+        if world.main:
+            write_report(run_dir / "summary.json", {"step": step, "stopped": str(err),
+                                                    "alarms": report.watch.alarms.fired})
+        raise
     finally:
-        log.close()
+        report.log.close()
     seconds = time.perf_counter() - start
-    return _finish(cfg, plan, state, fitted, step, seconds, {"precision": precision, "workers": workers},
-                   notify)
+    _list_skipped(list(loader.names), plan, step)
+    facts = {"precision": precision, "workers": workers, "alarms": report.watch.alarms.fired}
+    return _finish(cfg, plan, state, fitted, step, seconds, facts, notify)
 
 
-def _training_data(cfg: PretrainConfig) -> ImageDataset:
+def _report(cfg: PretrainConfig, plan: Plan, data, step: int, precision: str, notify, progress) -> Report:
+    """The run's loggers (process 0's), alarms, online evaluation and MFU."""
+    world, device, m = plan.world, plan.device, cfg.model
+    names = cfg.watch.loggers() if world.main else ()
+    log = Loggers(names, plan.run_dir, step, config=cfg.to_dict())
+    evaluate = online_eval(cfg, data, world, device, precision, notify)
+
+    def flops(ctx_idx, tgt_idx) -> float:
+        return train_step_flops(m.arch, m.img_size, m.pred_width, m.pred_depth, ctx_idx.shape[1],
+                                tgt_idx.shape[2], tgt_idx.shape[1], m.sigma).total
+
+    rate = cached_matmul_rate(device, precision) if world.main else None
+    first = first_health(plan.run_dir / METRICS) if step else {}
+    watch = Watch(Alarms(notify if world.main else None, first=first), evaluate, flops, rate, world.size)
+    return Report(log, watch, progress)
+
+
+def _last_step(cfg: PretrainConfig, ipe: int, notify) -> int:
+    """Where the run stops: the schedule's end (epochs × iterations per epoch), or `steps`
+    before it; a `steps` past it gets a note."""
+    schedule, steps = cfg.optim.epochs * ipe, cfg.optim.steps
+    if steps is not None and steps > schedule and notify:
+        notify(f"--steps {steps} exceeds the schedule's {schedule} steps; stopping at {schedule}")
+    return schedule if steps is None else min(schedule, steps)
+
+
+def _resuming(run_dir: Path, step: int, last_step: int, ipe: int) -> str:
+    """The line a resumed run starts with; its epoch is the epochs completed, as checkpoints say."""
+    return f"resuming {run_dir} from step {step} of {last_step} (epoch {step // ipe})"
+
+
+def _training_data(cfg: PretrainConfig, notify=None) -> ImageDataset:
     # (with --download every process may fetch; each writes its own temporary file and renames it)
     d = cfg.data
     data = open_dataset(d.dataset, "train", d.subset, root=d.data_root, download=d.download)
+    if data.subset_note() and notify:
+        notify(data.subset_note())
     check_readable(data)
     if len(data) < cfg.optim.batch_size:
         raise UserError(f"the data set has {plural(len(data), 'image')}, "
@@ -141,11 +189,13 @@ def _run_dir(cfg: PretrainConfig) -> Path:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"output path '{run_dir}' exists and is not a directory")
     check_writable(run_dir)
+    check_loggers(cfg.watch.loggers())
     return run_dir
 
 
-def _loader(cfg: PretrainConfig, data, step: int, last_step: int, world, device) -> tuple:
-    """The run's batches from `step` on (this process's slice of each), and its worker count."""
+def _loader(cfg: PretrainConfig, data, step: int, last_step: int, world, device, notify) -> tuple:
+    """The run's batches from `step` on (this process's slice of each), naming the unreadable
+    images it skips (see `SkipReport`), and its worker count."""
     d, rt = cfg.data, cfg.runtime
     transform = PretrainTransform(cfg.model.img_size, d.crop_scale, d.hflip, d.blur, d.gray)
     workers = (rt.workers if rt.workers is not None
@@ -153,7 +203,25 @@ def _loader(cfg: PretrainConfig, data, step: int, last_step: int, world, device)
     loader = pretrain_loader(data, transform, MaskSampler(cfg.mask_config()), cfg.optim.batch_size, rt.seed,
                              step, last_step, workers=workers, pin_memory=device.type == "cuda",
                              rank=world.rank, world=world.size)
-    return loader, workers
+    return SkipReport(loader, notify, str(cfg.run_dir() / SKIPPED)), workers
+
+
+SKIPPED = "skipped.txt"
+
+
+def _list_skipped(names: list[str], plan: Plan, first_step: int) -> None:
+    """Every unreadable image skipped, one per line, in the run directory's skipped.txt:
+    process 0 writes what every process met; a resumed run adds to its earlier part's list."""
+    names = gather_lists(names, plan.world)
+    path = plan.run_dir / SKIPPED
+    if not plan.world.main:
+        return
+    earlier = path.read_text(encoding="utf-8").splitlines() if first_step and path.is_file() else []
+    listed = list(dict.fromkeys(earlier + names))
+    if listed:
+        write_text_atomic(path, "".join(f"{name}\n" for name in listed))
+    elif path.exists():  # a fresh run over a directory that held one
+        path.unlink()
 
 
 def _finish(cfg: PretrainConfig, plan: Plan, state, fitted: Fitted, first_step: int, seconds: float,
@@ -175,10 +243,11 @@ def _finish(cfg: PretrainConfig, plan: Plan, state, fitted: Fitted, first_step: 
         "step": step, "epoch": step // plan.ipe, "loss": fitted.loss, "seconds": round(seconds, 2),
         "images_per_second": result.images_per_second, "skipped_images": skipped,
         "checkpoint": str(plan.latest), "precision": facts["precision"], "device": str(device),
-        "workers": facts["workers"], "world_size": world.size,
+        "workers": facts["workers"], "world_size": world.size, "alarms": facts["alarms"],
         **({"sharded": True, "shard_group": check_shard_group(world, cfg.runtime.shard_group)} if sharded
            else {"replicas_in_sync": in_sync} if world.distributed else {}),
     }
+    summary["environment"] = environment()
     write_report(plan.run_dir / "summary.json", summary)
     return result
 

@@ -4,9 +4,14 @@ autocast, compilation."""
 
 import contextlib
 import functools
+import importlib.metadata
+import json
 import os
+import platform
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -54,6 +59,30 @@ def gpu_has_bf16(device: torch.device) -> bool:
     """bf16 in hardware: compute capability 8.0 and up (Ampere on). Older GPUs emulate it
     (slowly), which `torch.cuda.is_bf16_supported()` counts as support."""
     return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def environment() -> dict:
+    """What results depend on beyond the config: stoptool's, torch's and timm's versions, the
+    device `--device auto` picks here, and whether bf16 is fast on it (what `--precision auto`
+    decides by). `stoptool --version` prints it; every run's summary.json records it."""
+    from stoptool import __version__
+
+    device = resolve_device("auto")
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        auto, fast = f"cuda ({torch.cuda.get_device_name(device)})", major >= 8
+        why = f"compute capability {major}.{minor}" + ("" if fast else ": --precision auto picks fp16 with a "
+                                                        "gradient scaler")
+    else:
+        auto, fast = "cpu", cpu_has_fast_bf16()
+        why = ("AMX or AVX-512 BF16" if fast
+               else "this CPU has neither AMX nor AVX-512 BF16: --precision auto picks fp32")
+    try:
+        timm_version = importlib.metadata.version("timm")  # without importing timm (seconds)
+    except importlib.metadata.PackageNotFoundError:
+        timm_version = "not installed"
+    return {"stoptool": __version__, "torch": torch.__version__, "timm": timm_version, "auto_device": auto,
+            "fast_bf16": fast, "fast_bf16_why": why}
 
 
 def resolve_precision(precision: str, device: torch.device, fp16: bool = True) -> str:
@@ -195,3 +224,89 @@ def prepare_model(model, device: torch.device, precision: str, attn: str = "auto
     autocast = autocast_factory(device, precision)
     failure = compile_blocks(model, autocast) if compile else None
     return Prepared(precision, autocast, impl, compile and failure is None, failure)
+
+
+def device_sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_size(seconds_at_256: float, largest: int, most_seconds: float = 1.0) -> int:
+    """The side of the square matmuls that measure the rate: `largest`, unless one product
+    would take over `most_seconds` (a product 2× wider takes 8× longer), judged from one
+    256² product. bf16 on a CPU without bf16 instructions runs at about 1 GFLOP/s or less: 54 s
+    a 2048² product on an AVX2 machine, 0.2 s a 512² one."""
+    n, seconds = 256, seconds_at_256
+    while n < largest and seconds * 8 <= most_seconds:
+        n, seconds = 2 * n, seconds * 8
+    return n
+
+
+def matmul_rate(device: torch.device, precision: str, n: int | None = None, reps: int = 10) -> float:
+    """The device's measured dense matmul rate (FLOP/s) in this precision: 2048² matmuls on a
+    CPU, 8192² on a GPU (smaller ones leave a GPU's tensor cores part idle), smaller where
+    these would take over a second each (see `matmul_size`); at most `reps` products a timing,
+    fewer where they take over 0.05 s each, best of 3 timings."""
+    dtype = DTYPES[precision]
+
+    gen = torch.Generator(device).manual_seed(0)  # not the global stream: a run measures this mid-way
+
+    def product(side: int):
+        a = torch.randn(side, side, device=device, generator=gen).to(dtype)
+        b = torch.randn(side, side, device=device, generator=gen).to(dtype)
+        return lambda: a @ b
+
+    def seconds_of_one(run) -> float:  # after a first, untimed call
+        run()
+        device_sync(device)
+        t = time.perf_counter()
+        run()
+        device_sync(device)
+        return time.perf_counter() - t
+
+    if n is None:
+        n = matmul_size(seconds_of_one(product(256)), 8192 if device.type == "cuda" else 2048)
+    run = product(n)
+    reps = max(1, min(reps, int(0.5 / max(seconds_of_one(run), 1e-9))))
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            run()
+        device_sync(device)
+        best = min(best, (time.perf_counter() - t) / reps)
+    return 2 * n**3 / best
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def cached_matmul_rate(device: torch.device, precision: str) -> float:
+    """`matmul_rate`, measured once per machine, device, precision and torch and then read from
+    ~/.cache/stoptool/matmul-rate.json (the denominator of a run's `mfu`)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{_cpu_name()} x{torch.get_num_threads()} threads"
+    key = f"{name} | {precision} | torch {torch.__version__}"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    path = Path(base) / "stoptool" / "matmul-rate.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = matmul_rate(device, precision)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(known, indent=1))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # an unwritable cache: measured again next time
+    return known[key]

@@ -36,6 +36,10 @@ RESUMABLE_CHANGES = {
     "grad_checkpoint",
     "fsdp",  # checkpoints hold whole tensors either way
     "shard_group",
+    "eval_every",  # what is watched, not what is trained
+    "eval_dataset",
+    "eval_max_images",
+    "log",
 }
 
 

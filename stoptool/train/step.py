@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from stoptool.models.jepa import JEPA
-from stoptool.train.distributed import Nets
+from stoptool.train.distributed import Nets, whole
 from stoptool.train.schedules import Hyper
 
 
@@ -39,6 +39,7 @@ class TrainState:
     autocast: Callable[[], AbstractContextManager]
     a_l1: float = 0.0  # λ of the l1 penalty on A
     clip_grad: float | None = None  # max gradient norm of the context encoder
+    stats: dict | None = None  # when a dict, the step leaves what the health metrics need in it
 
 
 class NonFiniteLoss(RuntimeError):
@@ -53,14 +54,17 @@ def train_step(state: TrainState, batch: StepInputs, hp: Hyper) -> float:
     process takes the same decision on it.
     """
     set_hyperparams(state.optimizer, hp.lr, hp.wd)
-    loss = jepa_loss(state.nets, batch, state.autocast, state.a_l1)
+    loss = jepa_loss(state.nets, batch, state.autocast, state.a_l1, state.stats)
     value = state.nets.mean(loss.detach())
     if not math.isfinite(value):
         raise NonFiniteLoss(f"loss is {value}")
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
-    if state.clip_grad:
+    if state.clip_grad or state.stats is not None:
         state.scaler.unscale_(state.optimizer)
+    if state.stats is not None:  # before clipping
+        state.stats["grad_norm"] = grad_norm(p for g in state.optimizer.param_groups for p in g["params"])
+    if state.clip_grad:
         torch.nn.utils.clip_grad_norm_(state.model.encoder.parameters(), state.clip_grad)
     state.scaler.step(state.optimizer)
     state.scaler.update()
@@ -68,9 +72,10 @@ def train_step(state: TrainState, batch: StepInputs, hp: Hyper) -> float:
     return value
 
 
-def jepa_loss(nets: Nets, batch: StepInputs, autocast, a_l1: float = 0.0) -> torch.Tensor:
-    """smooth-L1(g_φ(f_θ(context)) at the targets, f̄_θ(image) at the targets) (+ λ‖A‖₁)."""
-    targets = compute_targets(nets.target, batch, autocast)
+def jepa_loss(nets: Nets, batch: StepInputs, autocast, a_l1: float = 0.0, stats: dict | None = None):
+    """smooth-L1(g_φ(f_θ(context)) at the targets, f̄_θ(image) at the targets) (+ λ‖A‖₁).
+    `stats`, if given, receives the batch's average-pooled target features."""
+    targets = compute_targets(nets.target, batch, autocast, stats)
     with autocast():
         pred, a_norm = nets.online(batch.images, batch.ctx_idx, batch.tgt_idx)
     loss = F.smooth_l1_loss(pred.float(), targets, beta=1.0)
@@ -79,13 +84,23 @@ def jepa_loss(nets: Nets, batch: StepInputs, autocast, a_l1: float = 0.0) -> tor
     return loss
 
 
-def compute_targets(target: Callable, batch: StepInputs, autocast) -> torch.Tensor:
+def compute_targets(target: Callable, batch: StepInputs, autocast, stats: dict | None = None) -> torch.Tensor:
     """f̄_θ on the whole image (`target`: images -> tokens), layer-normed over features (no
-    affine), gathered per block: [B, M, K, D]."""
+    affine), gathered per block: [B, M, K, D]. `stats` (if given) gets the pooled tokens."""
     with torch.no_grad(), autocast():
         h = target(batch.images)
+    if stats is not None:
+        stats["target_features"] = h.float().mean(1)
     h = F.layer_norm(h.float(), h.shape[-1:])
     return gather_targets(h, batch.tgt_idx)
+
+
+def grad_norm(parameters) -> float:
+    """The total 2-norm of the gradients of `parameters` (whole, under FSDP too)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(whole(torch.nn.utils.get_total_norm(grads)))
 
 
 def gather_targets(tokens: torch.Tensor, tgt_idx: torch.Tensor) -> torch.Tensor:

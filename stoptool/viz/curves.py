@@ -31,6 +31,11 @@ PANELS = (
     ("A_norm", "‖A‖ (Frobenius)"),
     ("mask_token_norm", "‖m̃‖ (mask token)"),
 )
+# drawn when a run logged them (the online k-NN, the health metrics: docs/monitoring.md)
+EXTRA_PANELS = (
+    ("knn_top1", "online k-NN top-1"),
+    ("rankme", "RankMe (target features)"),
+)
 FIGSIZE = (10.0, 7.0)
 
 
@@ -92,7 +97,7 @@ def _is_metrics_row(row) -> bool:
 
     return (
         isinstance(row, dict) and number(row.get("step"))
-        and all(number(row[key]) for key, _ in PANELS if row.get(key) is not None)
+        and all(number(row[key]) for key, _ in PANELS + EXTRA_PANELS if row.get(key) is not None)
     )
 
 
@@ -106,15 +111,21 @@ def _sigma(run_dir: Path) -> float | None:
 
 
 def draw_curves(runs: Sequence[Run], title: str = "") -> Figure:
-    """A 2 × 2 grid of panels, one line per run; the legend names each run and its σ."""
-    fig = Figure(figsize=FIGSIZE, layout="constrained")
+    """A grid of panels, one line per run (2 × 2, or 2 × 3 with the online k-NN and RankMe when
+    a run logged them); the legend names each run and its σ."""
+    panels = PANELS + tuple(p for p in EXTRA_PANELS if any(run.series(p[0])[0] for run in runs))
+    cols = (len(panels) + 1) // 2
+    fig = Figure(figsize=(FIGSIZE[0] * cols / 2, FIGSIZE[1]), layout="constrained")
     fig.suptitle(title or "Training curves")
-    axes = fig.subplots(2, 2).flat
+    axes = list(fig.subplots(2, cols).flat)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     ordered = sorted(runs, key=lambda r: (r.sigma is None, r.sigma or 0.0))
-    for ax, (key, name) in zip(axes, PANELS, strict=True):
+    for ax, (key, name) in zip(axes, panels):
         for run in ordered:
             steps, values = run.series(key)
-            ax.plot(steps, values, label=run.label, linewidth=1.5)
+            ax.plot(steps, values, label=run.label, linewidth=1.5, marker="o" if key == "knn_top1" else None,
+                    markersize=3)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -24,6 +24,7 @@ from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from stoptool.config import config_from_dict
 from stoptool.errors import UserError
@@ -143,8 +144,26 @@ def heatmap_probs(
     return probs.reshape(len(located), grid, grid)
 
 
+LEGEND_INCHES = 0.45  # the row of legend entries under the panels
+
+
 def figure_size(n_patches: int) -> tuple[float, float]:
-    return (n_patches + 1) * PANEL_INCHES + 0.8, PANEL_INCHES + 0.9
+    return (n_patches + 1) * PANEL_INCHES + 0.8, PANEL_INCHES + 0.9 + LEGEND_INCHES
+
+
+QUERY_FACE = "0.25"  # the legend draws the white box of the query patch on a dark face, as on a heatmap
+
+
+def legend_handles(n_targets: int) -> list[Patch]:
+    """One entry per mark of the figure: the query patch, the context, each target block."""
+    return [
+        Patch(facecolor=QUERY_FACE, edgecolor="white", linewidth=2.2,
+              label="masked patch whose prediction is mapped"),
+        Patch(facecolor="none", edgecolor=CONTEXT_COLOR, linewidth=1.6,
+              label="context block (targets removed)"),
+        *[Patch(facecolor="none", edgecolor=TARGET_COLORS[m % len(TARGET_COLORS)], linewidth=1.6,
+                label=f"target block {m + 1}") for m in range(n_targets)],
+    ]
 
 
 def _draw_mask(ax, ctx_idx, tgt_idx, grid: int, width: float = 1.6) -> None:
@@ -162,7 +181,8 @@ def draw_heatmap(
     temperature: float,
     title: str = "",
 ) -> Figure:
-    """The image with its mask, then one overlay per masked patch; the patch is boxed white."""
+    """The image with its mask, then one overlay per masked patch; the patch is boxed white.
+    A legend under the panels names every mark."""
     grid = probs.shape[-1]
     fig = Figure(figsize=figure_size(len(patches)), layout="constrained")
     fig.suptitle(title or f"softmax(cos(prediction, target) / {temperature:g})")
@@ -172,7 +192,8 @@ def draw_heatmap(
     colors = ScalarMappable(Normalize(0.0, float(probs.max())), colormaps["inferno"])
     for ax, p, patch in zip(axes[1:], probs, patches, strict=True):
         r, c = divmod(int(patch), grid)
-        show_image(ax, display, f"patch ({r}, {c})  max {float(p.max()):.2f}")
+        block = locate(tgt_idx, int(patch), grid).block + 1
+        show_image(ax, display, f"patch ({r}, {c}) of target {block}  max {float(p.max()):.2f}")
         # Opacity follows the probability, so the photo stays readable where the mass is not.
         rgba = colors.to_rgba(p.numpy())
         rgba[..., 3] = 0.15 + 0.75 * colors.norm(p.numpy())
@@ -182,6 +203,9 @@ def draw_heatmap(
         ax.set_xlim(0, 1)
         ax.set_ylim(1, 0)
     fig.colorbar(colors, ax=axes[1:].tolist(), shrink=0.85).set_label("probability")
+    handles = legend_handles(len(tgt_idx))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False,
+               handlelength=1.2, columnspacing=1.2)
     return fig
 
 

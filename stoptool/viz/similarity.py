@@ -13,10 +13,15 @@ cos(ψ_q, ψ_k), peaked at q with value 1; as σ grows the peak drops and more p
 within reach of it.
 
 With the fixed-covariance ablation (cov="fixed") the noise is N(0, σ² I) in predictor width.
+
+For one checkpoint the figure shows S_0, S_σ and S_σ − S_0 (on a diverging scale of its own: a
+small σ‖A‖ moves the maps by less than one colour step of the first scale). For several, each
+checkpoint's S at its own σ, side by side on one scale: I-JEPA beside StoP, as in the paper.
 """
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -115,10 +120,39 @@ def _layout(n: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
-def figure_size(n_queries: int) -> tuple[float, float]:
-    """Inches: two blocks of query maps side by side, a colour bar, a title."""
+BAR_INCHES = 1.0  # one colour bar and its label
+
+
+def figure_size(n_queries: int, checkpoints: int = 1) -> tuple[float, float]:
+    """Inches. One checkpoint: three blocks of query maps (σ = 0, σ, their difference) and two
+    colour bars; several: one block each and one colour bar. A title above."""
     rows, cols = _layout(n_queries)
-    return 2 * cols * CELL_INCHES + 1.0, rows * CELL_INCHES + 1.0
+    blocks, bars = (3, 2) if checkpoints == 1 else (checkpoints, 1)
+    return blocks * cols * CELL_INCHES + bars * BAR_INCHES, rows * CELL_INCHES + 1.0
+
+
+def _draw_block(sub, maps: torch.Tensor, queries, name: str, cmap: str, vmin: float, vmax: float):
+    """One block of query maps titled `name`; returns the last image (for a colour bar)."""
+    rows, cols = _layout(len(queries))
+    sub.suptitle(name, fontsize=10)
+    axes = sub.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    image = None
+    for ax, m, (r, c) in zip(axes.flat, maps, queries, strict=False):  # spare axes stay off
+        ax.set_axis_on()
+        image = ax.imshow(m.numpy(), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+        ax.plot(c, r, marker="+", color="black" if cmap == "RdBu_r" else "red", markersize=8,
+                markeredgewidth=1.5)
+        label = f"min {float(m.min()):+.3f}" if cmap == "RdBu_r" else f"peak {float(m.max()):.3f}"
+        ax.set_title(f"q = ({r}, {c})  {label}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return image
+
+
+def _colour_bar(sub, image, label: str) -> None:
+    sub.colorbar(image, cax=sub.add_axes((0.08, 0.12, 0.22, 0.72))).set_label(label)
 
 
 def draw_similarity(
@@ -129,40 +163,68 @@ def draw_similarity(
     draws: int,
     title: str = "",
 ) -> Figure:
-    """Two blocks of heatmaps, σ = 0 on the left and σ on the right, on one colour scale."""
-    rows, cols = _layout(len(queries))
+    """Three blocks of heatmaps: σ = 0, σ (one colour scale for both, so the lower peaks of the
+    stochastic maps show as such), and stochastic minus deterministic on a diverging scale of
+    its own, so that an effect too small to see on the first scale is visible."""
     fig = Figure(figsize=figure_size(len(queries)), layout="constrained")
     fig.suptitle(title or r"Positional similarity $\cos(\psi_q + A n, \psi_k)$, mean over draws of n")
-    # A third, narrow subfigure holds the colour bar so both blocks get the same room.
-    left, right, bar = fig.subfigures(1, 3, wspace=0.02, width_ratios=(1.0, 1.0, 0.2))
-    # One scale for both blocks, so the lower peaks of the stochastic maps are visible as such.
+    # narrow subfigures hold the colour bars, so every block gets the same room
+    widths = (1.0, 1.0, 0.2, 1.0, 0.2)
+    left, right, bar, diff, diff_bar = fig.subfigures(1, 5, wspace=0.02, width_ratios=widths)
     vmin = float(min(deterministic.min(), stochastic.min()))
+    _draw_block(left, deterministic, queries, "σ = 0 (deterministic ψ)", "viridis", vmin, 1.0)
+    image = _draw_block(right, stochastic, queries, f"σ = {sigma:g} (StoP), mean of {draws} draws", "viridis",
+                        vmin, 1.0)
+    _colour_bar(bar, image, "cosine similarity")
+    delta = stochastic - deterministic
+    reach = max(float(delta.abs().max()), 1e-6)
+    name = f"difference: σ = {sigma:g} minus σ = 0"
+    image = _draw_block(diff, delta, queries, name, "RdBu_r", -reach, reach)
+    _colour_bar(diff_bar, image, "difference of cosine similarity")
+    return fig
+
+
+def draw_comparison(panels: Sequence[tuple[str, torch.Tensor]], queries: Sequence[tuple[int, int]],
+                    title: str) -> Figure:
+    """One block of heatmaps per checkpoint (`panels`: its title and maps), on one colour scale
+    (the paper's Fig. 5)."""
+    fig = Figure(figsize=figure_size(len(queries), len(panels)), layout="constrained")
+    fig.suptitle(title)
+    subs = fig.subfigures(1, len(panels) + 1, wspace=0.02, width_ratios=(1.0,) * len(panels) + (0.2,))
+    vmin = float(min(maps.min() for _, maps in panels))
     image = None
-    for sub, maps, name in (
-        (left, deterministic, "σ = 0 (deterministic ψ)"),
-        (right, stochastic, f"σ = {sigma:g} (StoP), mean of {draws} draws"),
-    ):
-        sub.suptitle(name, fontsize=10)
-        axes = sub.subplots(rows, cols, squeeze=False)
-        for ax in axes.flat:
-            ax.set_axis_off()
-        for ax, m, (r, c) in zip(axes.flat, maps, queries, strict=False):  # spare axes stay off
-            ax.set_axis_on()
-            image = ax.imshow(m.numpy(), cmap="viridis", vmin=vmin, vmax=1.0,
-                              interpolation="nearest")
-            ax.plot(c, r, marker="+", color="red", markersize=8, markeredgewidth=1.5)
-            ax.set_title(f"q = ({r}, {c})  peak {float(m.max()):.3f}", fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    bar.colorbar(image, cax=bar.add_axes((0.08, 0.12, 0.22, 0.72))).set_label("cosine similarity")
+    for sub, (name, maps) in zip(subs, panels, strict=False):
+        image = _draw_block(sub, maps, queries, name, "viridis", vmin, 1.0)
+    _colour_bar(subs[-1], image, "cosine similarity")
     return fig
 
 
 DEFAULT_SIGMA = 0.25  # the paper's σ for ViT-B/L, used when a checkpoint was trained without noise
 
 
+@dataclass
+class _Loaded:
+    path: Path
+    meta: dict
+    trained_sigma: float
+
+
+def _read(ckpt: str | Path) -> _Loaded:
+    from stoptool.io.checkpoint import read_meta, resolve_checkpoint
+
+    path = resolve_checkpoint(ckpt)
+    meta = read_meta(path)
+    return _Loaded(path, meta, float(meta.get("sigma", 0.0)))
+
+
+def _predictor(ckpt: Path) -> Predictor:
+    from stoptool.io.models import load_model
+
+    return load_model(ckpt, need_predictor=True).model.predictor
+
+
 def make_similarity(
-    ckpt: str | Path,
+    ckpts: str | Path | Sequence[str | Path],
     out: str | Path | None = None,
     sigma: float | None = None,
     draws: int = 256,
@@ -170,43 +232,81 @@ def make_similarity(
     seed: int = 0,
     dpi: int = 150,
 ) -> FigureResult:
-    """Load a checkpoint, compute both blocks of maps, write the figure and its numbers."""
-    from stoptool.io.checkpoint import read_meta, resolve_checkpoint
-    from stoptool.io.models import load_model
-
-    ckpt = resolve_checkpoint(ckpt)
-    path = check_out(out, default_path(ckpt, "similarity"))
-    check_dpi(dpi)
+    """Load the checkpoint(s), compute the maps, write the figure and its numbers. One
+    checkpoint: σ = 0, its σ and their difference. Several: each at its own σ, side by side."""
+    paths = [ckpts] if isinstance(ckpts, (str, Path)) else list(ckpts)
+    if not paths:
+        raise UserError("give at least one checkpoint")
     # everything the metadata can check is checked before the weights are read
-    meta = read_meta(ckpt)
-    trained_sigma = float(meta.get("sigma", 0.0))
-    if sigma is None:
-        sigma = trained_sigma if trained_sigma > 0 else DEFAULT_SIGMA
-    check_noise(sigma, draws)
-    cells = parse_queries(queries, checkpoint_grid(meta))
-    predictor = load_model(ckpt, need_predictor=True).model.predictor
+    loaded = [_read(p) for p in paths]
+    first = loaded[0].path
+    path = check_out(out, default_path(first, "similarity" if len(loaded) == 1 else "similarity-compare"))
+    check_dpi(dpi)
+    check_noise(sigma if sigma is not None else 0.0, draws)
+    grids = {checkpoint_grid(x.meta) for x in loaded}
+    if len(grids) > 1:
+        sides = " vs ".join(f"{g}×{g}" for g in sorted(grids))
+        raise UserError(f"the checkpoints have different patch grids ({sides}): compare checkpoints of one "
+                        "grid")
+    cells = parse_queries(queries, grids.pop())
     generator = torch.Generator().manual_seed(seed)
+    if len(loaded) == 1:
+        return _single(loaded[0], path, sigma, draws, cells, seed, dpi, generator)
+    return _compare(loaded, path, sigma, draws, cells, seed, dpi, generator)
+
+
+def _single(ck: _Loaded, path: Path, sigma, draws, cells, seed, dpi, generator) -> FigureResult:
+    if sigma is None:
+        sigma = ck.trained_sigma if ck.trained_sigma > 0 else DEFAULT_SIGMA
+    predictor = _predictor(ck.path)
     deterministic = similarity_maps(predictor, cells, 0.0)
     stochastic = similarity_maps(predictor, cells, sigma, draws, generator)
     title = (
-        f"Positional similarity of {checkpoint_name(ckpt)} ({meta.get('arch', '?')}, trained σ = "
-        f"{trained_sigma:g}, step {meta.get('step', '?')}): "
+        f"Positional similarity of {checkpoint_name(ck.path)} ({ck.meta.get('arch', '?')}, trained σ = "
+        f"{ck.trained_sigma:g}, step {ck.meta.get('step', '?')}): "
         r"$\cos(\psi_q + A n, \psi_k)$"
     )
     save_figure(draw_similarity(deterministic, stochastic, cells, sigma, draws, title), path, dpi)
+    delta = stochastic - deterministic
     data = {
-        "checkpoint": str(ckpt), "trained_sigma": trained_sigma, "sigma": sigma, "draws": draws,
+        "checkpoint": str(ck.path), "trained_sigma": ck.trained_sigma, "sigma": sigma, "draws": draws,
         "seed": seed, "grid": predictor.grid, "cov": predictor.cov, "queries": cells,
         "peak_deterministic": [round(float(m.max()), 5) for m in deterministic],
         "peak_stochastic": [round(float(m.max()), 5) for m in stochastic],
+        "largest_difference": round(float(delta.abs().max()), 5),
         "deterministic": deterministic.round(decimals=5).tolist(),
         "stochastic": stochastic.round(decimals=5).tolist(),
+        "difference": delta.round(decimals=5).tolist(),
     }
     rows = {
-        "checkpoint": ckpt, "trained σ": f"{trained_sigma:g}", "σ drawn": f"{sigma:g}",
+        "checkpoint": ck.path, "trained σ": f"{ck.trained_sigma:g}", "σ drawn": f"{sigma:g}",
         "draws": draws, "patch grid": f"{predictor.grid}×{predictor.grid}",
         "queries": " ".join(f"{r},{c}" for r, c in cells),
         "mean peak, σ = 0": f"{np.mean(data['peak_deterministic']):.3f}",
         f"mean peak, σ = {sigma:g}": f"{np.mean(data['peak_stochastic']):.3f}",
+        "largest |difference|": f"{data['largest_difference']:.4f}",
     }
+    return FigureResult(path, write_json(path.with_suffix(".json"), data), rows)
+
+
+def _compare(loaded: list[_Loaded], path: Path, sigma, draws, cells, seed, dpi, generator) -> FigureResult:
+    panels, entries = [], []
+    for ck in loaded:
+        drawn = ck.trained_sigma if sigma is None else sigma
+        maps = similarity_maps(_predictor(ck.path), cells, drawn, draws, generator)
+        method = "StoP" if ck.trained_sigma > 0 else "I-JEPA"
+        name = f"{checkpoint_name(ck.path)}: {method}, σ = {drawn:g}"
+        if drawn != ck.trained_sigma:
+            name += f" (trained σ = {ck.trained_sigma:g})"
+        panels.append((name, maps))
+        entries.append({"checkpoint": str(ck.path), "trained_sigma": ck.trained_sigma, "sigma": drawn,
+                        "peak": [round(float(m.max()), 5) for m in maps],
+                        "maps": maps.round(decimals=5).tolist()})
+    title = (r"Positional similarity $\cos(\psi_q + A n, \psi_k)$, each checkpoint at its σ, "
+             f"mean of {draws} draws where σ > 0")
+    save_figure(draw_comparison(panels, cells, title), path, dpi)
+    data = {"draws": draws, "seed": seed, "queries": cells, "checkpoints": entries}
+    rows = {"queries": " ".join(f"{r},{c}" for r, c in cells), "draws": draws}
+    for entry in entries:
+        rows[f"{entry['checkpoint']} (σ = {entry['sigma']:g})"] = f"mean peak {np.mean(entry['peak']):.3f}"
     return FigureResult(path, write_json(path.with_suffix(".json"), data), rows)

@@ -83,3 +83,32 @@ def test_imagenet_by_name_says_to_give_the_path_of_its_tree(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)  # no folder named imagenet here
     with pytest.raises(UserError, match="not bundled: set dataset to the path of an ImageFolder tree"):
         open_dataset("imagenet")
+
+
+def test_subset_lines_that_name_no_image_are_counted_and_named(tree, tmp_path_factory):
+    subset = tmp_path_factory.mktemp("s") / "1percent.txt"
+    subset.write_text("n01_2.JPEG\nn09_7.JPEG\nn02/n02_0.JPEG\nn01_2.JPEG\nn02/missing.JPEG\n")
+    ds = FolderDataset(tree, subset)
+    assert sorted(f.name for f in ds.files) == ["n01_2.JPEG", "n02_0.JPEG"]
+    assert ds.subset_lines == 4  # the repeated line counts once
+    assert ds.subset_unmatched == ["n09_7.JPEG", "n02/missing.JPEG"]  # in the file's order
+    assert ds.subset_note() == (f"2 of 4 lines of the subset file '{subset}' name no image under '{tree}' "
+                                "and are ignored (first: n09_7.JPEG)")
+    assert FolderDataset(tree).subset_note() is None
+    every = tmp_path_factory.mktemp("s") / "all.txt"
+    every.write_text("n01_2.JPEG\nn03/n03_1.JPEG\n")
+    assert FolderDataset(tree, every).subset_note() is None
+
+
+def test_the_training_sizes_known_by_name_are_the_sets_own():
+    from stoptool.data.datasets import digits, train_images
+
+    assert train_images("digits") == len(digits("train")) == 1347
+    assert train_images("imagenet") == 1_281_167  # ImageNet-1k's train split, as the presets name it
+
+
+def test_a_missing_path_and_an_unknown_name_get_their_own_message(tmp_path):
+    with pytest.raises(UserError, match=f"^dataset path does not exist: {tmp_path}/nope$"):
+        open_dataset(str(tmp_path / "nope"))
+    with pytest.raises(UserError, match="^unknown dataset 'nope': use digits, count, cifar10, cifar100 "):
+        open_dataset("nope")

@@ -234,6 +234,19 @@ def test_subset_naming_no_image_exits_2(tmp_path, folder):
     assert not (tmp_path / "r.json").exists()
 
 
+def test_subset_lines_naming_no_image_get_a_note_and_a_count_in_the_results(tmp_path, folder):
+    subset = tmp_path / "1percent.txt"
+    subset.write_text("dark0.png\nmid3.png\nlight1.png\nlight2.png\nn01440764_10026.JPEG\n")
+    out = tmp_path / "r.json"
+    result = probe("--random-init", "--arch", "vit_t2", "--dataset", str(folder), "--subset", str(subset),
+                   "--method", "knn", "--out", str(out), cache_dir=tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == (f"note: 1 of 5 lines of the subset file '{subset}' name no image under "
+                             f"'{folder / 'train'}' and are ignored (first: n01440764_10026.JPEG)\n")
+    doc = json.loads(out.read_text())
+    assert (doc["train_images"], doc["subset_lines"], doc["subset_unmatched"]) == (4, 5, 1)
+
+
 def test_a_folder_without_train_and_val_is_explained(tmp_path, folder):
     result = probe("--random-init", "--arch", "vit_t2", "--dataset", str(folder / "train"),
                    "--out", str(tmp_path / "r.json"), cache_dir=tmp_path / "c")

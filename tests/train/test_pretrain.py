@@ -103,6 +103,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, image_fo
         pretrain(_cfg(tiny_cfg, image_folder, tmp_path / "r", save_every=10))
     assert load_checkpoint(tmp_path / "r" / "latest.safetensors").meta["step"] == 3
     assert not list((tmp_path / "r").glob("epoch*.safetensors"))
+    # the alarm is recorded where a user looks: the metrics log and the summary
+    rows = [json.loads(r) for r in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["alarm"]) for r in rows if "alarm" in r] == [(4, "non_finite")]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["alarms"][0]["alarm"] == "non_finite" and "loss is nan" in summary["stopped"]
 
 
 @pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled, but CUDA is not available")
@@ -129,7 +134,7 @@ def test_metrics_go_to_tensorboard_when_it_is_installed(tiny_cfg, image_folder, 
     calls = []
 
     class SummaryWriter:
-        def __init__(self, logdir):
+        def __init__(self, logdir, purge_step=None):
             calls.append(("open", logdir))
 
         def add_scalar(self, tag, value, step):

@@ -12,7 +12,7 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("vizrun") / "run"
     cfg = config_from_dict(dict(
         arch="vit_t2", img_size=16, pred_width=48, pred_depth=1, batch_size=8, steps=3,
-        sigma=0.25, precision="fp32", workers=0, log_every=1, out=str(out),
+        sigma=0.25, precision="fp32", workers=0, log_every=1, out=str(out), eval_every=0,
     ))
     pretrain(cfg.validate(), resume=False)
     return out
@@ -21,3 +21,17 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_ckpt(tiny_run):
     return tiny_run / "latest.safetensors"
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_sigma0(tmp_path_factory):
+    """The same tiny run with σ = 0 (I-JEPA), for figures that compare checkpoints."""
+    from stoptool.train.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("vizrun0") / "run-sigma0"
+    cfg = config_from_dict(dict(
+        arch="vit_t2", img_size=16, pred_width=48, pred_depth=1, batch_size=8, steps=3,
+        sigma=0.0, precision="fp32", workers=0, log_every=1, out=str(out), eval_every=0,
+    ))
+    pretrain(cfg.validate(), resume=False)
+    return out / "latest.safetensors"

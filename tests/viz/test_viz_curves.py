@@ -81,3 +81,26 @@ def test_missing_directory_fails_with_one_line(tmp_path):
     result = runner.invoke(app, ["viz", "curves", str(tmp_path / "nope")])
     assert result.exit_code == 2
     assert "does not exist" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_knn_and_rankme_get_panels_when_a_run_logged_them(tiny_run, tmp_path):
+    from stoptool.viz.curves import EXTRA_PANELS
+
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    rows = [{"step": 0, "knn_top1": 0.5},
+            {"step": 10, "loss": 0.4, "lr": 1e-3, "A_norm": 2.0, "mask_token_norm": 0.5, "rankme": 30.0},
+            {"step": 10, "alarm": "collapse", "message": "..."},
+            {"step": 20, "loss": 0.3, "lr": 1e-3, "A_norm": 2.1, "mask_token_norm": 0.6, "rankme": 25.0,
+             "knn_top1": 0.7}]
+    (watched / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = draw_curves([read_run(watched), read_run(tiny_run)])
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in visible] == [name for _, name in PANELS + EXTRA_PANELS]
+    knn, rank = visible[len(PANELS)], visible[len(PANELS) + 1]
+    line = {ln.get_label(): ln for ln in knn.lines}["σ = ? (watched)"]  # the run with no σ comes last
+    assert list(line.get_xdata()) == [0, 20] and list(line.get_ydata()) == [0.5, 0.7]
+    assert list({ln.get_label(): ln for ln in rank.lines}["σ = ? (watched)"].get_ydata()) == [30.0, 25.0]
+    # a run without the online k-NN (tiny_run logs rankme, not knn_top1) gets no k-NN panel
+    titles = [ax.get_title() for ax in draw_curves([read_run(tiny_run)]).axes if ax.get_visible()]
+    assert titles == [name for _, name in PANELS] + ["RankMe (target features)"]

@@ -50,6 +50,44 @@ def test_similarity_default_path_is_beside_the_checkpoint(tiny_ckpt):
     assert_real_figure(path, similarity.figure_size(2))
 
 
+def test_similarity_of_two_checkpoints_side_by_side(tiny_ckpt, tiny_ckpt_sigma0, tmp_path):
+    out = tmp_path / "compare.png"
+    result = invoke("similarity", tiny_ckpt_sigma0, tiny_ckpt, "--out", out, "--dpi", DPI, "--draws", 16)
+    assert f"wrote {out}" in result.stdout
+    assert_real_figure(out, similarity.figure_size(9, checkpoints=2))
+    data = json.loads(out.with_suffix(".json").read_text())
+    entries = data["checkpoints"]
+    assert [e["checkpoint"] for e in entries] == [str(tiny_ckpt_sigma0), str(tiny_ckpt)]
+    assert [(e["trained_sigma"], e["sigma"]) for e in entries] == [(0.0, 0.0), (0.25, 0.25)]
+    assert entries[0]["peak"] == [1.0] * 9  # σ = 0: the deterministic map peaks at 1 on the query
+    assert f"{tiny_ckpt} (σ = 0.25)" in result.stdout and f"{tiny_ckpt_sigma0} (σ = 0)" in result.stdout
+    # the default name, beside the first checkpoint, does not overwrite its single-checkpoint figure
+    invoke("similarity", tiny_ckpt_sigma0, tiny_ckpt, "--dpi", DPI, "--draws", 4, "--queries", "1")
+    assert (tiny_ckpt_sigma0.parent / "figures" / "similarity-compare.png").is_file()
+
+
+def test_similarity_of_one_checkpoint_reports_the_difference(tiny_ckpt, tmp_path):
+    out = tmp_path / "one.png"
+    result = invoke("similarity", tiny_ckpt, "--out", out, "--dpi", DPI, "--draws", 16, "--queries", "2")
+    data = json.loads(out.with_suffix(".json").read_text())
+    delta = np.array(data["stochastic"]) - np.array(data["deterministic"])
+    np.testing.assert_allclose(data["difference"], delta, atol=2e-5)
+    assert data["largest_difference"] == pytest.approx(np.abs(delta).max(), abs=2e-5)
+    assert f"largest |difference| │ {data['largest_difference']:.4f}" in result.stdout
+
+
+def test_similarity_refuses_checkpoints_of_different_grids(tiny_ckpt, tmp_path):
+    other = tmp_path / "r24"
+    args = ["pretrain", "--arch", "vit_t2", "--img-size", "24", "--pred-width", "48", "--pred-depth", "1",
+            "--batch-size", "8", "--steps", "1", "--precision", "fp32", "--device", "cpu", "-q",
+            "--out", other]
+    assert runner.invoke(app, [str(a) for a in args]).exit_code == 0
+    one_line_error(["similarity", tiny_ckpt, other, "--out", tmp_path / "s.png"],
+                   "the checkpoints have different patch grids (8×8 vs 12×12): compare checkpoints of one "
+                   "grid")
+    assert not (tmp_path / "s.png").exists()
+
+
 def test_heatmap_writes_one_panel_per_target_block(tiny_ckpt, tmp_path):
     out = tmp_path / "heat.png"
     invoke("heatmap", tiny_ckpt, "--out", out, "--dpi", DPI, "--seed", 3)

@@ -1,11 +1,18 @@
 """The similarity maps themselves (paper Fig. 5), computed apart from any drawing."""
 
+import numpy as np
 import pytest
 import torch
 
 from stoptool.errors import UserError
 from stoptool.models.predictor import Predictor
-from stoptool.viz.similarity import default_queries, parse_queries, similarity_maps
+from stoptool.viz.similarity import (
+    default_queries,
+    draw_comparison,
+    draw_similarity,
+    parse_queries,
+    similarity_maps,
+)
 
 GRID = 8
 
@@ -87,3 +94,40 @@ def test_query_parsing():
                                         "grid is 8×8: give at most 8"):
         parse_queries("9", 8)
     assert parse_queries(None, 2) == default_queries(2, 2)  # the default spread fits small grids
+
+
+def _images(sub):
+    return [im for ax in sub.axes for im in ax.get_images()]
+
+
+def test_one_checkpoints_figure_adds_the_difference_on_a_diverging_scale_of_its_own():
+    pred = predictor_with_fixed_A()
+    queries = [(2, 2), (5, 6)]
+    det = similarity_maps(pred, queries, 0.0)
+    sto = similarity_maps(pred, queries, 1.0, draws=64, generator=torch.Generator().manual_seed(0))
+    fig = draw_similarity(det, sto, queries, 1.0, 64)
+    left, right, _, diff, _ = fig.subfigs
+    assert [s.get_suptitle() for s in (left, right, diff)] == [
+        "σ = 0 (deterministic ψ)", "σ = 1 (StoP), mean of 64 draws", "difference: σ = 1 minus σ = 0"]
+    lowest = float(min(det.min(), sto.min()))
+    for im in _images(left) + _images(right):  # one scale for the two blocks of similarities
+        assert im.get_clim() == pytest.approx((lowest, 1.0))
+    reach = float((sto - det).abs().max())
+    shown = _images(diff)
+    assert len(shown) == 2 and all(im.get_clim() == pytest.approx((-reach, reach)) for im in shown)
+    assert all(im.get_cmap().name == "RdBu_r" for im in shown)
+    for im, d in zip(shown, sto - det, strict=True):
+        np.testing.assert_allclose(im.get_array(), d.numpy())
+
+
+def test_checkpoints_side_by_side_share_one_scale_and_each_panel_names_its_sigma():
+    pred = predictor_with_fixed_A()
+    queries = [(1, 1), (4, 4), (6, 2)]
+    ijepa = similarity_maps(pred, queries, 0.0)
+    stop = similarity_maps(pred, queries, 2.0, draws=64, generator=torch.Generator().manual_seed(0))
+    fig = draw_comparison([("ijepa: I-JEPA, σ = 0", ijepa), ("stop: StoP, σ = 2", stop)], queries, "title")
+    blocks = fig.subfigs[:2]
+    assert [b.get_suptitle() for b in blocks] == ["ijepa: I-JEPA, σ = 0", "stop: StoP, σ = 2"]
+    lowest = float(min(ijepa.min(), stop.min()))
+    shown = [im for b in blocks for im in _images(b)]
+    assert len(shown) == 6 and all(im.get_clim() == pytest.approx((lowest, 1.0)) for im in shown)
