@@ -352,7 +352,7 @@ class BenchConfig:
                                 "it runs (its model, masks and precision; its global batch split over "
                                 "--devices) and project the wall-clock of its whole schedule; flags given "
                                 "override it.", default_text="none: the flags alone")
-    arch: str = like(ModelConfig, "arch", "vit_s16")
+    arch: str = like(ModelConfig, "arch", "vit_s16", default_text="vit_s16; with --config, the preset's")
     img_size: int | None = like(ModelConfig, "img_size")
     batch_size: int = like(OptimConfig, "batch_size", 16, help="Batch size (of one device).",
                            default_text="16; with --config, the preset's batch / --devices")

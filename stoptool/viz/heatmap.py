@@ -151,7 +151,7 @@ def figure_size(n_patches: int) -> tuple[float, float]:
     return (n_patches + 1) * PANEL_INCHES + 0.8, PANEL_INCHES + 0.9 + LEGEND_INCHES
 
 
-QUERY_FACE = "0.25"  # the legend draws the white box of the query patch on a dark face, as on a heatmap
+QUERY_FACE = "0.35"  # the legend draws the white box of the query patch on a dark face, as on a heatmap
 
 
 def legend_handles(n_targets: int) -> list[Patch]:
@@ -205,7 +205,7 @@ def draw_heatmap(
     fig.colorbar(colors, ax=axes[1:].tolist(), shrink=0.85).set_label("probability")
     handles = legend_handles(len(tgt_idx))
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False,
-               handlelength=1.2, columnspacing=1.2)
+               handlelength=1.1, handleheight=1.1, columnspacing=1.2)  # square marks, as the patches are
     return fig
 
 

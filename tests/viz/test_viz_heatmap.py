@@ -99,3 +99,29 @@ def test_targets_are_the_layer_normed_target_encoder_tokens(setup):
         h = encode(model.target_encoder, image[None])
     assert torch.allclose(targets, F.layer_norm(h, h.shape[-1:])[0], atol=1e-5)
     assert pred.shape == (*tgt.shape, h.shape[-1])
+
+
+def test_the_legend_names_every_mark_in_its_colour(setup):
+    """The white box, the context's outline and each target block's outline each get an entry."""
+    import numpy as np
+    from matplotlib.colors import to_rgba
+
+    from stoptool.viz.common import CONTEXT_COLOR, TARGET_COLORS
+    from stoptool.viz.heatmap import draw_heatmap
+
+    model, image, ctx, tgt = setup
+    patches = [p.index for p in block_centres(tgt, GRID)]
+    probs = heatmap_probs(model, image, ctx, tgt, patches)
+    display = np.zeros((64, 64, 3), dtype=np.uint8)
+    fig = draw_heatmap(display, probs, patches, ctx, tgt, 0.1)
+    (legend,) = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels == ["masked patch whose prediction is mapped", "context block (targets removed)",
+                      *[f"target block {m + 1}" for m in range(len(tgt))]]
+    edges = [h.get_edgecolor() for h in legend.legend_handles]
+    expected = ["white", CONTEXT_COLOR, *[TARGET_COLORS[m % len(TARGET_COLORS)] for m in range(len(tgt))]]
+    assert edges == [to_rgba(c) for c in expected]
+    titles = [ax.get_title() for ax in fig.axes[1:1 + len(patches)]]
+    for title, patch in zip(titles, patches, strict=True):
+        r, c = divmod(patch, GRID)
+        assert title.startswith(f"patch ({r}, {c}) of target {locate(tgt, patch, GRID).block + 1}  max ")
