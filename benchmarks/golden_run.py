@@ -43,6 +43,7 @@ BASE = {
     "arch": "vit_t2", "img_size": 16, "pred_width": 48, "pred_depth": 1, "batch_size": 16,
     "epochs": 1, "steps": 6, "warmup": 0.5, "precision": "fp32", "device": "cpu", "workers": 0,
     "log_every": 1, "save_every": 1, "seed": 3, "dataset": "digits",
+    "eval_every": 0,  # the online k-NN reads the weights and changes none of them
 }
 SHRUNK = archs.ArchSpec(48, 1, 3)  # the legacy run's ViT-T: one 48-wide block, 3 heads
 

@@ -16,7 +16,8 @@ from stoptool.train.runtime import cpu_has_fast_bf16
 
 runner = CliRunner(env={"COLUMNS": "400"})
 TINY = ["--arch", "vit_t2", "--img-size", "16", "--pred-width", "48", "--pred-depth", "1",
-        "--batch-size", "8", "--precision", "fp32", "--device", "cpu", "--workers", "0", "-q"]
+        "--batch-size", "8", "--precision", "fp32", "--device", "cpu", "--workers", "0", "-q",
+        "--eval-every", "0"]  # the online k-NN has tests of its own (tests/train/test_watch.py)
 
 
 @pytest.mark.parametrize("command", [["pretrain", *TINY], ["probe", "--random-init", "--arch", "vit_t2"]])
@@ -47,15 +48,16 @@ def test_a_resumed_run_says_where_it_resumes_even_when_quiet(tmp_path):
     assert json.loads((out / "summary.json").read_text())["step"] == 3
 
 
-def test_steps_past_the_schedule_are_named_with_the_schedule_length(tmp_path):
+def test_steps_past_the_schedule_are_named_with_the_schedule_length(image_folder, tmp_path):
     out = tmp_path / "run"
-    args = ["pretrain", *TINY, "--batch-size", "256", "--epochs", "1", "--steps", "100000", "--out", str(out)]
+    args = ["pretrain", *TINY, "--dataset", str(image_folder), "--epochs", "1", "--steps", "100000",
+            "--out", str(out)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    # 1,347 images in batches of 256: 5 steps
-    assert "note: --steps 100000 exceeds the schedule's 5 steps; stopping at 5\n" in result.stderr
-    assert json.loads((out / "summary.json").read_text())["step"] == 5
-    within = runner.invoke(app, [*args[:-4], "--steps", "5", "--out", str(tmp_path / "other")])
+    # 24 readable images in batches of 8: 3 steps
+    assert "note: --steps 100000 exceeds the schedule's 3 steps; stopping at 3\n" in result.stderr
+    assert json.loads((out / "summary.json").read_text())["step"] == 3
+    within = runner.invoke(app, [*args[:-4], "--steps", "3", "--out", str(tmp_path / "other")])
     assert within.exit_code == 0 and "exceeds" not in within.stderr
 
 

@@ -31,6 +31,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 TINY = ["--arch", "vit_t2", "--img-size", "16", "--batch-size", "16", "--pred-width", "48"]
 TINY += ["--pred-depth", "1", "--precision", "fp32", "--log-every", "2", "--workers", "0", "-q"]
 TINY += ["--device", "cpu"]  # gloo processes, also on a machine with one GPU
+TINY += ["--eval-max-images", "128"]  # the online k-NN on a sample of digits, sharded over the processes
 
 
 def test_ranks_split_every_global_batch_without_overlap():
@@ -227,11 +228,16 @@ def test_fsdp_trains_the_same_weights_as_ddp_and_writes_whole_tensors(launches, 
     def rows(name: str) -> list[dict]:
         return [json.loads(r) for r in (launches[name]["run"] / METRICS).read_text().splitlines()]
 
+    # a resumed run evaluates at the end of each launch, an uninterrupted one at its end alone:
+    # the k-NN is compared where both ran it
     for a, b in zip(rows(mode), rows(ddp_mode), strict=True):
-        assert a["step"] == b["step"] and ("knn_top1" in a) == ("knn_top1" in b)
-        for key in ("loss", "A_norm", "mask_token_norm"):
-            if key in b:  # (not in the rows of the initial weights' online k-NN)
-                assert a[key] == (b[key] if exact else pytest.approx(b[key], rel=1e-6)), key
+        assert a["step"] == b["step"]
+        for key in ("loss", "A_norm", "mask_token_norm", "knn_top1"):
+            if key in a and key in b:  # (no loss in the rows of the initial weights' online k-NN)
+                # a neighbour's vote may flip under 1e-6 changes of the features: one image in the eval set
+                near = pytest.approx(b[key], rel=1e-6, abs=0.01 if key == "knn_top1" else 0)
+                assert a[key] == (b[key] if exact else near), key
+    assert "knn_top1" in rows(mode)[-1] and "knn_top1" in rows(ddp_mode)[-1]
 
 
 def test_an_fsdp_checkpoint_resumes_in_one_process(launches, tmp_path):
