@@ -625,6 +625,94 @@ class _ExtractBar:
             self.progress.stop()
 
 
+@app.command()
+@user_errors
+def sweep(
+    spec: str = typer.Argument(..., help="A sweep spec (YAML: base, grid, probe), or the name of a shipped one: table6-pred-pos, table7-noise-on, fig3-cov, sigma-grid (CPU scale on digits) and the same names with -in1k (full scale, on the ImageNet presets)."),
+    out: Path | None = typer.Option(None, "--out", help="Directory of the sweep: one run directory per grid point, named from its values (e.g. sigma=0.25,seed=1). (default: runs/sweeps/<spec name>)"),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Set a base config key of every run (repeatable; VALUE is YAML), or a probe option as probe.KEY=VALUE, e.g. --set dataset=/data/imagenet --set probe.dataset=/data/imagenet."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and where each stands (probed, trained, partial at step N, not started) and exit."),
+    parallel: int = typer.Option(1, "--parallel", min=1, help="Runs at a time, each a subprocess with cores / N threads."),
+    emit: str | None = typer.Option(None, "--emit", help="slurm: write DIR/sweep.slurm, an array job with one task per run | commands: write DIR/commands.txt, one line per run. Nothing runs."),
+):
+    """Pretrain every run of a grid × seeds and probe each; started again, it skips what is done and resumes what was interrupted.
+
+    Every run's config is built and checked before anything runs. Summarize with: stoptool report DIR.
+    """
+    from stoptool.sweep import load_sweep, run_sweep, states
+    from stoptool.train.fit import Interrupted
+
+    if emit is not None and emit not in ("slurm", "commands"):
+        raise UserError(f"--emit takes slurm or commands, got '{emit}'")
+    plan = load_sweep(spec, out, set_)
+    if emit:
+        from stoptool.sweep import emit as write_commands
+
+        path = write_commands(plan, emit)
+        console.print(f"wrote {path} ({len(plan.runs)} runs)", highlight=False, markup=False, soft_wrap=True)
+        return
+    if dry_run:
+        _sweep_table(f"sweep {plan.label} in {plan.out} (dry run)", [(r.name, str(s)) for r, s in zip(plan.runs, states(plan))])
+        return
+    try:
+        outcomes = run_sweep(plan, parallel, notify=_note)
+    except Interrupted as stop:
+        err_console.print(f"interrupted: checkpoint saved to {stop.checkpoint}; run the sweep again to resume", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(128 + stop.signum) from None
+    rows = [(o.run.name, str(o.state), f"{o.seconds:.0f}" if o.seconds else "-",
+             ", ".join(f"{k} {v:.2f}" for k, v in o.metrics.items() if k.endswith("top1")) or "-") for o in outcomes]
+    _sweep_table(f"sweep {plan.label} in {plan.out}", rows, ("run", "state", "seconds", "probe top-1 (%)"))
+    failed = [o for o in outcomes if o.error]
+    console.print(f"summarize with: stoptool report {plan.out}", highlight=False, markup=False, soft_wrap=True)
+    if failed:
+        err_console.print(f"error: {len(failed)} of {len(outcomes)} runs failed: " + "; ".join(f"{o.run.name}: {o.error}" for o in failed), highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _sweep_table(title: str, rows: list[tuple], columns: tuple = ("run", "state")) -> None:
+    table = Table(title=title, title_justify="left")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def report(
+    sweep_dir: Path = typer.Argument(..., metavar="DIR", help="A sweep's directory (its --out), or any directory of run directories."),
+    by: list[str] = typer.Option([], "--by", metavar="FIELD", help="Group by this config key (repeatable). (default: the grid's fields other than seed)"),
+    baseline: str | None = typer.Option(None, "--baseline", metavar="FIELD=VALUE", help="Also give each group's paired difference from the group with FIELD=VALUE (its other fields equal), over the seeds both have, with a 95 % t-interval."),
+    json_out: Path | None = typer.Option(None, "--json", metavar="FILE", help="Write the groups and statistics as JSON."),
+    markdown_out: Path | None = typer.Option(None, "--markdown", metavar="FILE", help="Write the table as Markdown."),
+    plot_out: Path | None = typer.Option(None, "--plot", metavar="FILE", help="Draw each metric's group means with ± sd error bars (.png, .svg or .pdf; the numbers go beside it as .json)."),
+):
+    """Mean ± sd of every probe metric per group of a sweep's runs, and paired differences from a baseline.
+
+    Runs without probe results (not started, partial, not probed, failed) are listed below the table, not counted.
+    """
+    from stoptool.report import check_outputs, make_report, plot, table_rows, write_outputs
+
+    plot_out = check_outputs(json_out, markdown_out, plot_out)
+    result = make_report(sweep_dir, by, baseline)
+    header, rows = table_rows(result)
+    table = Table(title=f"report {sweep_dir}: mean ± sd (probe metrics in %)", title_justify="left")
+    for col in header:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    for name, state in result.excluded:
+        console.print(f"not included: {name} ({state})", highlight=False, markup=False, soft_wrap=True)
+    write_outputs(result, json_out, markdown_out)
+    if plot_out is not None:
+        plot(result, plot_out)
+    for path in (json_out, markdown_out, plot_out):
+        if path is not None:
+            console.print(f"wrote {path}", highlight=False, markup=False, soft_wrap=True)
+
+
 def main() -> None:
     """Run the app; a mistyped command line, like any other bad input, is one line and exit 2."""
     try:
