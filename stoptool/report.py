@@ -350,7 +350,7 @@ def plot(report: Report, path: Path, dpi: int = 150) -> Path:
     from matplotlib.figure import Figure
 
     labels = [",".join(f"{f}={_key(g.fields[f])}" for f in report.by) or "all" for g in report.groups]
-    fig = Figure(figsize=(max(4.0, 1.1 * len(labels) + 1.5), 3.2 * len(report.metrics)))
+    fig = Figure(figsize=(max(6.0, 1.1 * len(labels) + 1.5), 3.2 * len(report.metrics)))
     axes = fig.subplots(len(report.metrics), 1, squeeze=False)[:, 0]
     for ax, m in zip(axes, report.metrics):
         xs = [i for i, g in enumerate(report.groups) if m in g.stats]
@@ -362,7 +362,7 @@ def plot(report: Report, path: Path, dpi: int = 150) -> Path:
         ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel(m + (" (%)" if m != LOSS else ""))
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_title(f"{report.root.name}: mean ± sd over seeds (dots: single runs)")
+    axes[0].set_title(f"{report.root.name}: mean ± sd over seeds (dots: single runs)", fontsize=10)
     axes[0].legend(loc="best", fontsize=8)
     fig.tight_layout()
     save_figure(fig, path, dpi)

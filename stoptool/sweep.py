@@ -135,7 +135,7 @@ def load_sweep(name_or_path: str, out: str | Path | None = None, overrides: list
             "probe": _mapping(spec, "probe", where), "description": spec.get("description", "")}
     _apply_overrides(spec, overrides, where)
     grid = _check_grid(spec["grid"], where)
-    out = Path(out) if out is not None else Path("runs") / "sweeps" / Path(label).stem
+    out = (Path(out) if out is not None else Path("runs") / "sweeps" / Path(label).stem).absolute()
     base = dict(spec["base"])
     preset = base.pop("config", None)
     runs = []
