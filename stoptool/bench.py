@@ -164,7 +164,8 @@ def _train_work(cfg: BenchConfig, pcfg, model, prepared: Prepared, images):
     """Whole training steps on one fixed batch and mask."""
     ctx, tgt = MaskSampler(pcfg.mask_config())(cfg.batch_size, torch.Generator().manual_seed(0))
     batch = StepInputs(images, ctx.to(images.device), tgt.to(images.device))
-    state = single_process_state(model, prepared.autocast, prepared.precision, lr=1e-4, wd=0.04)
+    state = single_process_state(model, prepared.autocast, prepared.precision, lr=1e-4, wd=0.04,
+                                 accum_steps=cfg.accum_steps)
     hp = Hyper(1e-4, 0.04, 0.996)
     model.train()
     counted = train_step_flops(cfg.arch, cfg.img_size, cfg.pred_width, cfg.pred_depth, ctx.shape[1],

@@ -144,14 +144,29 @@ def pretrain(
         "checkpoint": result.checkpoint,
         "steps": result.step,
         "epochs": result.epoch,
-        "final loss": f"{result.loss:.5f}" if result.loss is not None else "-",
-        "seconds": f"{result.seconds:.1f}",
-        "img/s": result.images_per_second,
+        "final loss": _final_loss(result),
+        "wall-clock": f"{result.seconds:.1f} s",
+        "img/s": result.images_per_second if result.images_per_second is not None else "-",
         **({"skipped images": f"{result.skipped_images} (unreadable), listed in {result.run_dir / 'skipped.txt'}"}
            if result.skipped_images else {}),
         "metrics": result.run_dir / "metrics.jsonl",
         "summary": result.run_dir / "summary.json",
     })
+
+
+def _final_loss(result) -> str:
+    """The last logged loss, as the progress line showed it, with the steps it averages."""
+    if result.loss is None:
+        return "-"
+    first, last = result.loss_steps
+    steps = f"step {last}" if first == last else f"steps {first}-{last}"
+    return f"{result.loss:.4f} (mean of {steps})"
+
+
+def _speed(row: dict) -> str:
+    """img/s as the summary reports it: over the steps after the first (start-up, compiling and
+    evaluations left out)."""
+    return "-" if row.get("avg_img_per_s") is None else f"{row['avg_img_per_s']:.1f}"
 
 
 class _ProgressBar:
@@ -198,7 +213,7 @@ class _ProgressBar:
         if row is not None:
             self.fields = {
                 "loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}",
-                "ips": f"{row['img_per_s']:.0f}", "epoch": f"{row['epoch']:.1f}",
+                "ips": _speed(row), "epoch": f"{row['epoch']:.1f}",
             }
         self.progress.update(self.task, completed=step, **self.fields)
 
@@ -211,7 +226,7 @@ class _ProgressBar:
         t0, s0 = self.first
         eta = (now - t0) / (step - s0) * (total - step) if step > s0 else None
         parts = [f"step {step}/{total}", f"epoch {row['epoch']:.2f}", f"loss {row['loss']:.4f}",
-                 f"lr {row['lr']:.2e}", f"{row['img_per_s']:.1f} img/s",
+                 f"lr {row['lr']:.2e}", f"{_speed(row)} img/s",
                  f"ETA {datetime.timedelta(seconds=round(eta))}" if eta is not None else "ETA -"]
         if "knn_top1" in row:
             parts.append(f"knn_top1 {100 * row['knn_top1']:.2f}")

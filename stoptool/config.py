@@ -124,6 +124,9 @@ class OptimConfig:
     steps: int | None = option(None, "Stop after this many steps in total (schedules unchanged).",
                                positive=True, default_text="all epochs")
     batch_size: int = option(64, "Global batch size.", positive=True)
+    accum_steps: int = option(1, "Split each batch into N micro-batches whose gradients add up before one "
+                              "optimizer step: the same update in less memory (batch_size, per process "
+                              "under torchrun, must divide by N).", positive=True)
     lr: float = option(1e-3, "Peak learning rate after warmup.", low=0)
     start_lr: float = option(2e-4, "Learning rate at step 0.", low=0)
     final_lr: float = option(1e-6, "Learning rate at the end of the cosine.", low=0)
@@ -141,6 +144,9 @@ class OptimConfig:
         check_fields(self)
         if self.ema[0] > self.ema[1]:
             raise UserError(f"ema momentum must satisfy 0 <= start <= end <= 1, got {self.ema}", key="ema")
+        if self.batch_size % self.accum_steps:
+            raise UserError(f"batch_size {self.batch_size} does not split into accum_steps "
+                            f"{self.accum_steps} equal micro-batches: make it a multiple", key="accum_steps")
 
 
 @dataclass
@@ -156,6 +162,11 @@ class RuntimeConfig:
     save_every: int = option(10, "Keep a weight snapshot every N epochs (latest is written after every "
                              "epoch).", positive=True)
     log_every: int = option(10, "Log metrics every N steps.", positive=True)
+    checkpoint_every: int = option(0, "Also write latest every N steps inside an epoch (0: only at epoch "
+                                   "ends and by checkpoint_minutes); a resume goes on from the next batch.",
+                                   low=0)
+    checkpoint_minutes: float = option(30.0, "Also write latest when this many minutes of wall time have "
+                                       "passed since the last write (0: never).", low=0)
     compile: bool = option(False, "torch.compile the transformer blocks (falls back to eager, with a note, "
                            "where it fails).")
     grad_checkpoint: bool = option(False, "Recompute activations to save memory.")
@@ -356,6 +367,8 @@ class BenchConfig:
     img_size: int | None = like(ModelConfig, "img_size")
     batch_size: int = like(OptimConfig, "batch_size", 16, help="Batch size (of one device).",
                            default_text="16; with --config, the preset's batch / --devices")
+    accum_steps: int = like(OptimConfig, "accum_steps", help="Split the batch into N micro-batches whose "
+                            "gradients add up (peak memory falls, the update stays).")
     devices: int = option(1, "With --config: devices sharing the preset's global batch; the projection adds "
                           "their wall-clock, a linear-scaling estimate.", positive=True)
     precision: Precision = like(RuntimeConfig, "precision")
@@ -378,6 +391,9 @@ class BenchConfig:
         check_fields(self)
         if self.devices != 1 and not self.config:
             raise UserError("devices splits a preset's batch: give a preset with --config too", key="devices")
+        if self.batch_size % self.accum_steps:
+            raise UserError(f"batch_size {self.batch_size} does not split into accum_steps "
+                            f"{self.accum_steps} equal micro-batches: make it a multiple", key="accum_steps")
         return self
 
 

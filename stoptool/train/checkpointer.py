@@ -4,6 +4,8 @@ Under torchrun every process takes part (random states are gathered from all of 
 under FSDP so are the weight shards); process 0 alone writes.
 """
 
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -24,24 +26,61 @@ def model_tensors(model, keep: bool = True) -> dict[str, torch.Tensor]:
 
 
 class Checkpointer:
-    """Saves `state` with the run's metadata (`meta`: what every checkpoint of the run says)."""
+    """Saves `state` with the run's metadata (`meta`: what every checkpoint of the run says).
+
+    A background save copies every tensor to the host first (the step may go on changing the
+    weights), then writes the file in a thread; one write is in flight at a time, and each file
+    appears whole or not at all (written beside, then renamed)."""
 
     def __init__(self, state: TrainState, meta: dict, ipe: int, world: World, device: torch.device):
         self.state, self.meta, self.ipe = state, meta, ipe
         self.world, self.device = world, device
+        self._writer: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        self.stall_s: list[float] = []  # how long each save held up the loop
 
-    def save(self, path: Path, step: int, with_state: bool = True) -> None:
+    def save(self, path: Path, step: int, with_state: bool = True, background: bool = False) -> None:
         """Weights at `step`; `with_state` adds what a bit-exact resume needs (optimizer, random
         states, the fp16 loss scale)."""
+        began = time.perf_counter()
+        ckpt = self._collect(step, with_state)
+        self.wait()
+        if ckpt is not None:
+            if background:
+                ckpt = Checkpoint(ckpt.meta, {k: _host_copy(v) for k, v in ckpt.tensors.items()})
+                self._writer = threading.Thread(target=self._write, args=(path, ckpt), daemon=True)
+                self._writer.start()
+            else:
+                save_checkpoint(path, ckpt)
+        self.stall_s.append(time.perf_counter() - began)
+
+    def wait(self) -> None:
+        """Until the write in flight (if any) has landed; its failure is raised here."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+
+    def _write(self, path: Path, ckpt: Checkpoint) -> None:
+        try:
+            save_checkpoint(path, ckpt)
+        except BaseException as err:  # raised in the loop's thread by the next wait
+            self._failure = err
+
+    def _collect(self, step: int, with_state: bool) -> Checkpoint | None:
+        """The checkpoint's tensors and metadata, on process 0 (None elsewhere); every
+        process takes part (random states, and under FSDP the weight shards, are gathered)."""
         world, state = self.world, self.state
         rng = rng_states(world, self.device) if with_state else {}  # every rank takes part
         if not world.main and not state.nets.sharded:
-            return
+            return None
         # under FSDP every rank takes part in gathering the tensors; rank 0 alone keeps them
         tensors = model_tensors(state.model, keep=world.main)
         opt = whole_state(state.optimizer.state_dict(), keep=world.main) if with_state else None
         if not world.main:
-            return
+            return None
         extra = {"step": step, "epoch": step // self.ipe}
         if with_state:
             opt_tensors, groups = optimizer_tensors(opt)
@@ -50,4 +89,10 @@ class Checkpointer:
             extra["optimizer_groups"] = groups
             if state.scaler.is_enabled():  # fp16: the loss scale it has settled on, and its growth count
                 extra["grad_scaler"] = state.scaler.state_dict()
-        save_checkpoint(path, Checkpoint({**self.meta, **extra}, tensors))
+        return Checkpoint({**self.meta, **extra}, tensors)
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy on the host that later steps cannot change (on the CPU, `.cpu()` alone would
+    return the live weight itself)."""
+    return t.detach().to("cpu", copy=True)

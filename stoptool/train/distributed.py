@@ -19,6 +19,7 @@ All average the same gradients; checkpoints hold whole tensors either way.
 import inspect
 import os
 import warnings
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -91,27 +92,27 @@ def leave_world(world: World, done: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def check_batch(world: World, batch_size: int) -> int:
-    """The per-rank batch of a global `batch_size`."""
+def check_batch(world: World, batch_size: int, accum_steps: int = 1) -> int:
+    """The per-rank batch of a global `batch_size`, which `accum_steps` micro-batches split."""
     if batch_size % world.size:
         raise UserError(
             f"the batch size {batch_size} is not divisible by the {world.size} processes of this launch"
         )
+    if (batch_size // world.size) % accum_steps:
+        raise UserError(f"each of the {world.size} processes takes {batch_size // world.size} images a step, "
+                        f"which do not split into accum_steps {accum_steps} equal micro-batches",
+                        key="accum_steps")
     return batch_size // world.size
 
 
-def mean_over_ranks(value: torch.Tensor, world: World) -> float:
-    """The mean of a scalar over all ranks (every rank gets the same number)."""
-    return sum_over_ranks(value.item(), world, value.device) / world.size
-
-
-def any_rank(flag: bool, world: World, device: torch.device) -> bool:
-    """True on every rank if it is true on any (e.g. a stop signal seen by one process)."""
+def any_rank(flags: tuple[bool, ...], world: World, device: torch.device) -> tuple[bool, ...]:
+    """Each flag true on every rank if it is true on any (e.g. a stop signal seen by one
+    process), in one collective."""
     if not world.distributed:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
+        return flags
+    t = torch.tensor([int(f) for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return tuple(bool(x) for x in t.tolist())
 
 
 def barrier(world: World) -> None:
@@ -251,9 +252,23 @@ class Nets:
             self._target.reshard()  # FSDP keeps a root's weights gathered after a forward without backward
         return tokens
 
-    def mean(self, value: torch.Tensor) -> float:
-        """A scalar averaged over the processes (every process gets the same number)."""
-        return mean_over_ranks(value, self.world) if self.world.distributed else value.item()
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """A scalar tensor averaged over the processes (every process gets the same number),
+        without waiting for it."""
+        if not self.world.distributed:
+            return value
+        total = value.detach().clone()
+        dist.all_reduce(total)
+        return total / self.world.size
+
+    def no_sync(self) -> AbstractContextManager:
+        """Backward passes inside keep their gradients in this process (micro-batches before a
+        batch's last): DDP's no_sync, FSDP's gradient sync turned off for the while."""
+        if isinstance(self.online, DistributedDataParallel):
+            return self.online.no_sync()
+        if hasattr(self.online, "set_requires_gradient_sync"):
+            return _fsdp_no_sync(self.online)
+        return nullcontext()
 
     def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The target encoder's weights and the context encoder's, as this process holds them
@@ -261,6 +276,15 @@ class Nets:
         target = [local(p) for p in self.model.target_encoder.parameters()]
         online = [local(p.detach()) for p in self.model.encoder.parameters()]
         return target, online
+
+
+@contextmanager
+def _fsdp_no_sync(module: nn.Module):
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
 
 
 def wrap_networks(model: JEPA, world: World, device: torch.device, fsdp: bool = False,

@@ -18,7 +18,7 @@ from stoptool.errors import UserError
 from stoptool.io.checkpoint import LATEST
 from stoptool.train.checkpointer import Checkpointer
 from stoptool.train.distributed import World, any_rank, barrier
-from stoptool.train.logs import Loggers, Window, metrics_row
+from stoptool.train.logs import Loggers, Speed, Window, metrics_row
 from stoptool.train.runtime import eager_on_compile_failure
 from stoptool.train.schedules import Schedules
 from stoptool.train.step import NonFiniteLoss, StepInputs, TrainState, train_step
@@ -44,6 +44,8 @@ class Plan:
     run_dir: Path
     world: World
     device: torch.device
+    checkpoint_every: int = 0  # steps between writes of `latest` inside an epoch (0: none)
+    checkpoint_minutes: float = 0.0  # wall-clock minutes between them (0: none)
 
     @property
     def latest(self) -> Path:
@@ -53,8 +55,10 @@ class Plan:
 @dataclass
 class Fitted:
     step: int
-    loss: float | None  # of the last step
+    loss: float | None  # the last logged row's: the mean over the steps `loss_steps`
     skipped: int  # unreadable images passed over by this process's loader
+    loss_steps: tuple[int, int] | None = None  # first and last (1-based) step of that mean
+    images_per_second: float | None = None  # see `Speed`
 
 
 class _StopFlag:
@@ -96,75 +100,119 @@ def fit(plan: Plan, state: TrainState, loader, step: int, ckpt: Checkpointer, re
         step_fn: Callable | None = None) -> Fitted:
     """Train from `step` over `loader`'s batches; `step_fn(state, batch, hp)` runs each step
     (default `train_step`; `compile_guard` gives it with a fallback from compiled blocks)."""
-    step_fn = step_fn or train_step
-    evaluate = report.watch.evaluate
-    loss, skipped, window = None, 0, Window()
-    if step == 0 and evaluate is not None:  # the initial weights
-        report.log.write({"step": 0, "epoch": 0.0, **evaluate(state.nets), "time": time.time()})
-    with _StopFlag() as stop:
-        waited = time.perf_counter()
-        for images, ctx_idx, tgt_idx, n_skipped in loader:
-            arrived = time.perf_counter()
-            batch = StepInputs(*(t.to(plan.device, non_blocking=True) for t in (images, ctx_idx, tgt_idx)))
-            hp = plan.sched.at(step)
-            eval_now = evaluate is not None and evaluate.due(step + 1, plan.ipe, plan.last_step)
-            # the first step of a run is logged too: its target features are the initial weights'
-            # the reference against which the collapse alarm measures later ones
-            logged = eval_now or step == 0 or (step + 1) % plan.log_every == 0 or step + 1 == plan.last_step
-            state.stats = {} if logged else None
-            loss = _checked(step_fn, state, batch, hp, step, plan, report)
-            step, skipped = step + 1, skipped + n_skipped
-            window.add(loss, arrived - waited, time.perf_counter() - waited)
-            row = _row(plan, state, report, step, window, hp, batch, eval_now) if logged else None
-            if row is not None:
-                window = Window()
-            if report.progress:
-                report.progress(step, plan.last_step, row)
-            if any_rank(stop.signum is not None, plan.world, plan.device):
-                ckpt.save(plan.latest, step)
-                barrier(plan.world)  # no process exits before process 0 has written latest
-                raise Interrupted(stop.signum or signal.SIGTERM, plan.latest)
-            if step % plan.ipe == 0 and step < plan.last_step:
-                _epoch_end(plan, ckpt, step)
-            waited = time.perf_counter()
-        ckpt.save(plan.latest, step)
-    return Fitted(step, loss, skipped)
-
-
-def _row(plan: Plan, state: TrainState, report: Report, step: int, window: Window, hp, batch,
-         eval_now: bool) -> dict:
-    """The logged row after `step` (health metrics, and the online k-NN when due), written to
-    the loggers, then checked for alarms."""
-    row = metrics_row(state.model, step, plan.ipe, window, plan.batch_size, hp)
-    row.update(report.watch.health(state.stats or {}, row, batch))
-    if eval_now:
-        row.update(report.watch.evaluate(state.nets))
-    report.log.write(row)
-    for alarm in report.watch.alarms.check(row):
-        report.log.alarm(alarm)
-    return row
-
-
-def _epoch_end(plan: Plan, ckpt: Checkpointer, step: int) -> None:
-    """`latest` after every epoch, and a weight snapshot every `save_every` epochs."""
-    ckpt.save(plan.latest, step)
-    epoch = step // plan.ipe
-    if epoch % plan.save_every == 0:
-        ckpt.save(plan.run_dir / f"epoch{epoch:04d}.safetensors", step, with_state=False)
-
-
-def _checked(step_fn, state, batch, hp, step: int, plan: Plan, report: Report) -> float:
-    """One step; a non-finite loss is an alarm, and then the user's one line, naming what is kept."""
+    run = _Launch(plan, state, ckpt, report, step, step_fn or train_step)
+    if step == 0 and report.watch.evaluate is not None:  # the initial weights
+        report.log.write({"step": 0, "epoch": 0.0, **report.watch.evaluate(state.nets), "time": time.time()})
     try:
-        return step_fn(state, batch, hp)
+        with _StopFlag() as stop:
+            waited = time.perf_counter()
+            for images, ctx_idx, tgt_idx, n_skipped in loader:
+                data_s = time.perf_counter() - waited
+                moved = (t.to(plan.device, non_blocking=True) for t in (images, ctx_idx, tgt_idx))
+                batch = StepInputs(*moved)
+                run.step_once(batch, data_s, n_skipped)
+                run.after_step(stop.signum)
+                waited = time.perf_counter()
+            run.save(plan.latest)
+            ckpt.wait()
     except NonFiniteLoss as err:
-        alarm = report.watch.alarms.raise_("non_finite", step, value=str(err).removeprefix("loss is "))
+        run.diverged(err)
+    return Fitted(run.step, run.last_loss, run.skipped, run.loss_steps, run.speed.img_per_s)
+
+
+class _Launch:
+    """The loop's state between steps: this launch's step count, the logging window, speed,
+    and the host's decisions (log, evaluate, checkpoint, stop) after each step."""
+
+    def __init__(self, plan: Plan, state: TrainState, ckpt: Checkpointer, report: Report, step: int,
+                 step_fn: Callable):
+        self.plan, self.state, self.ckpt, self.report, self.step_fn = plan, state, ckpt, report, step_fn
+        self.first_step = self.step = step
+        self.skipped, self.window, self.speed = 0, Window(), Speed(plan.batch_size)
+        self.last_loss, self.loss_steps, self.row = None, None, None
+        self.last_save = time.monotonic()
+
+    def step_once(self, batch: StepInputs, data_s: float, n_skipped: int) -> None:
+        plan, step, evaluate = self.plan, self.step, self.report.watch.evaluate
+        hp = plan.sched.at(step)
+        eval_now = evaluate is not None and evaluate.due(step + 1, plan.ipe, plan.last_step)
+        # the first step of a run is logged too: its target features are the initial weights'
+        # the reference against which the collapse alarm measures later ones
+        logged = eval_now or step == 0 or (step + 1) % plan.log_every == 0 or step + 1 == plan.last_step
+        self.state.stats = {} if logged else None
+        loss = self.step_fn(self.state, batch, hp)  # (a NonFiniteLoss raised at once is this step's)
+        self.step, self.skipped = step + 1, self.skipped + n_skipped
+        self.window.add(self.step, loss, data_s)
+        self.row = self._row(hp, batch, eval_now) if logged else None
+        if self.report.progress:
+            shown = None if self.row is None else {**self.row, "avg_img_per_s": self.speed.img_per_s}
+            self.report.progress(self.step, plan.last_step, shown)
+
+    def _row(self, hp, batch: StepInputs, eval_now: bool) -> dict:
+        """The logged row after this step (health metrics, and the online k-NN when due),
+        written to the loggers, then checked for alarms. Reading its loss waits for the
+        device, so the guard is read here too."""
+        plan, state, report = self.plan, self.state, self.report
+        row = metrics_row(state.model, self.step, plan.ipe, self.window, plan.batch_size, hp)
+        state.guard.check(self.first_step)
+        self.speed.mark(self.step)
+        self.last_loss, self.loss_steps = row["loss"], (self.window.first_step, self.step)
+        self.window = Window()
+        row.update(report.watch.health(state.stats or {}, row, batch))
+        if eval_now:
+            began = time.perf_counter()
+            row.update(report.watch.evaluate(state.nets))
+            self.speed.pause(time.perf_counter() - began)
+        report.log.write(row)
+        for alarm in report.watch.alarms.check(row):
+            report.log.alarm(alarm)
+        return row
+
+    def after_step(self, signum: int | None) -> None:
+        """Checkpoints due after this step; at a stop signal, `latest` and Interrupted. Under
+        torchrun the processes agree on the signal and the clock at logged steps only (one
+        small collective there, none between)."""
+        plan, step = self.plan, self.step
+        stop = signum is not None
+        minutes = plan.checkpoint_minutes
+        due = bool(minutes) and time.monotonic() - self.last_save >= 60 * minutes
+        if plan.world.distributed:  # agreed on at logged steps, else left for later
+            logged = self.row is not None
+            stop, due = any_rank((stop, due), plan.world, plan.device) if logged else (False, False)
+        if stop:
+            self.save(plan.latest)
+            self.ckpt.wait()
+            barrier(plan.world)  # no process exits before process 0 has written latest
+            raise Interrupted(signum or signal.SIGTERM, plan.latest)
+        if step >= plan.last_step:
+            return
+        if step % plan.ipe == 0:
+            self.save(plan.latest, background=True)
+            epoch = step // plan.ipe
+            if epoch % plan.save_every == 0:
+                self.save(plan.run_dir / f"epoch{epoch:04d}.safetensors", background=True, with_state=False)
+        elif due or (plan.checkpoint_every and step % plan.checkpoint_every == 0):
+            self.save(plan.latest, background=True)
+
+    def save(self, path: Path, background: bool = False, with_state: bool = True) -> None:
+        """A checkpoint at this step, once the guard says every step so far was finite."""
+        self.state.guard.check(self.first_step)
+        self.ckpt.save(path, self.step, with_state=with_state, background=background)
+        if with_state:
+            self.last_save = time.monotonic()
+
+    def diverged(self, err: NonFiniteLoss):
+        """A non-finite loss or gradient: an alarm, then the user's one line, naming what is kept."""
+        plan, report = self.plan, self.report
+        self.ckpt.wait()  # a checkpoint being written is a good one: let it land
+        step = err.step if err.step is not None else self.step
+        alarm = report.watch.alarms.raise_("non_finite", step, value=str(err).split(" is ", 1)[-1])
         if alarm:
             report.log.alarm(alarm)
         kept = (f"the last good checkpoint is kept in '{plan.latest}'" if plan.latest.exists()
                 else "no checkpoint had been written yet")
         hint = "try a lower --lr"
-        if state.scaler.is_enabled():
+        if self.state.scaler.is_enabled():
             hint += ", or --precision fp32: fp16 activations overflow past 65504"
         raise UserError(f"training stopped at step {step}: {err}; {kept} ({hint})") from None
 

@@ -14,6 +14,8 @@ import os
 import time
 from pathlib import Path
 
+import torch
+
 from stoptool.errors import UserError
 from stoptool.models.jepa import JEPA
 from stoptool.train.distributed import whole
@@ -196,37 +198,67 @@ class Loggers:
 
 
 class Window:
-    """The steps since the last logged row: their count, summed loss, time waiting for the
-    loader and time in all, and when it started."""
+    """The steps since the last logged row: their count, their summed loss (a tensor on the
+    device: adding to it does not wait for the step), the time they waited for the loader, and
+    when the window started."""
 
     def __init__(self):
-        self.start, self.steps, self.loss = time.perf_counter(), 0, 0.0
-        self.data_s = self.step_s = 0.0
+        self.start, self.steps, self.loss = time.perf_counter(), 0, None
+        self.data_s = 0.0
+        self.first_step = None
 
-    def add(self, loss: float, data_s: float, step_s: float) -> None:
+    def add(self, step: int, loss: torch.Tensor, data_s: float) -> None:
+        self.first_step = step if self.first_step is None else self.first_step
         self.steps += 1
-        self.loss += loss
+        self.loss = loss.double() if self.loss is None else self.loss + loss.double()
         self.data_s += data_s
-        self.step_s += step_s
+
+
+class Speed:
+    """img/s over a launch's steps after its first (start-up and compiling left out), and the
+    time spent evaluating left out too: what the progress line and the summary both report."""
+
+    def __init__(self, batch: int):
+        self.batch, self.paused = batch, 0.0
+        self.start: tuple[float, int] | None = None  # (time, step) of the first logged row
+        self.now: tuple[float, int] | None = None
+
+    def mark(self, step: int) -> None:
+        """A logged row at `step`, once the device has caught up (its loss was read)."""
+        self.now = (time.perf_counter(), step)
+        self.start = self.start or self.now
+
+    def pause(self, seconds: float) -> None:
+        if self.start is not None:
+            self.paused += seconds
+
+    @property
+    def img_per_s(self) -> float | None:
+        if self.start is None or self.now[1] == self.start[1]:
+            return None
+        elapsed = self.now[0] - self.start[0] - self.paused
+        return (self.now[1] - self.start[1]) * self.batch / elapsed if elapsed > 0 else None
 
 
 def metrics_row(model: JEPA, step: int, ipe: int, window: Window, batch: int, hp) -> dict:
-    """The row after `step`: the window's mean loss, speed and timings, the schedules' values,
-    and ‖A‖, ‖m̃‖ (paper Fig. 4)."""
-    elapsed = time.perf_counter() - window.start
+    """The row after `step`: the window's mean loss (reading it waits for the device, so the
+    window's wall time is the device's), speed and timings, the schedules' values, and ‖A‖,
+    ‖m̃‖ (paper Fig. 4)."""
     n = max(1, window.steps)
+    loss = window.loss.item() / n if window.loss is not None else math.nan
+    elapsed = time.perf_counter() - window.start
     pred = model.predictor
     return {
         "step": step,
         "epoch": round(step / ipe, 3),
-        "loss": window.loss / n,
+        "loss": loss,
         "lr": hp.lr,
         "wd": hp.wd,
         "momentum": hp.momentum,
         "A_norm": whole(pred.A.detach()).float().norm().item(),
         "mask_token_norm": whole(pred.mask_token.detach()).float().norm().item(),
         "img_per_s": window.steps * batch / elapsed if elapsed > 0 else math.nan,
-        "step_s": window.step_s / n,
+        "step_s": elapsed / n,
         "data_s": window.data_s / n,
         "time": time.time(),
     }

@@ -51,11 +51,12 @@ class RunResult:
     checkpoint: Path
     step: int
     epoch: int
-    loss: float | None
-    seconds: float
-    images_per_second: float | None
+    loss: float | None  # the last logged row's: the mean over the steps `loss_steps`
+    seconds: float  # wall-clock of the whole launch, start-up included
+    images_per_second: float | None  # over the steps after the launch's first, evaluations left out
     already_done: bool = False
     skipped_images: int = 0  # unreadable images passed over (summed over the processes)
+    loss_steps: tuple[int, int] | None = None
 
 
 def model_meta(cfg: PretrainConfig) -> dict:
@@ -76,7 +77,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
     cfg.validate()
     rt = cfg.runtime
     world = world_from_env()
-    check_batch(world, cfg.optim.batch_size)
+    check_batch(world, cfg.optim.batch_size, cfg.optim.accum_steps)
     if rt.fsdp and world.distributed:
         check_fsdp_support()
         check_shard_group(world, rt.shard_group)
@@ -96,6 +97,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
 
 
 def _pretrain(cfg: PretrainConfig, resume, progress, notify, world, device, precision) -> RunResult:
+    start = time.perf_counter()
     data = _training_data(cfg, notify)
     ipe = len(data) // cfg.optim.batch_size
     last_step = _last_step(cfg, ipe, notify)
@@ -113,16 +115,18 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world, device, prec
     del saved  # the whole checkpoint, in every process's memory until here
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for torn in run_dir.glob(".*.safetensors.*.tmp"):  # being written when a process was killed
+            torn.unlink(missing_ok=True)
         write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
-    plan = Plan(make_schedules(cfg.optim, ipe), ipe, last_step, cfg.optim.batch_size, cfg.runtime.log_every,
-                cfg.runtime.save_every, run_dir, world, device)
+    rt = cfg.runtime
+    plan = Plan(make_schedules(cfg.optim, ipe), ipe, last_step, cfg.optim.batch_size, rt.log_every,
+                rt.save_every, run_dir, world, device, rt.checkpoint_every, rt.checkpoint_minutes)
     meta = {"kind": "pretrain", **model_meta(cfg), "config": cfg.to_dict(), "data": data.describe(),
             "iterations_per_epoch": ipe, "precision": precision}
     ckpt = Checkpointer(state, meta, ipe, world, device)
     loader, workers = _loader(cfg, data, step, last_step, world, device, notify)
     step_fn = compile_guard(step, notify) if compiled and not world.distributed else None
     report = _report(cfg, plan, data, step, precision, notify, progress)
-    start = time.perf_counter()
     if progress:
         progress(step, last_step, None)
     try:
@@ -136,7 +140,8 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world, device, prec
         report.log.close()
     seconds = time.perf_counter() - start
     _list_skipped(list(loader.names), plan, step)
-    facts = {"precision": precision, "workers": workers, "alarms": report.watch.alarms.fired}
+    facts = {"precision": precision, "workers": workers, "alarms": report.watch.alarms.fired,
+             "stall_s": round(max(ckpt.stall_s, default=0.0), 4)}  # the longest a save held the loop
     return _finish(cfg, plan, state, fitted, step, seconds, facts, notify)
 
 
@@ -233,15 +238,15 @@ def _finish(cfg: PretrainConfig, plan: Plan, state, fitted: Fitted, first_step: 
     skipped = round(sum_over_ranks(fitted.skipped, world, device))  # each rank loaded its own slice
     if not in_sync and notify:
         notify("the processes ended with different weights; rank 0's were saved")
-    result = RunResult(plan.run_dir, plan.latest, step, step // plan.ipe, fitted.loss, seconds, None,
-                       skipped_images=skipped)
+    speed = round(fitted.images_per_second, 1) if fitted.images_per_second else None
+    result = RunResult(plan.run_dir, plan.latest, step, step // plan.ipe, fitted.loss, seconds, speed,
+                       skipped_images=skipped, loss_steps=fitted.loss_steps)
     if not world.main:
         return result
-    images = (step - first_step) * cfg.optim.batch_size
-    result.images_per_second = round(images / seconds, 1) if seconds else None
     summary = {
-        "step": step, "epoch": step // plan.ipe, "loss": fitted.loss, "seconds": round(seconds, 2),
-        "images_per_second": result.images_per_second, "skipped_images": skipped,
+        "step": step, "epoch": step // plan.ipe, "loss": fitted.loss, "loss_steps": fitted.loss_steps,
+        "seconds": round(seconds, 2), "images_per_second": speed, "skipped_images": skipped,
+        "checkpoint_stall_s": facts["stall_s"],
         "checkpoint": str(plan.latest), "precision": facts["precision"], "device": str(device),
         "workers": facts["workers"], "world_size": world.size, "alarms": facts["alarms"],
         **({"sharded": True, "shard_group": check_shard_group(world, cfg.runtime.shard_group)} if sharded

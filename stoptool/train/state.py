@@ -40,6 +40,9 @@ RESUMABLE_CHANGES = {
     "eval_dataset",
     "eval_max_images",
     "log",
+    "accum_steps",  # the same update, in micro-batches
+    "checkpoint_every",
+    "checkpoint_minutes",
 }
 
 
@@ -109,5 +112,6 @@ def build_state(cfg: PretrainConfig, model: JEPA, saved: Checkpoint | None, worl
         del whole  # the AdamW moments, whole, in every process's memory until here
         if scaler.is_enabled() and "grad_scaler" in saved.meta:
             scaler.load_state_dict(saved.meta["grad_scaler"])  # else the scale starts over, and overflows
-    state = TrainState(model, optimizer, scaler, nets, prepared.autocast, cfg.model.a_l1, cfg.optim.clip_grad)
+    state = TrainState(model, optimizer, scaler, nets, prepared.autocast, cfg.model.a_l1, cfg.optim.clip_grad,
+                       cfg.optim.accum_steps)
     return state, prepared.compiled

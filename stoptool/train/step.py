@@ -10,7 +10,7 @@ gather shards (FSDP).
 
 import math
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +28,42 @@ class StepInputs:
     tgt_idx: torch.Tensor  # [B, M, K] patch indices of M target blocks
 
 
+class NonFiniteLoss(RuntimeError):
+    """A step's loss or gradients were not finite; `step` is that step's index, where known."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
+
+class Guard:
+    """The device's record of non-finite steps, kept without waiting on the device: a step whose
+    loss or gradient norm is not finite updates no weight, no optimizer moment and no EMA, and
+    neither does any step after it, so that the weights stay those from before it. The host
+    reads the record (`check`) where it reads the loss anyway: at logged steps and checkpoints."""
+
+    def __init__(self, device: torch.device):
+        self.bad = torch.zeros((), device=device)  # 1.0 from the first non-finite step on
+        self.good = torch.zeros((), dtype=torch.int64, device=device)  # steps before it
+        self.value = torch.zeros((), device=device)  # what was not finite, (loss, norm) packed
+        self.what = torch.zeros((), dtype=torch.int64, device=device)  # 0: the loss, 1: the norm
+
+    def record(self, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        loss_bad, norm_bad = ~torch.isfinite(loss), ~torch.isfinite(norm)
+        first = (loss_bad | norm_bad) & (self.bad == 0)
+        self.value = torch.where(first, torch.where(loss_bad, loss, norm).float(), self.value)
+        self.what = torch.where(first & ~loss_bad, 1, self.what)
+        self.bad = torch.maximum(self.bad, (loss_bad | norm_bad).float())
+        self.good += (self.bad == 0).long()
+
+    def check(self, first_step: int) -> None:
+        """Raise NonFiniteLoss naming the first bad step (of those since `first_step`, where
+        this guard began) if there was one."""
+        if self.bad.item():
+            what = "gradient norm" if self.what.item() else "loss"
+            raise NonFiniteLoss(f"{what} is {self.value.item()}", step=first_step + int(self.good.item()))
+
+
 @dataclass
 class TrainState:
     """Everything a step reads and updates. `scaler` is a no-op unless training in fp16."""
@@ -39,37 +75,78 @@ class TrainState:
     autocast: Callable[[], AbstractContextManager]
     a_l1: float = 0.0  # λ of the l1 penalty on A
     clip_grad: float | None = None  # max gradient norm of the context encoder
+    accum_steps: int = 1  # micro-batches a batch is split into (their gradients accumulate)
     stats: dict | None = None  # when a dict, the step leaves what the health metrics need in it
+    guard: Guard | None = None
+
+    def __post_init__(self):
+        if self.guard is None:
+            self.guard = Guard(next(self.model.parameters()).device)
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+def train_step(state: TrainState, batch: StepInputs, hp: Hyper) -> torch.Tensor:
+    """Run one step; return its loss (averaged over the processes) as a tensor on the device,
+    without waiting for it. A non-finite loss or gradient changes nothing (see `Guard`); in
+    fp16, whose loss scaler skips steps with overflowing gradients by design, a non-finite loss
+    raises NonFiniteLoss at once instead, before any weight changes.
 
-
-def train_step(state: TrainState, batch: StepInputs, hp: Hyper) -> float:
-    """Run one step; return the loss. Raises NonFiniteLoss before touching any weight.
-
-    The context encoder's gradient norm, and only it, is clipped (`clip_grad`), as the
-    released StoP loop does. The loss is averaged over the processes first, so that every
-    process takes the same decision on it.
+    The batch is split into `accum_steps` micro-batches whose gradients add up (the processes
+    average them once, on the last). The context encoder's gradient norm, and only it, is
+    clipped (`clip_grad`), as the released StoP loop does.
     """
     set_hyperparams(state.optimizer, hp.lr, hp.wd)
-    loss = jepa_loss(state.nets, batch, state.autocast, state.a_l1, state.stats)
-    value = state.nets.mean(loss.detach())
-    if not math.isfinite(value):
-        raise NonFiniteLoss(f"loss is {value}")
     state.optimizer.zero_grad(set_to_none=True)
-    state.scaler.scale(loss).backward()
+    loss = accumulate_gradients(state, batch)
+    scaled = state.scaler.is_enabled()
+    if scaled and not math.isfinite(loss.item()):
+        raise NonFiniteLoss(f"loss is {loss.item()}")
     if state.clip_grad or state.stats is not None:
         state.scaler.unscale_(state.optimizer)
-    if state.stats is not None:  # before clipping
-        state.stats["grad_norm"] = grad_norm(p for g in state.optimizer.param_groups for p in g["params"])
+    params = [p for g in state.optimizer.param_groups for p in g["params"]]
+    norm = grad_norm(params)  # before clipping
+    if state.stats is not None:
+        state.stats["grad_norm"] = norm
+    if not scaled:
+        state.guard.record(loss, norm)
     if state.clip_grad:
         torch.nn.utils.clip_grad_norm_(state.model.encoder.parameters(), state.clip_grad)
-    state.scaler.step(state.optimizer)
+    skip = None if scaled else state.guard.bad
+    optimizer_step(state, skip)
     state.scaler.update()
-    ema_update(*state.nets.ema_pairs(), hp.momentum)
-    return value
+    ema_update(*state.nets.ema_pairs(), hp.momentum, skip)
+    return loss
+
+
+def accumulate_gradients(state: TrainState, batch: StepInputs) -> torch.Tensor:
+    """Forward and backward over `batch` in `accum_steps` equal micro-batches (masks drawn for
+    the whole batch, then split), gradients scaled so that they add up to the whole batch's;
+    the processes' gradients are averaged on the last micro-batch only. Returns the batch's
+    loss, averaged over the processes."""
+    n = state.accum_steps
+    parts = zip(*(t.chunk(n) for t in (batch.images, batch.ctx_idx, batch.tgt_idx)), strict=True)
+    total = None
+    for i, part in enumerate(parts):
+        with state.nets.no_sync() if i < n - 1 else nullcontext():
+            loss = jepa_loss(state.nets, StepInputs(*part), state.autocast, state.a_l1, state.stats)
+            state.scaler.scale(loss / n if n > 1 else loss).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return state.nets.mean(total / n if n > 1 else total)
+
+
+def optimizer_step(state: TrainState, skip: torch.Tensor | None) -> None:
+    """The optimizer's step, left out where `skip` is 1: by the fused kernel itself (as the
+    grad scaler has it do), else by reading the flag."""
+    opt = state.optimizer
+    if skip is None:
+        state.scaler.step(opt)
+    elif getattr(opt, "_step_supports_amp_scaling", False):
+        opt.grad_scale, opt.found_inf = None, skip
+        try:
+            opt.step()
+        finally:
+            del opt.grad_scale, opt.found_inf
+    elif not skip.item():
+        opt.step()
 
 
 def jepa_loss(nets: Nets, batch: StepInputs, autocast, a_l1: float = 0.0, stats: dict | None = None):
@@ -89,18 +166,19 @@ def compute_targets(target: Callable, batch: StepInputs, autocast, stats: dict |
     affine), gathered per block: [B, M, K, D]. `stats` (if given) gets the pooled tokens."""
     with torch.no_grad(), autocast():
         h = target(batch.images)
-    if stats is not None:
-        stats["target_features"] = h.float().mean(1)
+    if stats is not None:  # (one entry per micro-batch)
+        stats.setdefault("target_features", []).append(h.float().mean(1))
     h = F.layer_norm(h.float(), h.shape[-1:])
     return gather_targets(h, batch.tgt_idx)
 
 
-def grad_norm(parameters) -> float:
-    """The total 2-norm of the gradients of `parameters` (whole, under FSDP too)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
+def grad_norm(parameters) -> torch.Tensor:
+    """The total 2-norm of the gradients of `parameters` (whole, under FSDP too), on the device."""
+    params = list(parameters)
+    grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return 0.0
-    return float(whole(torch.nn.utils.get_total_norm(grads)))
+        return torch.zeros((), device=params[0].device if params else None)
+    return whole(torch.nn.utils.get_total_norm(grads))
 
 
 def gather_targets(tokens: torch.Tensor, tgt_idx: torch.Tensor) -> torch.Tensor:
@@ -109,11 +187,29 @@ def gather_targets(tokens: torch.Tensor, tgt_idx: torch.Tensor) -> torch.Tensor:
     return tokens[batch, tgt_idx]
 
 
+EMA_CHUNK = 2**26  # elements of the online weights copied at a time by a guarded EMA update
+
+
 @torch.no_grad()
-def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], momentum: float) -> None:
-    """f̄_θ <- m f̄_θ + (1 - m) f_θ, in place and in fp32, over matching lists of weights."""
-    torch._foreach_mul_(target, momentum)
-    torch._foreach_add_(target, online, alpha=1.0 - momentum)
+def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], momentum: float,
+               skip: torch.Tensor | None = None) -> None:
+    """f̄_θ <- m f̄_θ + (1 - m) f_θ, in place and in fp32, over matching lists of weights;
+    where `skip` (a flag on the device) is 1, f̄_θ stays as it is. The guarded form computes
+    the same bits as the plain one when it does not skip: m f̄_θ, then + (1 - m) (1 · f_θ)."""
+    if skip is None:
+        torch._foreach_mul_(target, momentum)
+        torch._foreach_add_(target, online, alpha=1.0 - momentum)
+        return
+    torch._foreach_mul_(target, torch.where(skip > 0, 1.0, momentum).to(target[0].dtype))
+    keep = (1 - skip).to(online[0].dtype)
+    start = 0
+    while start < len(online):  # the copies of f_θ, a few at a time
+        end, size = start, 0
+        while end < len(online) and (end == start or size + online[end].numel() <= EMA_CHUNK):
+            size, end = size + online[end].numel(), end + 1
+        torch._foreach_add_(target[start:end], torch._foreach_mul(online[start:end], keep),
+                            alpha=1.0 - momentum)
+        start = end
 
 
 def set_hyperparams(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:

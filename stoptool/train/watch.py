@@ -214,11 +214,11 @@ class Watch:
     def health(self, stats: dict, row: dict, batch) -> dict:
         """rankme, feature_std, grad_norm and mfu for `row`, from what the step left in `stats`."""
         out = {}
-        if "target_features" in stats:
-            feats = stats["target_features"]
+        if "target_features" in stats:  # (a list: one entry per micro-batch)
+            feats = torch.cat(stats["target_features"])
             out["rankme"], out["feature_std"] = rankme(feats), feature_std(feats)
         if "grad_norm" in stats:
-            out["grad_norm"] = stats["grad_norm"]
+            out["grad_norm"] = float(stats["grad_norm"])
         if self.flops and self.matmul_rate:
             per_device = row["img_per_s"] / self.devices
             out["mfu"] = self.flops(batch.ctx_idx, batch.tgt_idx) * per_device / self.matmul_rate

@@ -147,7 +147,11 @@ def test_saved_groups_take_the_current_kernel_choice(tiny_cfg):
     assert [g["lr"] for g in groups] == [0.5] * len(groups)
 
 
-def test_a_nan_loss_raises_before_any_weight_or_optimizer_state_changes(tiny_cfg):
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_a_non_finite_step_changes_no_weight_moment_or_ema_and_the_guard_names_it(tiny_cfg, poison):
+    """The step does not wait to read its loss: a non-finite loss (or gradient) turns the step,
+    and every step after it, into no update at all (weights, AdamW moments and step count, the
+    EMA target), and the host hears of it when it next reads the guard."""
     cfg = tiny_cfg()
     torch.manual_seed(0)
     model = build_jepa(cfg.model).train()
@@ -155,19 +159,32 @@ def test_a_nan_loss_raises_before_any_weight_or_optimizer_state_changes(tiny_cfg
     sampler = MaskSampler(cfg.mask_config())
     gen = torch.Generator().manual_seed(0)
     ac = autocast_factory(torch.device("cpu"), "fp32")
-    _step(model, opt, _batch(cfg, sampler, gen, torch.randn(8, 3, 16, 16)), 1e-3, 0.04, 0.996, ac)
-    weights = copy.deepcopy(model.state_dict())
-    state = copy.deepcopy(opt.state_dict())
+    state = TrainState(model, opt, make_scaler(torch.device("cpu"), "fp32"), Nets.plain(model), ac)
+    hp = Hyper(1e-3, 0.04, 0.996)
+    train_step(state, _batch(cfg, sampler, gen, torch.randn(8, 3, 16, 16)), hp)
+    state.guard.check(first_step=10)  # a good step: nothing to say
+    weights = copy.deepcopy(model.state_dict())  # the target encoder's included
+    moments = copy.deepcopy(opt.state_dict())
     images = torch.randn(8, 3, 16, 16)
-    images[3, 0, 5, 5] = float("nan")  # one bad pixel poisons the loss through the real forward
-    with pytest.raises(NonFiniteLoss, match="loss is nan"):
-        _step(model, opt, _batch(cfg, sampler, gen, images), 1e-3, 0.04, 0.996, ac)
+    hook = None
+    if poison == "loss":
+        images[3, 0, 5, 5] = float("nan")  # one bad pixel poisons the loss through the real forward
+    else:  # a finite loss whose gradient overflows
+        hook = model.predictor.A.register_hook(lambda g: torch.full_like(g, float("inf")))
+    train_step(state, _batch(cfg, sampler, gen, images), hp)
+    if hook is not None:
+        hook.remove()
+    train_step(state, _batch(cfg, sampler, gen, torch.randn(8, 3, 16, 16)), hp)  # a good one after it
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, weights[name]), name
     after = opt.state_dict()["state"]
-    for key, saved in state["state"].items():
+    for key, saved in moments["state"].items():
         for field, value in saved.items():
             assert torch.equal(after[key][field], value), (key, field)
+    what = "loss is nan" if poison == "loss" else "gradient norm is inf"
+    with pytest.raises(NonFiniteLoss, match=what) as info:
+        state.guard.check(first_step=10)
+    assert info.value.step == 11  # the second step of those since step 10
 
 
 @pytest.mark.parametrize("scaled", [False, True])
