@@ -10,6 +10,7 @@ import resource
 import statistics
 import time
 from dataclasses import asdict, replace
+from functools import partial
 
 import torch
 
@@ -29,9 +30,10 @@ from stoptool.train.runtime import (
     prepare_model,
     resolve_device,
     resolve_precision,
+    uncompile_blocks,
 )
 from stoptool.train.schedules import Hyper
-from stoptool.train.step import StepInputs, single_process_state, train_step
+from stoptool.train.step import StepInputs, compile_forward, single_process_state, train_step
 
 
 def _timed(fn, device, steps: int, warmup: int, repeats: int) -> list[float]:
@@ -99,16 +101,19 @@ def bench(cfg: BenchConfig) -> dict:
 
     images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
     work = _extract_work if cfg.what == "extract" else _train_work
-    run, flops, facts = work(cfg, pcfg, model, prepared, images)
+    run, flops, facts, undo = work(cfg, pcfg, model, prepared, images)
     if prepared.compiled:
         eager_run = run
-        run = lambda: eager_on_compile_failure(eager_run, model, compile_failed)  # noqa: E731
+        run = lambda: eager_on_compile_failure(eager_run, undo, compile_failed)  # noqa: E731
+    graphs = compiled_graphs()
     try:
         seconds = _timed(run, device, cfg.steps, cfg.warmup, cfg.repeats)
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"a batch of {cfg.batch_size} does not fit in the memory of {device}: time a smaller "
                         "one (--batch-size, or --devices N with --config)", key="batch_size") from None
     result.update(_summary(seconds, cfg.batch_size, "img"), **facts)
+    if prepared.compiled:
+        result["compiled_graphs"] = compiled_graphs() - graphs  # warm-up steps included
     result["peak_memory_mib"] = _peak_memory_mib(device)  # before the matmuls below add theirs
     result["flops_per_image"] = flops
     result["achieved_flops"] = flops * result["img_per_s"]
@@ -120,7 +125,8 @@ def bench(cfg: BenchConfig) -> dict:
     return result
 
 
-MODEL_KEYS = ("arch", "img_size", "batch_size", "sigma", "pred_width", "pred_depth")
+MODEL_KEYS = ("arch", "img_size", "batch_size", "sigma", "pred_width", "pred_depth", "accum_steps",
+              "mask_bucket")
 
 
 def _run_config(cfg: BenchConfig):
@@ -157,21 +163,42 @@ def _extract_work(cfg: BenchConfig, pcfg, model, prepared: Prepared, images):
         with torch.inference_mode(), prepared.autocast():
             encode(encoder, images).mean(1)
 
-    return extract, encoder_flops(cfg.arch, cfg.img_size), {}
+    return extract, encoder_flops(cfg.arch, cfg.img_size), {}, lambda: uncompile_blocks(model)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _train_work(cfg: BenchConfig, pcfg, model, prepared: Prepared, images):
-    """Whole training steps on one fixed batch and mask."""
-    ctx, tgt = MaskSampler(pcfg.mask_config())(cfg.batch_size, torch.Generator().manual_seed(0))
-    batch = StepInputs(images, ctx.to(images.device), tgt.to(images.device))
+    """Whole training steps on one fixed batch and mask, or (`vary_masks`) with new masks
+    drawn every step; a compiled step is compiled whole (one graph per shape with bucketing)."""
+    sampler, gen = MaskSampler(pcfg.mask_config()), torch.Generator().manual_seed(0)
     state = single_process_state(model, prepared.autocast, prepared.precision, lr=1e-4, wd=0.04,
                                  accum_steps=cfg.accum_steps)
+    if prepared.compiled:
+        compile_forward(state, dynamic=False if cfg.mask_bucket else None)
     hp = Hyper(1e-4, 0.04, 0.996)
     model.train()
-    counted = train_step_flops(cfg.arch, cfg.img_size, cfg.pred_width, cfg.pred_depth, ctx.shape[1],
-                               tgt.shape[2], tgt.shape[1], cfg.sigma)
-    facts = {"context_tokens": ctx.shape[1], "target_tokens": tgt.shape[2]}
-    return (lambda: train_step(state, batch, hp)), counted.total, facts
+
+    def draw() -> StepInputs:
+        ctx, tgt = sampler(cfg.batch_size, gen)
+        shapes.add((ctx.shape[1], tgt.shape[2]))
+        facts["mask_shapes"] = len(shapes)
+        return StepInputs(images, ctx.to(images.device), tgt.to(images.device))
+
+    shapes, facts = set(), {}
+    batch = draw()
+    counted = train_step_flops(cfg.arch, cfg.img_size, cfg.pred_width, cfg.pred_depth, batch.ctx_idx.shape[1],
+                               batch.tgt_idx.shape[2], batch.tgt_idx.shape[1], cfg.sigma)
+    facts.update(context_tokens=batch.ctx_idx.shape[1], target_tokens=batch.tgt_idx.shape[2])
+    def step():
+        return train_step(state, draw() if cfg.vary_masks else batch, hp)
+
+    return step, counted.total, facts, partial(setattr, state, "forward", None)
 
 
 def bench_masks(cfg: BenchConfig) -> dict:

@@ -386,6 +386,9 @@ class BenchConfig:
     grad_checkpoint: bool = like(RuntimeConfig, "grad_checkpoint", help="Recompute activations.")
     compile: bool = like(RuntimeConfig, "compile", help="torch.compile the transformer blocks.")
     threads: int | None = option(None, "torch threads.", positive=True, default_text="all cores")
+    vary_masks: bool = option(False, "Train: draw new masks every step, as a run does (their sampling is "
+                              "timed too), and report the distinct mask shapes met and the graphs compiled.")
+    mask_bucket: int = like(MaskConfig, "bucket")
 
     def validate(self) -> "BenchConfig":
         check_fields(self)

@@ -36,6 +36,9 @@ class MaskConfig:
     min_keep: int | None = option(None, "A mask keeps more than this many patches.", low=0,
                                   default_text="10; on grids under 14×14, scaled down with the patch count")
     mode: MaskMode = option("multiblock", "Masks: multiblock (I-JEPA) | random (MAE-style).", key="mask_mode")
+    bucket: int = option(0, "Round each batch's context length down to a multiple of N patches, so that "
+                         "a compiled step meets few shapes (0: the exact lengths, as the released code).",
+                         low=0, key="mask_bucket")
     grid: int | None = None  # patches a side
 
     def on_grid(self, grid: int) -> "MaskConfig":
@@ -183,8 +186,17 @@ def _multiblock(
                 f"patches beside {c.num_targets} targets of {th}×{tw} on a {c.grid}×{c.grid} "
                 "grid: lower the target scale or min_keep"
             )
-    n_ctx = int(context.sum(-1).min())
+    n_ctx = bucketed(int(context.sum(-1).min()), c.bucket, c.keep)
     return _first_k(context, n_ctx), targets
+
+
+def bucketed(n_ctx: int, bucket: int, keep: int) -> int:
+    """`n_ctx` rounded down to a multiple of `bucket` (0: as it is), unless that would keep
+    `keep` patches or fewer."""
+    if not bucket:
+        return n_ctx
+    rounded = n_ctx - n_ctx % bucket
+    return rounded if rounded > keep else n_ctx
 
 
 class MaskSampler:
@@ -220,6 +232,7 @@ class MaskSampler:
         tgt = perm[:, : c.num_targets * n_tgt].reshape(batch, c.num_targets, n_tgt)
         rest = perm[:, c.num_targets * n_tgt :]
         n_ctx = max(c.keep + 1, min(rest.size(1), round(ch * cw * rest.size(1) / n)))
+        n_ctx = bucketed(n_ctx, c.bucket, c.keep)
         if rest.size(1) <= c.keep:
             raise UserError("random masking leaves too few context patches: lower the target scale")
         return rest[:, :n_ctx].sort(-1).values, tgt.sort(-1).values

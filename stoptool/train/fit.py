@@ -218,8 +218,8 @@ class _Launch:
 
 
 def compile_guard(first_step: int, notify=None) -> Callable:
-    """`train_step`, falling back to eager blocks (with a note) where torch.compile fails in a
-    step: a graph first met there, a broken kernel cache. Steps after a fallback run eagerly.
+    """`train_step`, falling back to the eager forward (with a note) where torch.compile fails
+    in a step: a graph first met there, a broken kernel cache. Steps after a fallback run eagerly.
     `first_step` is the step of the first call (for the note)."""
     run = {"compiled": True, "step": first_step}
 
@@ -228,11 +228,12 @@ def compile_guard(first_step: int, notify=None) -> Callable:
         if notify:
             notify(f"torch.compile failed at step {run['step']}, running eagerly from here ({reason})")
 
-    def step_fn(state: TrainState, batch: StepInputs, hp) -> float:
+    def step_fn(state: TrainState, batch: StepInputs, hp) -> torch.Tensor:
         try:
             if not run["compiled"]:
                 return train_step(state, batch, hp)
-            return eager_on_compile_failure(partial(train_step, state, batch, hp), state.model, failed)
+            undo = partial(setattr, state, "forward", None)  # (the retried step clears the gradients)
+            return eager_on_compile_failure(partial(train_step, state, batch, hp), undo, failed)
         finally:
             run["step"] += 1
 

@@ -159,9 +159,15 @@ def is_compile_failure(err: BaseException) -> bool:
     return type(err).__module__.startswith(("torch._dynamo", "torch._inductor"))
 
 
-def eager_on_compile_failure(run, model, on_failure):
+def compiled(fn: Callable, dynamic: bool | None = None) -> Callable:
+    """torch.compile(fn): how a training step's forward and backward are compiled, as one
+    graph (`dynamic=False`: one graph per shape, for bucketed masks)."""
+    return torch.compile(fn, dynamic=dynamic)
+
+
+def eager_on_compile_failure(run, undo, on_failure):
     """`run()`; if torch.compile fails inside it (a graph first met there, a broken kernel
-    cache), put `model`'s blocks back to eager, tell `on_failure(reason)` and run again.
+    cache), `undo()` the compilation, tell `on_failure(reason)` and run again.
 
     Safe for a training step: compilation happens in the forward and backward, before the
     optimizer touches a weight, and the retry starts from cleared gradients.
@@ -171,7 +177,7 @@ def eager_on_compile_failure(run, model, on_failure):
     except Exception as err:
         if not is_compile_failure(err):
             raise
-        uncompile_blocks(model)
+        undo()
         on_failure(_reason(err))
         return run()
 
@@ -215,14 +221,16 @@ class Prepared:
 def prepare_model(model, device: torch.device, precision: str, attn: str = "auto",
                   grad_checkpoint: bool = False, compile: bool = False, training: bool = True) -> Prepared:
     """Set `model` (a JEPA) up to run on `device` in `precision`: the attention kernel that
-    'auto' picks there, activation recomputation, and compiled blocks where asked and possible."""
+    'auto' picks there, activation recomputation, and, where asked and possible, compiled
+    blocks for forward-only work (`training=False`; a training step is compiled whole, see
+    `train.step.compile_forward`)."""
     impl = attention_impl(attn, device, precision, training)
     set_attention(model, impl)
     if grad_checkpoint:
         model.encoder.set_grad_checkpointing(True)
         model.predictor.grad_checkpointing = True
     autocast = autocast_factory(device, precision)
-    failure = compile_blocks(model, autocast) if compile else None
+    failure = compile_blocks(model, autocast) if compile and not training else None
     return Prepared(precision, autocast, impl, compile and failure is None, failure)
 
 

@@ -16,7 +16,7 @@ from stoptool.io.checkpoint import Checkpoint, load_checkpoint, optimizer_state
 from stoptool.models.jepa import JEPA, build_jepa
 from stoptool.train.distributed import World, own_rng_states, shard_optimizer_state, wrap_networks
 from stoptool.train.runtime import prepare_model
-from stoptool.train.step import TrainState, make_optimizer, make_scaler, use_fused_like
+from stoptool.train.step import TrainState, compile_forward, make_optimizer, make_scaler, use_fused_like
 
 # Keys that may change when a run is resumed; every other key must match the saved run.
 RESUMABLE_CHANGES = {
@@ -91,7 +91,7 @@ def restore_rng(saved: Checkpoint | None, world: World, seed: int, step: int, de
 def build_state(cfg: PretrainConfig, model: JEPA, saved: Checkpoint | None, world: World,
                 device: torch.device, precision: str, notify=None) -> tuple[TrainState, bool]:
     """The TrainState of `model`, prepared and wrapped for this launch, with the optimizer and
-    loss scaler restored from `saved`; and whether its blocks run compiled."""
+    loss scaler restored from `saved`; and whether its step runs compiled."""
     rt = cfg.runtime
     prepared = prepare_model(model, device, precision, rt.attn, rt.grad_checkpoint, rt.compile)
     if prepared.compile_failure and notify:
@@ -114,4 +114,6 @@ def build_state(cfg: PretrainConfig, model: JEPA, saved: Checkpoint | None, worl
             scaler.load_state_dict(saved.meta["grad_scaler"])  # else the scale starts over, and overflows
     state = TrainState(model, optimizer, scaler, nets, prepared.autocast, cfg.model.a_l1, cfg.optim.clip_grad,
                        cfg.optim.accum_steps)
-    return state, prepared.compiled
+    if rt.compile:  # the whole forward and backward; bucketed masks: one graph per shape
+        compile_forward(state, dynamic=False if cfg.masks.bucket else None)
+    return state, rt.compile

@@ -12,11 +12,13 @@ import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from stoptool.models.jepa import JEPA
+from stoptool.train import runtime
 from stoptool.train.distributed import Nets, whole
 from stoptool.train.schedules import Hyper
 
@@ -78,6 +80,7 @@ class TrainState:
     accum_steps: int = 1  # micro-batches a batch is split into (their gradients accumulate)
     stats: dict | None = None  # when a dict, the step leaves what the health metrics need in it
     guard: Guard | None = None
+    forward: Callable | None = None  # `loss_and_features` compiled (see `compile_forward`), or None
 
     def __post_init__(self):
         if self.guard is None:
@@ -123,12 +126,15 @@ def accumulate_gradients(state: TrainState, batch: StepInputs) -> torch.Tensor:
     the processes' gradients are averaged on the last micro-batch only. Returns the batch's
     loss, averaged over the processes."""
     n = state.accum_steps
+    forward = state.forward or partial(loss_and_features, state.nets, state.autocast, state.a_l1)
     parts = zip(*(t.chunk(n) for t in (batch.images, batch.ctx_idx, batch.tgt_idx)), strict=True)
     total = None
     for i, part in enumerate(parts):
         with state.nets.no_sync() if i < n - 1 else nullcontext():
-            loss = jepa_loss(state.nets, StepInputs(*part), state.autocast, state.a_l1, state.stats)
+            loss, features = forward(*part)
             state.scaler.scale(loss / n if n > 1 else loss).backward()
+        if state.stats is not None:
+            state.stats.setdefault("target_features", []).append(features.detach())
         total = loss.detach() if total is None else total + loss.detach()
     return state.nets.mean(total / n if n > 1 else total)
 
@@ -147,6 +153,23 @@ def optimizer_step(state: TrainState, skip: torch.Tensor | None) -> None:
             del opt.grad_scale, opt.found_inf
     elif not skip.item():
         opt.step()
+
+
+def loss_and_features(nets: Nets, autocast, a_l1: float, images: torch.Tensor, ctx_idx: torch.Tensor,
+                      tgt_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`jepa_loss` of one (micro-)batch and its average-pooled target features [B, D]: the
+    step's forward as a function of tensors alone, which `compile_forward` compiles whole."""
+    stats = {}
+    loss = jepa_loss(nets, StepInputs(images, ctx_idx, tgt_idx), autocast, a_l1, stats)
+    return loss, stats["target_features"][0]
+
+
+def compile_forward(state: TrainState, dynamic: bool | None = None) -> None:
+    """Compile the step's forward (both encoders, the predictor, the loss) and so its
+    backward as one graph each, instead of block by block; `dynamic=False` keeps one graph per
+    mask shape (bucketed masks meet few). `train.fit.compile_guard` undoes it on a failure."""
+    state.forward = runtime.compiled(partial(loss_and_features, state.nets, state.autocast, state.a_l1),
+                                     dynamic=dynamic)
 
 
 def jepa_loss(nets: Nets, batch: StepInputs, autocast, a_l1: float = 0.0, stats: dict | None = None):

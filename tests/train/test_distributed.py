@@ -166,12 +166,15 @@ def launches(tmp_path_factory):
     """The same tiny run under torchrun: DDP and FSDP on 2 processes, DDP and hybrid FSDP (2
     groups of 2, a 2-D mesh) on 4. DDP on 2 and hybrid FSDP on 4 run 4 steps, then resume to
     6; the two others run their 6 steps in one launch: each resumed run has an uninterrupted
-    one to be compared with (every process's noise stream included)."""
+    one to be compared with (every process's noise stream included). DDP and FSDP on 2 with
+    2 micro-batches a step run 6 steps too, to be compared with DDP on 2."""
     root = tmp_path_factory.mktemp("torchrun")
     runs = {}
     for mode, nproc, flags, stops in (("ddp", 2, [], ("4", "6")), ("fsdp", 2, ["--fsdp"], ("6",)),
                                       ("ddp4", 4, [], ("6",)),
-                                      ("hsdp", 4, ["--fsdp", "--shard-group", "2"], ("4", "6"))):
+                                      ("hsdp", 4, ["--fsdp", "--shard-group", "2"], ("4", "6")),
+                                      ("ddp-accum", 2, ["--accum-steps", "2"], ("6",)),
+                                      ("fsdp-accum", 2, ["--fsdp", "--accum-steps", "2"], ("6",))):
         run = root / mode
         launch = ["-m", "stoptool", "pretrain", *TINY, "--a-l1", "1e-4", *flags, "--out", str(run)]
         runs[mode] = {"run": run}
@@ -238,6 +241,20 @@ def test_fsdp_trains_the_same_weights_as_ddp_and_writes_whole_tensors(launches, 
                 near = pytest.approx(b[key], rel=1e-6, abs=0.01 if key == "knn_top1" else 0)
                 assert a[key] == (b[key] if exact else near), key
     assert "knn_top1" in rows(mode)[-1] and "knn_top1" in rows(ddp_mode)[-1]
+
+
+@pytest.mark.parametrize("mode", ["ddp-accum", "fsdp-accum"])
+def test_accumulated_micro_batches_under_torchrun_make_the_whole_batch_update(launches, mode):
+    """2 processes × 2 micro-batches of 4 images each: DDP averages the gradients on the last
+    micro-batch only, FSDP reduce-scatters them then; either way the weights after 6 steps
+    are those of 2 processes × 8 images."""
+    whole = load_file(str(launches["ddp"]["run"] / "latest.safetensors"))
+    split = load_file(str(launches[mode]["run"] / "latest.safetensors"))
+    assert whole.keys() == split.keys()
+    for name, t in whole.items():
+        if name.startswith(("encoder.", "target_encoder.", "predictor.")):
+            err = ((split[name].double() - t.double()).norm() / t.double().norm().clamp_min(1e-30)).item()
+            assert err < 1e-5, (name, err)
 
 
 def test_an_fsdp_checkpoint_resumes_in_one_process(launches, tmp_path):

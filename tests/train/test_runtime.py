@@ -85,20 +85,17 @@ FakeInductorError.__module__ = "torch._inductor.exc"
 
 
 def test_compile_failure_in_a_training_step_falls_back_to_eager(tiny_cfg, tmp_path, monkeypatch):
-    # Blocks that fail the way a compiled block fails on a graph first met in training.
+    # A compiled step that fails the way one fails on a graph first met in training.
     import stoptool.train.runtime as runtime_module
     from stoptool.train.pretrain import pretrain
-    from stoptool.train.runtime import transformer_blocks
 
-    def failing_compile(model, autocast):
+    def failing_compile(fn, dynamic=None):
         def fail(*args, **kwargs):
             raise FakeInductorError("ImportError: kernel.so: file too short")
 
-        for block in transformer_blocks(model):
-            block._compiled_call_impl = fail
-        return None  # the up-front probe passed
+        return fail
 
-    monkeypatch.setattr(runtime_module, "compile_blocks", failing_compile)
+    monkeypatch.setattr(runtime_module, "compiled", failing_compile)
     notes = []
     compiled = pretrain(tiny_cfg(steps=3, compile=True, out=str(tmp_path / "c")), notify=notes.append)
     eager = pretrain(tiny_cfg(steps=3, out=str(tmp_path / "e")))

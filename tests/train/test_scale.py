@@ -150,3 +150,65 @@ def test_a_run_killed_at_random_points_resumes_to_the_uninterrupted_run(tmp_path
     rows, ref_rows = _rows(run), _rows(reference)
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows] == list(range(1, steps + 1)), kills
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows], kills
+
+
+def test_bucketed_masks_meet_few_shapes_and_keep_nearly_as_many_patches():
+    """The ViT-B/16 preset's masks (a 14×14 grid), 200 batches of 64: exact context lengths
+    give dozens of shapes; rounded down to multiples of 16 patches, a handful, for a few
+    per cent fewer context patches kept."""
+    from stoptool.config import build_config
+    from stoptool.masks import MaskSampler
+
+    shapes, kept = {}, {}
+    for bucket in (0, 16):
+        cfg = build_config("stop-vitb16-in1k", {"mask_bucket": bucket})
+        sampler, gen = MaskSampler(cfg.mask_config()), torch.Generator().manual_seed(0)
+        draws = [sampler(64, gen) for _ in range(200)]
+        shapes[bucket] = {(ctx.shape[1], tgt.shape[2]) for ctx, tgt in draws}
+        kept[bucket] = sum(ctx.shape[1] for ctx, _ in draws) / len(draws)
+    targets = {k for _, k in shapes[0]}
+    assert {k for _, k in shapes[16]} == targets  # the target blocks are left as they are
+    assert all(n % 16 == 0 for n, _ in shapes[16])
+    assert len(shapes[0]) > 20 and len(shapes[16]) <= len(targets) * len(range(16, 197, 16))
+    assert 0.85 < kept[16] / kept[0] < 1.0
+
+
+def test_a_compiled_step_is_compiled_once_per_mask_shape(tiny_cfg, monkeypatch):
+    """--compile compiles the step's forward and backward whole (one graph per mask shape with
+    bucketing), and computes what the eager step does. (The graph-building backend stands in
+    for inductor's code generation, which takes a minute here: the count of graphs is
+    dynamo's either way.)"""
+    from torch._dynamo.utils import counters
+
+    from stoptool.masks import MaskSampler
+    from stoptool.models import archs
+    from stoptool.models.jepa import build_jepa
+    from stoptool.train import runtime
+    from stoptool.train.schedules import Hyper
+    from stoptool.train.step import StepInputs, compile_forward, single_process_state, train_step
+
+    monkeypatch.setitem(archs.ARCHS, "t", archs.ArchSpec(48, 1, 3))
+    monkeypatch.setattr(runtime, "compiled", lambda fn, dynamic=None: torch.compile(
+        fn, dynamic=dynamic, backend="aot_eager"))
+    cfg = tiny_cfg(sigma=0.0, mask_bucket=8)
+    losses, graphs, shapes = {}, 0, set()
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        model = build_jepa(cfg.model).train()
+        state = single_process_state(model, runtime.autocast_factory(torch.device("cpu"), "fp32"))
+        if compile_:
+            torch._dynamo.reset()
+            before = counters["stats"]["unique_graphs"]
+            compile_forward(state, dynamic=False)
+        sampler, gen = MaskSampler(cfg.mask_config()), torch.Generator().manual_seed(0)
+        losses[compile_] = []
+        for i in range(6):
+            ctx, tgt = sampler(8, gen)
+            shapes.add((ctx.shape[1], tgt.shape[2]))
+            images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(i))
+            loss = train_step(state, StepInputs(images, ctx, tgt), Hyper(1e-3, 0.04, 0.996))
+            losses[compile_].append(loss.item())
+        if compile_:
+            graphs = counters["stats"]["unique_graphs"] - before
+    assert len(shapes) >= 2 and graphs == len(shapes)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
