@@ -32,6 +32,8 @@ demo: $(STAMP)
 	@echo "  metrics      $(DEMO_OUT)/metrics.jsonl"
 	@echo "  probes       $(DEMO_OUT)/probe.json  $(DEMO_OUT)/probe-random-init.json"
 	@echo "  figures      $(DEMO_OUT)/figures/{similarity,heatmap,masks,curves}.png"
+	@echo
+	@$(BIN)/python -m stoptool.demo $(DEMO_OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

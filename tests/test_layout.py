@@ -21,7 +21,7 @@ LAYERS = [
     ["stoptool.data", "stoptool.io.checkpoint"],
     ["stoptool.io", "stoptool.config"],
     ["stoptool.train", "stoptool.probe"],
-    ["stoptool.viz", "stoptool.bench", "stoptool.sweep", "stoptool.report"],
+    ["stoptool.viz", "stoptool.bench", "stoptool.sweep", "stoptool.report", "stoptool.demo"],
     ["stoptool.cli", "stoptool.cliopts", "stoptool.__main__"],
 ]
 ROOT = "stoptool"
