@@ -210,7 +210,7 @@ def gather_targets(tokens: torch.Tensor, tgt_idx: torch.Tensor) -> torch.Tensor:
     return tokens[batch, tgt_idx]
 
 
-EMA_CHUNK = 2**26  # elements of the online weights copied at a time by a guarded EMA update
+EMA_CHUNK = 2**18  # elements of the online weights copied at a time by a guarded EMA update (1 MiB)
 
 
 @torch.no_grad()
