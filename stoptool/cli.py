@@ -511,6 +511,12 @@ def bench(
         if "compile_failed" in result:
             rows["compile"] = f"unavailable, ran eagerly: {result['compile_failed']}"
         rows["attention"] = result["attn"]
+        if cfg.vary_masks and "mask_shapes" in result:
+            rows["mask shapes met"] = result["mask_shapes"]
+        if "compiled_graphs" in result:
+            rows["graphs compiled"] = result["compiled_graphs"]
+        if cfg.accum_steps > 1:
+            rows["micro-batches"] = f"{cfg.accum_steps} of {cfg.batch_size // cfg.accum_steps}"
         if "projected_hours" in result:
             rows.update(_projection_rows(cfg, result))
     print_table("bench", rows)

@@ -1,6 +1,7 @@
 """`stoptool bench` reports consistent figures for each kind of measurement."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -198,3 +199,28 @@ def test_bad_bench_config_input(args, message):
     result = runner.invoke(app, ["bench", *args])
     assert result.exit_code == 2 and message in result.stderr, result.output
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bench_with_new_masks_every_step_counts_the_shapes_met_and_splits_micro_batches(tmp_path):
+    """--vary-masks draws masks as a run does: 1 + warm-up + steps × repeats batches here, whose
+    distinct shapes the bench counts; --accum-steps times the batch in micro-batches."""
+    import torch
+
+    from stoptool.config import config_from_dict
+    from stoptool.masks import MaskSampler
+
+    out = tmp_path / "v.json"
+    args = ["bench", *TINY, "--steps", "3", "--vary-masks", "--accum-steps", "2", "--json", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    cfg = config_from_dict({"arch": "vit_t2", "img_size": 16, "pred_width": 48, "pred_depth": 1})
+    sampler, gen = MaskSampler(cfg.mask_config()), torch.Generator().manual_seed(0)
+    draws = [sampler(4, gen) for _ in range(1 + 1 + 3 * 2)]
+    assert r["mask_shapes"] == len({(c.shape[1], t.shape[2]) for c, t in draws}) >= 2
+    assert r["accum_steps"] == 2 and "compiled_graphs" not in r
+    assert re.search(rf"mask shapes met\s+│ {r['mask_shapes']} ", result.output)
+    assert re.search(r"micro-batches\s+│ 2 of 2 ", result.output)
+    refused = runner.invoke(app, ["bench", *TINY, "--accum-steps", "3"])
+    assert refused.exit_code == 2
+    assert "batch_size 4 does not split into accum_steps 3 equal micro-batches" in refused.output
