@@ -50,7 +50,9 @@ def load_resumable(latest: Path, cfg: PretrainConfig) -> Checkpoint:
     """The run's `latest`, once it is known to be a checkpoint of this same run."""
     saved = load_checkpoint(latest)
     before, now = saved.meta.get("config", {}), cfg.to_dict()
-    diff = [k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k]]
+    # a key the run's stoptool did not have held its default (new options default to the old behaviour)
+    defaults = PretrainConfig().to_dict()
+    diff = [k for k in now if k not in RESUMABLE_CHANGES and before.get(k, defaults.get(k)) != now[k]]
     if diff:
         k = diff[0]
         raise UserError(

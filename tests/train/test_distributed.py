@@ -166,15 +166,16 @@ def launches(tmp_path_factory):
     """The same tiny run under torchrun: DDP and FSDP on 2 processes, DDP and hybrid FSDP (2
     groups of 2, a 2-D mesh) on 4. DDP on 2 and hybrid FSDP on 4 run 4 steps, then resume to
     6; the two others run their 6 steps in one launch: each resumed run has an uninterrupted
-    one to be compared with (every process's noise stream included). DDP and FSDP on 2 with
-    2 micro-batches a step run 6 steps too, to be compared with DDP on 2."""
+    one to be compared with (every process's noise stream included). Hybrid FSDP takes its
+    batches in 2 micro-batches, and so does a sixth run, DDP on 2 for 6 steps, to be compared
+    with DDP on 2."""
     root = tmp_path_factory.mktemp("torchrun")
     runs = {}
     for mode, nproc, flags, stops in (("ddp", 2, [], ("4", "6")), ("fsdp", 2, ["--fsdp"], ("6",)),
                                       ("ddp4", 4, [], ("6",)),
-                                      ("hsdp", 4, ["--fsdp", "--shard-group", "2"], ("4", "6")),
-                                      ("ddp-accum", 2, ["--accum-steps", "2"], ("6",)),
-                                      ("fsdp-accum", 2, ["--fsdp", "--accum-steps", "2"], ("6",))):
+                                      ("hsdp", 4, ["--fsdp", "--shard-group", "2", "--accum-steps", "2"],
+                                       ("4", "6")),
+                                      ("ddp-accum", 2, ["--accum-steps", "2"], ("6",))):
         run = root / mode
         launch = ["-m", "stoptool", "pretrain", *TINY, "--a-l1", "1e-4", *flags, "--out", str(run)]
         runs[mode] = {"run": run}
@@ -210,8 +211,8 @@ def test_fsdp_trains_the_same_weights_as_ddp_and_writes_whole_tensors(launches, 
     """Sharded weights, gradients and AdamW moments, gathered for the checkpoint (and scattered
     again on resume), end where the DDP run ends: weights, target encoder, optimizer state and
     every process's random state. On 2 processes FSDP's uninterrupted run and DDP's resumed one
-    agree bit for bit; hybrid FSDP (resumed) and DDP on 4 sum the gradients in another order,
-    so their floats agree to 1e-6 (the random states exactly)."""
+    agree bit for bit; hybrid FSDP (resumed, in 2 micro-batches a step) and DDP on 4 sum the
+    gradients in another order, so their floats agree to 1e-5 (the random states exactly)."""
     run, first = launches[mode]["run"], launches[mode]["first"]
     assert first.stdout.count("run directory") == 1
     summary = json.loads((run / "summary.json").read_text())
@@ -226,7 +227,7 @@ def test_fsdp_trains_the_same_weights_as_ddp_and_writes_whole_tensors(launches, 
         if exact or name.startswith("rng."):
             assert torch.equal(fsdp[name], t), name
         else:
-            torch.testing.assert_close(fsdp[name], t, rtol=1e-6, atol=1e-8, msg=name)
+            torch.testing.assert_close(fsdp[name], t, rtol=1e-5, atol=1e-7, msg=name)
 
     def rows(name: str) -> list[dict]:
         return [json.loads(r) for r in (launches[name]["run"] / METRICS).read_text().splitlines()]
@@ -238,17 +239,17 @@ def test_fsdp_trains_the_same_weights_as_ddp_and_writes_whole_tensors(launches, 
         for key in ("loss", "A_norm", "mask_token_norm", "knn_top1"):
             if key in a and key in b:  # (no loss in the rows of the initial weights' online k-NN)
                 # a neighbour's vote may flip under 1e-6 changes of the features: one image in the eval set
-                near = pytest.approx(b[key], rel=1e-6, abs=0.01 if key == "knn_top1" else 0)
+                near = pytest.approx(b[key], rel=1e-5, abs=0.01 if key == "knn_top1" else 0)
                 assert a[key] == (b[key] if exact else near), key
     assert "knn_top1" in rows(mode)[-1] and "knn_top1" in rows(ddp_mode)[-1]
 
 
-@pytest.mark.parametrize("mode", ["ddp-accum", "fsdp-accum"])
-def test_accumulated_micro_batches_under_torchrun_make_the_whole_batch_update(launches, mode):
-    """2 processes × 2 micro-batches of 4 images each: DDP averages the gradients on the last
-    micro-batch only, FSDP reduce-scatters them then; either way the weights after 6 steps
-    are those of 2 processes × 8 images."""
-    whole = load_file(str(launches["ddp"]["run"] / "latest.safetensors"))
+@pytest.mark.parametrize("mode, whole_mode", [("ddp-accum", "ddp"), ("hsdp", "ddp4")])
+def test_accumulated_micro_batches_under_torchrun_make_the_whole_batch_update(launches, mode, whole_mode):
+    """Each process's share of the batch in 2 micro-batches: DDP averages the gradients on the
+    last micro-batch only, hybrid FSDP reduce-scatters (and all-reduces) them then; either way
+    the weights after 6 steps are those of whole batches."""
+    whole = load_file(str(launches[whole_mode]["run"] / "latest.safetensors"))
     split = load_file(str(launches[mode]["run"] / "latest.safetensors"))
     assert whole.keys() == split.keys()
     for name, t in whole.items():
