@@ -37,7 +37,7 @@ class Checkpointer:
         self.world, self.device = world, device
         self._writer: threading.Thread | None = None
         self._failure: BaseException | None = None
-        self.stall_s: list[float] = []  # how long each save held up the loop
+        self.longest_stall_s = 0.0  # the longest a save held up the loop
 
     def save(self, path: Path, step: int, with_state: bool = True, background: bool = False) -> None:
         """Weights at `step`; `with_state` adds what a bit-exact resume needs (optimizer, random
@@ -52,7 +52,7 @@ class Checkpointer:
                 self._writer.start()
             else:
                 save_checkpoint(path, ckpt)
-        self.stall_s.append(time.perf_counter() - began)
+        self.longest_stall_s = max(self.longest_stall_s, time.perf_counter() - began)
 
     def wait(self) -> None:
         """Until the write in flight (if any) has landed; its failure is raised here."""

@@ -113,8 +113,7 @@ def fit(plan: Plan, state: TrainState, loader, step: int, ckpt: Checkpointer, re
                 run.step_once(batch, data_s, n_skipped)
                 run.after_step(stop.signum)
                 waited = time.perf_counter()
-            run.save(plan.latest)
-            ckpt.wait()
+            run.save(plan.latest)  # in the foreground: the run is over once it has landed
     except NonFiniteLoss as err:
         run.diverged(err)
     return Fitted(run.step, run.last_loss, run.skipped, run.loss_steps, run.speed.img_per_s)
@@ -180,8 +179,7 @@ class _Launch:
             logged = self.row is not None
             stop, due = any_rank((stop, due), plan.world, plan.device) if logged else (False, False)
         if stop:
-            self.save(plan.latest)
-            self.ckpt.wait()
+            self.save(plan.latest)  # (in the foreground)
             barrier(plan.world)  # no process exits before process 0 has written latest
             raise Interrupted(signum or signal.SIGTERM, plan.latest)
         if step >= plan.last_step:

@@ -141,7 +141,7 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world, device, prec
     seconds = time.perf_counter() - start
     _list_skipped(list(loader.names), plan, step)
     facts = {"precision": precision, "workers": workers, "alarms": report.watch.alarms.fired,
-             "stall_s": round(max(ckpt.stall_s, default=0.0), 4)}  # the longest a save held the loop
+             "stall_s": round(ckpt.longest_stall_s, 4)}
     return _finish(cfg, plan, state, fitted, step, seconds, facts, notify)
 
 

@@ -105,12 +105,12 @@ def train_step(state: TrainState, batch: StepInputs, hp: Hyper) -> torch.Tensor:
         raise NonFiniteLoss(f"loss is {loss.item()}")
     if state.clip_grad or state.stats is not None:
         state.scaler.unscale_(state.optimizer)
-    params = [p for g in state.optimizer.param_groups for p in g["params"]]
-    norm = grad_norm(params)  # before clipping
-    if state.stats is not None:
-        state.stats["grad_norm"] = norm
-    if not scaled:
-        state.guard.record(loss, norm)
+    if not scaled or state.stats is not None:  # (in fp16 the scaler checks the gradients itself)
+        norm = grad_norm(p for g in state.optimizer.param_groups for p in g["params"])  # before clipping
+        if state.stats is not None:
+            state.stats["grad_norm"] = norm
+        if not scaled:
+            state.guard.record(loss, norm)
     if state.clip_grad:
         torch.nn.utils.clip_grad_norm_(state.model.encoder.parameters(), state.clip_grad)
     skip = None if scaled else state.guard.bad
