@@ -1,8 +1,11 @@
 """The training loop: batches in, steps taken, rows logged, checkpoints written, signals heard.
 
-    for each batch: lr, wd, m from the schedules -> train_step -> log every `log_every` steps
-                    -> at a stop signal: save `latest`, stop -> at an epoch's end: save `latest`
-                       (and a snapshot every `save_every` epochs)
+    for each batch: lr, wd, m from the schedules -> train_step (not waited for)
+                    -> every `log_every` steps: read the loss and the guard, log a row
+                    -> at a stop signal: save `latest`, stop
+                    -> at an epoch's end, every `checkpoint_every` steps, every
+                       `checkpoint_minutes`: save `latest` in the background (and a snapshot
+                       every `save_every` epochs)
 """
 
 import signal
@@ -99,7 +102,7 @@ class Report:
 def fit(plan: Plan, state: TrainState, loader, step: int, ckpt: Checkpointer, report: Report,
         step_fn: Callable | None = None) -> Fitted:
     """Train from `step` over `loader`'s batches; `step_fn(state, batch, hp)` runs each step
-    (default `train_step`; `compile_guard` gives it with a fallback from compiled blocks)."""
+    (default `train_step`; `compile_guard` gives it with a fallback to the eager forward)."""
     run = _Launch(plan, state, ckpt, report, step, step_fn or train_step)
     if step == 0 and report.watch.evaluate is not None:  # the initial weights
         report.log.write({"step": 0, "epoch": 0.0, **report.watch.evaluate(state.nets), "time": time.time()})
