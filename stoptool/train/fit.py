@@ -157,7 +157,6 @@ class _Launch:
         plan, state, report = self.plan, self.state, self.report
         row = metrics_row(state.model, self.step, plan.ipe, self.window, plan.batch_size, hp)
         state.guard.check(self.first_step)
-        self.speed.mark(self.step)
         self.last_loss, self.loss_steps = row["loss"], (self.window.first_step, self.step)
         self.window = Window()
         row.update(report.watch.health(state.stats or {}, row, batch))
@@ -165,6 +164,7 @@ class _Launch:
             began = time.perf_counter()
             row.update(report.watch.evaluate(state.nets))
             self.speed.pause(time.perf_counter() - began)
+        self.speed.mark(self.step)  # after the evaluation, whose time `pause` takes out
         report.log.write(row)
         for alarm in report.watch.alarms.check(row):
             report.log.alarm(alarm)

@@ -229,3 +229,39 @@ def test_starting_over_drops_every_row_of_the_earlier_attempt(tiny_cfg, labelled
     events = EventAccumulator(str(run / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("knn_top1")] == [0, 1]
+
+
+def test_progress_and_summary_report_one_img_per_s_with_evaluations_left_out(tiny_cfg, labelled, tmp_path,
+                                                                           monkeypatch):
+    """On a clock where every reading advances 1 ms and each online k-NN takes 100 s, the img/s
+    that the progress rows show stays the training steps' own (the evaluations are left out,
+    before and after them alike), and the summary's is the last row's."""
+    import types
+
+    from stoptool.train import fit, logs
+    from stoptool.train.watch import OnlineEval
+
+    now = {"t": 0.0}
+
+    def perf_counter() -> float:
+        now["t"] += 0.001
+        return now["t"]
+
+    clock = types.SimpleNamespace(perf_counter=perf_counter, time=lambda: 0.0, monotonic=perf_counter)
+    monkeypatch.setattr(fit, "time", clock)
+    monkeypatch.setattr(logs, "time", clock)
+    real = OnlineEval.__call__
+
+    def slow(self, nets):
+        now["t"] += 100.0
+        return real(self, nets)
+
+    monkeypatch.setattr(OnlineEval, "__call__", slow)
+    shown = []
+    cfg = _tiny(tiny_cfg, tmp_path / "r", dataset=str(labelled), epochs=3, eval_every=1, log_every=1)
+    result = pretrain(cfg, progress=lambda step, total, row: row is not None and shown.append(row))
+    speeds = [row["avg_img_per_s"] for row in shown[1:]]
+    assert any("knn_top1" in row for row in shown[1:-1])  # evaluations inside the run
+    assert all(s is not None and s > 0 for s in speeds), speeds
+    assert max(speeds) < 3 * min(speeds), speeds  # 100 s counted anywhere would move it 1000×
+    assert result.images_per_second == round(speeds[-1], 1)
