@@ -183,6 +183,7 @@ def _train_work(cfg: BenchConfig, pcfg, model, prepared: Prepared, images):
         compile_forward(state, dynamic=False if cfg.mask_bucket else None)
     hp = Hyper(1e-4, 0.04, 0.996)
     model.train()
+    shapes, facts = set(), {}
 
     def draw() -> StepInputs:
         ctx, tgt = sampler(cfg.batch_size, gen)
@@ -190,7 +191,6 @@ def _train_work(cfg: BenchConfig, pcfg, model, prepared: Prepared, images):
         facts["mask_shapes"] = len(shapes)
         return StepInputs(images, ctx.to(images.device), tgt.to(images.device))
 
-    shapes, facts = set(), {}
     batch = draw()
     counted = train_step_flops(cfg.arch, cfg.img_size, cfg.pred_width, cfg.pred_depth, batch.ctx_idx.shape[1],
                                batch.tgt_idx.shape[2], batch.tgt_idx.shape[1], cfg.sigma)

@@ -225,14 +225,20 @@ def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], momentum:
         return
     torch._foreach_mul_(target, torch.where(skip > 0, 1.0, momentum).to(target[0].dtype))
     keep = (1 - skip).to(online[0].dtype)
-    start = 0
-    while start < len(online):  # the copies of f_θ, a few at a time
-        end, size = start, 0
-        while end < len(online) and (end == start or size + online[end].numel() <= EMA_CHUNK):
-            size, end = size + online[end].numel(), end + 1
-        torch._foreach_add_(target[start:end], torch._foreach_mul(online[start:end], keep),
-                            alpha=1.0 - momentum)
-        start = end
+    for part in _chunks(online, EMA_CHUNK):  # the copies of f_θ, a few at a time
+        torch._foreach_add_(target[part], torch._foreach_mul(online[part], keep), alpha=1.0 - momentum)
+
+
+def _chunks(tensors: list[torch.Tensor], limit: int):
+    """Slices of consecutive `tensors` of at most `limit` elements each (a larger tensor alone)."""
+    start, size = 0, 0
+    for i, t in enumerate(tensors):
+        if i > start and size + t.numel() > limit:
+            yield slice(start, i)
+            start, size = i, 0
+        size += t.numel()
+    if start < len(tensors):
+        yield slice(start, len(tensors))
 
 
 def set_hyperparams(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
