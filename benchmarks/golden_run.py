@@ -44,6 +44,7 @@ BASE = {
     "epochs": 1, "steps": 6, "warmup": 0.5, "precision": "fp32", "device": "cpu", "workers": 0,
     "log_every": 1, "save_every": 1, "seed": 3, "dataset": "digits",
     "eval_every": 0,  # the online k-NN reads the weights and changes none of them
+    "interpolation": "bicubic",  # the crops' resampling when the runs were recorded
 }
 SHRUNK = archs.ArchSpec(48, 1, 3)  # the legacy run's ViT-T: one 48-wide block, 3 heads
 

@@ -110,6 +110,9 @@ class DataConfig:
     hflip: float = option(0.0, "Horizontal flip probability.", low=0, high=1)
     blur: float = option(0.0, "Gaussian blur probability.", low=0, high=1)
     gray: float = option(0.0, "Grayscale probability.", low=0, high=1)
+    interpolation: Literal["bilinear", "bicubic"] = option(
+        "bilinear", "How crops are resized: bilinear (antialiased, torchvision's default, which the released "
+        "I-JEPA code uses) or bicubic (Pillow; what runs started before this option existed used).")
 
     def validate(self) -> None:
         check_fields(self)

@@ -202,7 +202,7 @@ def _loader(cfg: PretrainConfig, data, step: int, last_step: int, world, device,
     """The run's batches from `step` on (this process's slice of each), naming the unreadable
     images it skips (see `SkipReport`), and its worker count."""
     d, rt = cfg.data, cfg.runtime
-    transform = PretrainTransform(cfg.model.img_size, d.crop_scale, d.hflip, d.blur, d.gray)
+    transform = PretrainTransform(cfg.model.img_size, d.crop_scale, d.hflip, d.blur, d.gray, d.interpolation)
     workers = (rt.workers if rt.workers is not None
                else default_workers(device, isinstance(data, ArrayDataset), world.local_size))
     loader = pretrain_loader(data, transform, MaskSampler(cfg.mask_config()), cfg.optim.batch_size, rt.seed,

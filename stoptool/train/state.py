@@ -45,13 +45,18 @@ RESUMABLE_CHANGES = {
     "checkpoint_minutes",
 }
 
+# Keys a run's stoptool may not have had whose absence meant another value than today's default.
+OLD_DEFAULTS = {
+    "interpolation": "bicubic",  # crops were resized bicubic before the option came
+}
+
 
 def load_resumable(latest: Path, cfg: PretrainConfig) -> Checkpoint:
     """The run's `latest`, once it is known to be a checkpoint of this same run."""
     saved = load_checkpoint(latest)
     before, now = saved.meta.get("config", {}), cfg.to_dict()
-    # a key the run's stoptool did not have held its default (new options default to the old behaviour)
-    defaults = PretrainConfig().to_dict()
+    # a key the run's stoptool did not have held its default, unless it is one of OLD_DEFAULTS
+    defaults = {**PretrainConfig().to_dict(), **OLD_DEFAULTS}
     diff = [k for k in now if k not in RESUMABLE_CHANGES and before.get(k, defaults.get(k)) != now[k]]
     if diff:
         k = diff[0]

@@ -17,6 +17,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from stoptool.data.transforms import normalize
 from stoptool.models.jepa import JEPA
 from stoptool.train import runtime
 from stoptool.train.distributed import Nets, whole
@@ -25,7 +26,7 @@ from stoptool.train.schedules import Hyper
 
 @dataclass
 class StepInputs:
-    images: torch.Tensor  # [B, 3, H, W]
+    images: torch.Tensor  # [B, 3, H, W]: uint8 from the loader, or already normalised floats
     ctx_idx: torch.Tensor  # [B, Nc] context patch indices
     tgt_idx: torch.Tensor  # [B, M, K] patch indices of M target blocks
 
@@ -158,9 +159,10 @@ def optimizer_step(state: TrainState, skip: torch.Tensor | None) -> None:
 def loss_and_features(nets: Nets, autocast, a_l1: float, images: torch.Tensor, ctx_idx: torch.Tensor,
                       tgt_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`jepa_loss` of one (micro-)batch and its average-pooled target features [B, D]: the
-    step's forward as a function of tensors alone, which `compile_forward` compiles whole."""
+    step's forward as a function of tensors alone, which `compile_forward` compiles whole.
+    uint8 images (the loader's) are normalised here, on the device."""
     stats = {}
-    loss = jepa_loss(nets, StepInputs(images, ctx_idx, tgt_idx), autocast, a_l1, stats)
+    loss = jepa_loss(nets, StepInputs(normalize(images), ctx_idx, tgt_idx), autocast, a_l1, stats)
     return loss, stats["target_features"][0]
 
 
