@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stoptool.data.base import ArrayDataset, ImageDataset  # also imported from here by callers
+# ArrayDataset and ImageDataset are also imported from here by callers
+from stoptool.data.base import ArrayDataset, ImageDataset, as_rgb, open_image
 from stoptool.data.cifar import load_cifar
 from stoptool.data.count import SIZES as COUNT_SIZES
 from stoptool.data.count import count_dataset
+from stoptool.data.shards import ShardDataset, is_prepared
 from stoptool.errors import UserError
 from stoptool.io.paths import asset, check_file
 
@@ -88,6 +90,9 @@ class FolderDataset(ImageDataset):
     def load(self, index: int) -> Image.Image:
         return read_rgb(self.files[index])
 
+    def open(self, index: int) -> Image.Image:
+        return open_image(self.files[index])
+
     def item_name(self, index: int) -> str:
         return str(self.files[index])
 
@@ -100,22 +105,10 @@ class FolderDataset(ImageDataset):
                 f"under '{self.root}' and are ignored (first: {self.subset_unmatched[0]})")
 
 
-_SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N"}
-
-
 def read_rgb(path: Path) -> Image.Image:
-    """An image file as 8-bit RGB. Raises OSError or ValueError for a file that cannot be used
-    (the loaders skip and count those): Pillow's refusal of an image so large that it could be
-    a decompression bomb is a ValueError here. 16-bit grey images are scaled to 8 bits, where
-    a plain conversion would clip nearly every pixel to white."""
-    try:
-        with Image.open(path) as img:
-            if img.mode in _SIXTEEN_BIT or (img.mode == "I" and img.getextrema()[1] > 255):
-                grey = np.asarray(img, dtype=np.float64) / 257.0
-                return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8)).convert("RGB")
-            return img.convert("RGB")
-    except Image.DecompressionBombError as err:
-        raise ValueError(str(err)) from None
+    """An image file as 8-bit RGB (see `open_image` and `as_rgb`). Raises OSError or ValueError
+    for a file that cannot be used."""
+    return as_rgb(open_image(path))
 
 
 def _apply_subset(root: Path, files: list[tuple[Path, int]], subset: Path) -> tuple[list, int, list[str]]:
@@ -181,7 +174,12 @@ def open_dataset(name: str, split: str = "train", subset: str | None = None,
             "(train/ and val/, one folder per class)"
         )
     if not path.exists():
-        raise missing_dataset(name, "digits, count, cifar10, cifar100 or a path to an ImageFolder directory")
+        raise missing_dataset(name, "digits, count, cifar10, cifar100 or a path to an ImageFolder directory "
+                              "or to a set stoptool prepare wrote")
+    if is_prepared(path):
+        if subset is not None:
+            raise UserError("subset keeps images of an ImageFolder tree, not of a prepared set", key="subset")
+        return ShardDataset(path, "val" if split in ("val", "test") else split)
     if (path / split).is_dir():
         path = path / split
     return FolderDataset(path, subset)

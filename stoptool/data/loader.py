@@ -131,12 +131,15 @@ def epoch_batches(
 
 class RunBatches:
     """The batches of keys of steps `first` to `last` of a run, across epoch boundaries (see
-    `epoch_batches`), so that one loader, and one set of workers, serves the whole run."""
+    `epoch_batches`), so that one loader, and one set of workers, serves the whole run.
+    `order(batch_size, seed, epoch, start, rank, world)`, where given, replaces `epoch_batches`
+    over `n` images (a prepared set's shard streams)."""
 
     def __init__(self, n: int, batch_size: int, seed: int, first: int, last: int, rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, order=None):
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
         self.first, self.last = first, last
+        self.order = order or (lambda *args: epoch_batches(n, *args))
 
     def __len__(self) -> int:
         return max(0, self.last - self.first)
@@ -146,8 +149,7 @@ class RunBatches:
         step = self.first
         while step < self.last:
             epoch, start = divmod(step, per_epoch)
-            for keys in epoch_batches(self.n, self.batch_size, self.seed, epoch, start, self.rank,
-                                      self.world):
+            for keys in self.order(self.batch_size, self.seed, epoch, start, self.rank, self.world):
                 yield keys
                 step += 1
                 if step == self.last:
@@ -171,7 +173,8 @@ def pretrain_loader(
     they span; the workers start once, and prefetch across an epoch's end."""
     return DataLoader(
         AugmentedImages(data, transform, seed),
-        batch_sampler=RunBatches(len(data), batch_size, seed, first, last, rank, world),
+        batch_sampler=RunBatches(len(data), batch_size, seed, first, last, rank, world,
+                                 getattr(data, "epoch_batches", None)),
         collate_fn=MaskCollate(sampler, seed, rank),
         num_workers=workers,
         pin_memory=pin_memory,

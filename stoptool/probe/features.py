@@ -140,6 +140,8 @@ def dataset_fingerprint(data: ImageDataset) -> str:
         for f in data.files:
             st = f.stat()
             h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    elif hasattr(data, "identity"):  # a prepared set: its index and its shards' sizes and times
+        h.update(data.identity())
     else:  # a data set we know nothing about: its name is all we have
         h.update(data.name.encode())
     return h.hexdigest()

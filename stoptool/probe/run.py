@@ -13,7 +13,15 @@ from typing import Literal
 
 import torch
 
-from stoptool.data.datasets import BUILTIN, FolderDataset, ImageDataset, missing_dataset, open_dataset
+from stoptool.data.datasets import (
+    BUILTIN,
+    ArrayDataset,
+    FolderDataset,
+    ImageDataset,
+    missing_dataset,
+    open_dataset,
+)
+from stoptool.data.shards import is_prepared
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import resolve_checkpoint
 from stoptool.io.paths import check_file, check_writable, write_report
@@ -159,6 +167,9 @@ def open_splits(cfg: ProbeConfig) -> tuple[ImageDataset, ImageDataset, str]:
         if not root.is_dir():
             raise UserError(f"dataset path '{cfg.dataset}' is not a directory: give one with train/ and val/ "
                             "ImageFolder trees", key="dataset")
+        if is_prepared(root):
+            return _checked(open_dataset(str(root), "train", cfg.subset), open_dataset(str(root), "val"),
+                            root.resolve().name)
         val = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
         if not (root / "train").is_dir() or val is None:
             raise UserError(
@@ -168,6 +179,10 @@ def open_splits(cfg: ProbeConfig) -> tuple[ImageDataset, ImageDataset, str]:
         train = FolderDataset(root / "train", cfg.subset)
         test = FolderDataset(val)
         tag = root.resolve().name
+    return _checked(train, test, tag)
+
+
+def _checked(train: ImageDataset, test: ImageDataset, tag: str) -> tuple[ImageDataset, ImageDataset, str]:
     if list(train.classes) != list(test.classes):
         raise UserError(
             f"the training and test splits have different classes ({len(train.classes)} vs "
@@ -202,7 +217,7 @@ def get_features(enc: Encoder, data: ImageDataset, split: str, cfg: ProbeConfig,
         if hit is not None:
             return hit
     workers = cfg.workers if cfg.workers is not None else default_workers(
-        device, not isinstance(data, FolderDataset))
+        device, isinstance(data, ArrayDataset))
     feats = extract_features(
         enc.net, data, enc.img_size, cfg.layers, cfg.batch_size, device, precision, workers,
         progress=(lambda done, total: progress(split, done, total)) if progress else None,
