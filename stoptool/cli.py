@@ -489,7 +489,9 @@ def bench(
         check_writable(json_out)
     _note_slow_bf16(cfg.precision, cfg.device)
     result = run_bench(cfg)  # validates arch, sizes and predictor shape before any work
-    if cfg.what == "masks":
+    if cfg.what == "data":
+        rows = _data_rows(result)
+    elif cfg.what == "masks":
         rows = {
             "grid": f"{result['grid']}×{result['grid']}", "batch": cfg.batch_size, "threads": 1,
             "batches/s": f"{result['batches_per_s']:.1f} (min {result['batches_per_s_min']:.1f}, max {result['batches_per_s_max']:.1f})",
@@ -526,6 +528,20 @@ def bench(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         write_report(json_out, result)
         console.print(f"wrote {json_out}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _data_rows(r: dict) -> dict:
+    workers = f"{r['workers']} workers" if r["workers"] else "main process"
+    return {
+        "what": "data (the pretraining input pipeline)", "dataset": f"{r['dataset']} ({r['dataset_images']:,} images)",
+        "pipeline": f"{r['img_size']} px crops of {r['crop_scale'][0]}–{r['crop_scale'][1]}, {r['interpolation']}, "
+                    f"decode on {r['decode']}; masks and collate",
+        "batch": f"{r['batch_size']}, {workers} ({r['cores']} core{'s' if r['cores'] > 1 else ''})",
+        "img/s": f"{r['img_per_s']:.1f} (min {r['img_per_s_min']:.1f}, max {r['img_per_s_max']:.1f})",
+        "img/s per core": f"{r['img_per_s_per_core']:.1f}",
+        "ms/batch": f"{r['ms_per_batch']:.1f}",
+        **({"skipped": f"{r['skipped']} unreadable"} if r["skipped"] else {}),
+    }
 
 
 def _projection_rows(cfg: BenchConfig, r: dict) -> dict:
@@ -594,7 +610,7 @@ def probe(
         out=str(out) if out else None,
     )
     _note_slow_bf16(precision, device)
-    with _ExtractBar(quiet) as bar:
+    with _SplitBar("features", quiet) as bar:
         report = run_probe(cfg, progress=bar.update)
     info = report.info
     title = (f"probe {info['encoder']} ({info['which']}, {info['arch']} @ {info['img_size']}px) "
@@ -616,12 +632,15 @@ def probe(
         _note(note)
 
 
-class _ExtractBar:
-    """A rich progress bar for feature extraction, one task per split; it appears with the
-    first batch, so an error found before extraction is the only thing printed."""
+class _SplitBar:
+    """A rich progress bar, one task per split, labelled `label`; it appears with the first
+    update, so an error found before the work starts is the only thing printed. Where stderr
+    is not a terminal, `lines` prints a plain line every 30 seconds and at each split's end
+    instead (none when `quiet`)."""
 
-    def __init__(self, quiet: bool):
-        self.quiet, self.progress, self.tasks = quiet, None, {}
+    def __init__(self, label: str, quiet: bool = False, lines: bool = False):
+        self.label, self.quiet, self.progress, self.tasks = label, quiet, None, {}
+        self.lines, self.last = lines and not err_console.is_terminal, time.monotonic()
 
     def __enter__(self):
         return self
@@ -629,12 +648,18 @@ class _ExtractBar:
     def update(self, split: str, done: int, total: int) -> None:
         if self.quiet:
             return
+        if self.lines:
+            if done == total or time.monotonic() - self.last >= 30:
+                self.last = time.monotonic()
+                sys.stderr.write(f"{self.label} {split} {done:,}/{total:,} images\n")
+                sys.stderr.flush()
+            return
         if self.progress is None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(
-                TextColumn("[bold]features {task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), console=err_console, transient=True,
+                TextColumn(f"[bold]{self.label} {{task.description}}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("ETA"), TimeRemainingColumn(compact=True), console=err_console, transient=True,
             )
             self.progress.start()
         if split not in self.tasks:
@@ -644,6 +669,31 @@ class _ExtractBar:
     def __exit__(self, *exc):
         if self.progress is not None:
             self.progress.stop()
+
+
+@app.command()
+@user_errors
+def prepare(
+    src: str = typer.Argument(..., help="An ImageFolder tree (train/ and optionally val/, one folder per class in each; or the class folders alone, a train split), or cifar10 | cifar100 (from --data-root; its test split becomes val)."),
+    dst: Path = typer.Argument(..., help="The directory to write: new or empty."),
+    short_side: int = typer.Option(256, help="Shrink images whose short side is longer to this many pixels, aspect kept (at least 16); JPEGs already this small are copied unchanged."),
+    shard_size: str = typer.Option("1GB", help="Largest shard: bytes, or with a unit: 64KB, 500MB, 1GB (decimal), 1GiB (binary)."),
+    quality: int = typer.Option(90, help="JPEG quality (1 to 100) of the images re-encoded."),
+    workers: int | None = typer.Option(None, help="Processes that decode and encode images; 0 = in this one. The output is the same for any number. (default: the CPUs available)"),
+    seed: int = typer.Option(0, help="Seed of the order images are written in (shuffled once, so every shard mixes the classes).", min=0, max=SEED_MAX),
+    data_root: Path | None = typer.Option(None, help="Where CIFAR's release archive or extracted folder lives. (default: ~/.cache/stoptool/data)"),
+):
+    """Write an image set once as WebDataset tar shards of JPEGs shrunk to --short-side, with an index: what training reads fastest.
+
+    Unreadable images are skipped and listed in DST/SPLIT.skipped.txt. The set is written into a hidden directory beside DST and renamed to DST when complete.
+    """
+    from stoptool.data.prepare import describe
+    from stoptool.data.prepare import prepare as run_prepare
+
+    with _SplitBar("prepare", lines=True) as bar:
+        index = run_prepare(src, dst, short_side=short_side, shard_size=shard_size, quality=quality, seed=seed,
+                            workers=workers, data_root=data_root, progress=bar.update)
+    console.print(describe(index, dst), highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
