@@ -6,6 +6,7 @@ schedule is projected from the measured rate: on one device, and on `--devices N
 scaling.
 """
 
+import os
 import resource
 import statistics
 import time
@@ -15,7 +16,9 @@ from functools import partial
 import torch
 
 from stoptool.config import BenchConfig, build_config, config_from_dict, read_config_file
-from stoptool.data.datasets import train_images
+from stoptool.data.datasets import open_dataset, train_images
+from stoptool.data.device_decode import check_device, pretrain_transform
+from stoptool.data.loader import SkipReport, pretrain_loader
 from stoptool.errors import UserError
 from stoptool.flops import encoder_flops, train_step_flops
 from stoptool.masks import MaskSampler
@@ -73,6 +76,8 @@ def bench(cfg: BenchConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     if cfg.what == "masks":
         return bench_masks(cfg)
+    if cfg.what == "data":
+        return bench_data(cfg)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     if device.type == "cuda":
@@ -235,3 +240,48 @@ def bench_masks(cfg: BenchConfig) -> dict:
         ms_per_batch=1000 * med,
     )
     return out
+
+
+def bench_data(cfg: BenchConfig) -> dict:
+    """Images per second of the pretraining input pipeline alone, as `pretrain` builds it for
+    the bench's model, masks and augmentations: read, decode, crop, augment, sample masks,
+    collate (and, with decode=gpu, decode on the device). Workers start before the timing."""
+    pcfg = _run_config(cfg)
+    cfg = replace(cfg, img_size=pcfg.model.img_size)
+    device = resolve_device(cfg.device) if cfg.decode == "gpu" else torch.device("cpu")
+    check_device(cfg.decode, device)
+    data = open_dataset(cfg.dataset, "train", root=cfg.data_root)
+    if len(data) < cfg.batch_size:
+        raise UserError(f"'{cfg.dataset}' has {len(data):,} images, fewer than a batch of {cfg.batch_size}",
+                        key="batch_size")
+    loader = SkipReport(pretrain_loader(
+        data, pretrain_transform(cfg.img_size, cfg), MaskSampler(pcfg.mask_config()), cfg.batch_size, 0, 0,
+        cfg.warmup + cfg.steps * cfg.repeats + 1, workers=cfg.workers, pin_memory=device.type == "cuda"))
+    batches, skipped = iter(loader), [0]
+
+    def next_batch():
+        images, _, _, n_skipped = next(batches)
+        images.to(device)
+        skipped[0] += n_skipped
+
+    threads = torch.get_num_threads()
+    if not cfg.workers and not cfg.threads:
+        torch.set_num_threads(1)  # one thread, as in a loader worker
+    try:
+        seconds = _timed(next_batch, device, cfg.steps, max(cfg.warmup, 1), cfg.repeats)
+    finally:
+        torch.set_num_threads(threads)
+    cores = min(max(cfg.workers, 1), available_cpus())
+    out = {"what": "data", "dataset": cfg.dataset, "dataset_images": len(data), "img_size": cfg.img_size,
+           "batch_size": cfg.batch_size, "workers": cfg.workers, "cores": cores, "decode": cfg.decode,
+           "interpolation": cfg.interpolation, "crop_scale": list(cfg.crop_scale), "hflip": cfg.hflip,
+           "blur": cfg.blur, "gray": cfg.gray, "device": str(device), "skipped": skipped[0],
+           **_summary(seconds, cfg.batch_size, "img")}
+    out["img_per_s_per_core"] = out["img_per_s"] / cores
+    out["ms_per_batch"] = out.pop("ms_per_step")
+    return out
+
+
+def available_cpus() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -35,6 +35,8 @@ from stoptool.models.archs import (
 from stoptool.options import (
     PAIR,
     Attention,
+    Decode,
+    Interpolation,
     Precision,
     as_flat,
     build,
@@ -110,15 +112,21 @@ class DataConfig:
     hflip: float = option(0.0, "Horizontal flip probability.", low=0, high=1)
     blur: float = option(0.0, "Gaussian blur probability.", low=0, high=1)
     gray: float = option(0.0, "Grayscale probability.", low=0, high=1)
-    interpolation: Literal["bilinear", "bicubic"] = option(
+    interpolation: Interpolation = option(
         "bilinear", "How crops are resized: bilinear (antialiased, torchvision's default, which the released "
         "I-JEPA code uses) or bicubic (Pillow; what runs started before this option existed used).")
+    decode: Decode = option(
+        "cpu", "Where JPEGs are decoded: cpu (loader workers) | gpu (nvJPEG through torchvision, a batch "
+        "at a time on the training device; workers only read files and draw crops).")
 
     def validate(self) -> None:
         check_fields(self)
         lo, hi = self.crop_scale
         if not (0 < lo <= hi <= 1):
             raise UserError(f"crop_scale must satisfy 0 < min <= max <= 1, got {lo}, {hi}", key="crop_scale")
+        if self.decode == "gpu" and (self.blur or self.gray or self.interpolation != "bilinear"):
+            raise UserError("decode=gpu crops, resizes (bilinear) and flips on the device; blur, gray and "
+                            "bicubic resizing need decode=cpu", key="decode")
 
 
 @dataclass
@@ -379,8 +387,19 @@ class BenchConfig:
     steps: int = option(5, "Timed steps per repeat.", positive=True)
     warmup: int = option(2, "Untimed warm-up steps.", low=0)
     repeats: int = option(3, "Repeats; the median is reported with min and max.", positive=True)
-    what: Literal["train", "extract", "masks"] = option(
-        "train", "train (whole step) | extract (probe features) | masks (mask sampler).")
+    what: Literal["train", "extract", "masks", "data"] = option(
+        "train", "train (whole step) | extract (probe features) | masks (mask sampler) | data (the "
+        "pretraining input pipeline alone: decode, crop, augment, masks, collate).")
+    dataset: str = like(DataConfig, "dataset", help="With --what data: the images to read (a name, an "
+                        "ImageFolder tree or a prepared set).")
+    data_root: str | None = like(DataConfig, "data_root")
+    workers: int = option(0, "With --what data: loader workers (0: the main process alone).", low=0)
+    crop_scale: PAIR = like(DataConfig, "crop_scale")
+    hflip: float = like(DataConfig, "hflip")
+    blur: float = like(DataConfig, "blur")
+    gray: float = like(DataConfig, "gray")
+    interpolation: Interpolation = like(DataConfig, "interpolation")
+    decode: Decode = like(DataConfig, "decode")
     pred_width: int | None = like(ModelConfig, "pred_width")
     pred_depth: int | None = like(ModelConfig, "pred_depth")
     sigma: float = like(ModelConfig, "sigma")
@@ -405,7 +424,8 @@ class BenchConfig:
 
 # What `bench --config` takes from the preset (over bench's own defaults).
 BENCH_FROM_PRESET = ("arch", "img_size", "sigma", "pred_width", "pred_depth", "precision", "device", "attn",
-                     "grad_checkpoint", "compile")
+                     "grad_checkpoint", "compile", "crop_scale", "hflip", "blur", "gray", "interpolation",
+                     "decode")
 
 
 def bench_config(flags: dict[str, Any]) -> BenchConfig:

@@ -21,6 +21,8 @@ from stoptool.errors import UserError
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Attention = Literal["auto", "sdpa", "math"]
+Interpolation = Literal["bilinear", "bicubic"]
+Decode = Literal["cpu", "gpu"]
 PAIR = tuple[float, float]
 
 

@@ -91,10 +91,42 @@ def test_mask_bench(tmp_path):
     assert r["grid"] == 14 and r["batches_per_s"] > 0 and r["threads"] == 1
 
 
+@pytest.fixture(scope="module")
+def shards(image_folder, tmp_path_factory):
+    from stoptool.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("bench-shards") / "set"
+    prepare(image_folder, out, short_side=16, workers=0)
+    return out
+
+
+@pytest.mark.parametrize("source", ["digits", "folder", "shards"])
+def test_data_bench_times_the_input_pipeline_alone(source, image_folder, shards, tmp_path):
+    dataset = {"digits": "digits", "folder": str(image_folder), "shards": str(shards)}[source]
+    out = tmp_path / "d.json"
+    result = runner.invoke(app, ["bench", "--what", "data", "--dataset", dataset, "--arch", "vit_t2",
+                                 "--img-size", "16", "--batch-size", "4", "--steps", "2", "--repeats", "2",
+                                 "--hflip", "0.5", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    assert r["what"] == "data" and r["img_per_s"] > 0 and r["img_per_s_per_core"] == r["img_per_s"]
+    assert (r["batch_size"], r["workers"], r["cores"], r["hflip"], r["decode"]) == (4, 0, 1, 0.5, "cpu")
+    # the folder's broken file is listed (and skipped when met); prepare left it out
+    assert r["dataset_images"] == {"digits": 1347, "folder": 25, "shards": 24}[source]
+    assert "img/s per core" in result.output and "bilinear" in result.output
+
+
+def test_data_bench_refuses_gpu_decoding_without_a_gpu():
+    result = runner.invoke(app, ["bench", "--what", "data", "--decode", "gpu", "--device", "cpu"])
+    assert result.exit_code == 2
+    want = "error: decode=gpu decodes JPEGs on a CUDA device, and this run's device is cpu: use decode=cpu"
+    assert result.stderr.strip().splitlines() == [f"{want} (--decode)"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--what", "everything"], "what must be one of train, extract, masks, got 'everything' (--what)"),
+        (["--what", "all"], "what must be one of train, extract, masks, data, got 'all' (--what)"),
         (["--attn", "flash"], "attn must be one of auto, sdpa, math, got 'flash' (--attn)"),
         (["--arch", "vit_b16", "--img-size", "100"], "not a positive multiple of the patch size"),
         (["--steps", "0"], "steps must be positive, got 0 (--steps)"),

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from stoptool.data.base import ImageDataset
+from stoptool.data.device_decode import Encoded, EncodedBatch
 from stoptool.data.transforms import PretrainTransform
 from stoptool.errors import UserError
 from stoptool.masks import MaskSampler
@@ -104,7 +105,8 @@ class MaskCollate:
         self.sampler, self.seed, self.rank = sampler, seed, rank
 
     def __call__(self, items: list[tuple[tuple[int, int, int], torch.Tensor, list]]):
-        images = torch.stack([x for _, x, _ in items])
+        pictures = [x for _, x, _ in items]
+        images = EncodedBatch(pictures) if isinstance(pictures[0], Encoded) else torch.stack(pictures)
         skipped = [s for _, _, named in items for s in named]
         epoch, batch, _ = items[0][0]
         # rank 0 keeps the one-process stream; other ranks add their rank (not -1 - rank:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from stoptool.config import PretrainConfig
 from stoptool.data.datasets import ArrayDataset, ImageDataset, open_dataset
+from stoptool.data.device_decode import check_device, pretrain_transform
 from stoptool.data.loader import SkipReport, check_readable, pretrain_loader
-from stoptool.data.transforms import PretrainTransform
 from stoptool.errors import UserError, plural
 from stoptool.flops import train_step_flops
 from stoptool.io.checkpoint import LATEST
@@ -85,6 +85,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
     done = False
     try:
         precision = resolve_precision(rt.precision, device)
+        check_device(cfg.data.decode, device)
         if rt.fsdp and world.distributed and precision == "fp16":
             picked = " (what --precision auto picks on this GPU)" if rt.precision == "auto" else ""
             raise UserError(f"fsdp trains in bf16 or fp32, not fp16{picked}: set precision to fp32",
@@ -202,7 +203,7 @@ def _loader(cfg: PretrainConfig, data, step: int, last_step: int, world, device,
     """The run's batches from `step` on (this process's slice of each), naming the unreadable
     images it skips (see `SkipReport`), and its worker count."""
     d, rt = cfg.data, cfg.runtime
-    transform = PretrainTransform(cfg.model.img_size, d.crop_scale, d.hflip, d.blur, d.gray, d.interpolation)
+    transform = pretrain_transform(cfg.model.img_size, d)
     workers = (rt.workers if rt.workers is not None
                else default_workers(device, isinstance(data, ArrayDataset), world.local_size))
     loader = pretrain_loader(data, transform, MaskSampler(cfg.mask_config()), cfg.optim.batch_size, rt.seed,

@@ -10,7 +10,14 @@ from matplotlib import cbook
 from PIL import Image
 
 from stoptool.data.base import open_image
-from stoptool.data.transforms import PretrainTransform, crop_box, draft_factor, normalize, resized_crop, to_tensor
+from stoptool.data.transforms import (
+    PretrainTransform,
+    crop_box,
+    draft_factor,
+    normalize,
+    resized_crop,
+    to_tensor,
+)
 
 
 def _jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
