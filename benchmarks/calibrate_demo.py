@@ -56,13 +56,14 @@ def main() -> None:
                    img_per_s=result.images_per_second, steps=result.step,
                    final_loss=result.loss)
     ckpt = str(run_dir / "latest.safetensors")
-    probe_on = {"dataset": cfg.dataset, "data_root": cfg.data_root}
+    probe_on = {"dataset": cfg.data.dataset, "data_root": cfg.data.data_root}
+    m = cfg.model
     for method in args.methods.split(","):
         t = time.perf_counter()
         row[f"{method}_target"] = probe(ckpt=ckpt, method=method, **probe_on)
         row[f"{method}_context"] = probe(ckpt=ckpt, method=method, which="context", **probe_on)
-        row[f"{method}_random"] = probe(random_init=True, arch=cfg.arch, img_size=cfg.img_size, init=cfg.init,
-                                        seed=cfg.seed, method=method, **probe_on)
+        row[f"{method}_random"] = probe(random_init=True, arch=m.arch, img_size=m.img_size, init=m.init,
+                                        seed=cfg.runtime.seed, method=method, **probe_on)
         row[f"{method}_delta"] = round(row[f"{method}_target"] - row[f"{method}_random"], 4)
         row[f"{method}_seconds"] = round(time.perf_counter() - t, 1)
     line = json.dumps(row)

@@ -57,11 +57,12 @@ def load_resumable(latest: Path, cfg: PretrainConfig) -> Checkpoint:
     before, now = saved.meta.get("config", {}), cfg.to_dict()
     # a key the run's stoptool did not have held its default, unless it is one of OLD_DEFAULTS
     defaults = {**PretrainConfig().to_dict(), **OLD_DEFAULTS}
-    diff = [k for k in now if k not in RESUMABLE_CHANGES and before.get(k, defaults.get(k)) != now[k]]
+    was = {k: before.get(k, defaults.get(k)) for k in now}
+    diff = [k for k in now if k not in RESUMABLE_CHANGES and was[k] != now[k]]
     if diff:
         k = diff[0]
         raise UserError(
-            f"'{latest}' holds a run with {k}={before.get(k)!r}, not {now[k]!r}: pass --no-resume "
+            f"'{latest}' holds a run with {k}={was[k]!r}, not {now[k]!r}: pass --no-resume "
             "to start over there, or --out for a new run directory"
         )
     return saved

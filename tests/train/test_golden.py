@@ -71,3 +71,14 @@ def test_a_run_directory_written_before_the_restructuring_resumes_and_reads(tmp_
                                  "--out", str(tmp_path / "p.json")])
     assert probed.exit_code == 0, probed.output
     assert 0.1 < json.loads((tmp_path / "p.json").read_text())["results"][0]["top1"] <= 1
+
+
+def test_a_run_from_before_the_bilinear_crops_resumes_only_when_told_they_were_bicubic(tmp_path, monkeypatch):
+    from stoptool.errors import UserError
+
+    monkeypatch.setitem(archs.ARCHS, "t", golden.SHRUNK)
+    run = tmp_path / "legacy"
+    shutil.copytree(LEGACY, run)
+    with pytest.raises(UserError, match="holds a run with interpolation='bicubic', not 'bilinear'"):
+        golden.run("stop", run, interpolation="bilinear")
+    assert (run / "latest.safetensors").read_bytes() == (LEGACY / "latest.safetensors").read_bytes()
