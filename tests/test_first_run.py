@@ -33,7 +33,8 @@ def test_a_dataset_name_that_is_not_known_gets_the_list_of_names(tmp_path):
     result = runner.invoke(app, ["pretrain", *TINY, "--dataset", "imagenett", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2
     assert result.stderr == ("error: unknown dataset 'imagenett': use digits, count, cifar10, cifar100 or a "
-                             "path to an ImageFolder directory (--dataset)\n")
+                             "path to an ImageFolder directory or to a set stoptool prepare wrote "
+                             "(--dataset)\n")
 
 
 def test_a_resumed_run_says_where_it_resumes_even_when_quiet(tmp_path):

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N"}
 
@@ -26,6 +26,8 @@ def open_image(source: Path | bytes) -> Image.Image:
         return Image.open(io.BytesIO(raw))
     except Image.DecompressionBombError as err:
         raise ValueError(str(err)) from None
+    except UnidentifiedImageError:  # (Pillow's message would name the in-memory buffer)
+        raise OSError("cannot identify image file") from None
 
 
 def as_rgb(img: Image.Image) -> Image.Image:

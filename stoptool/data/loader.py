@@ -19,6 +19,8 @@ from stoptool.data.transforms import PretrainTransform
 from stoptool.errors import UserError
 from stoptool.masks import MaskSampler
 
+PREFETCH_GPU = 4  # batches each worker keeps ready when feeding a GPU (torch's default: 2)
+
 
 def stream_seed(*parts: int) -> int:
     """A seed for the random stream named by `parts` (e.g. seed, epoch, index)."""
@@ -179,7 +181,8 @@ def pretrain_loader(
                                  getattr(data, "epoch_batches", None)),
         collate_fn=MaskCollate(sampler, seed, rank),
         num_workers=workers,
-        pin_memory=pin_memory,
+        pin_memory=pin_memory,  # (on a GPU: page-locked batches, copied while the step runs)
+        prefetch_factor=PREFETCH_GPU if workers and pin_memory else None,
         # its own generator, so that creating a loader never draws from the global RNG that
         # the predictor's noise uses (a resumed run must see the same noise)
         generator=torch.Generator().manual_seed(stream_seed(seed, first, -2)),

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from stoptool.config import build_config
+from stoptool.data.transforms import normalize
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import LATEST, load_checkpoint
 from stoptool.train import fit as loop
@@ -81,7 +82,8 @@ def test_a_nan_between_checks_stops_the_run_with_the_weights_from_before_it(tiny
 
     def poisoned(state, batch, hp):
         calls["n"] += 1
-        if calls["n"] == 5:  # step 4
+        if calls["n"] == 5:  # step 4 (its uint8 images normalised here, to hold a NaN)
+            batch.images = normalize(batch.images)
             batch.images[0, 0, 0, 0] = float("nan")
         return real(state, batch, hp)
 
