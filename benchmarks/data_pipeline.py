@@ -32,11 +32,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stoptool.bench import available_cpus
 from stoptool.config import MaskConfig
 from stoptool.data.datasets import open_dataset
 from stoptool.data.loader import pretrain_loader
-from stoptool.data.prepare import prepare
+from stoptool.data.prepare import available_cpus, prepare
 from stoptool.data.transforms import MEAN, STD, PretrainTransform
 from stoptool.masks import MaskSampler
 

@@ -6,7 +6,6 @@ schedule is projected from the measured rate: on one device, and on `--devices N
 scaling.
 """
 
-import os
 import resource
 import statistics
 import time
@@ -19,6 +18,7 @@ from stoptool.config import BenchConfig, build_config, config_from_dict, read_co
 from stoptool.data.datasets import open_dataset, train_images
 from stoptool.data.device_decode import check_device, pretrain_transform
 from stoptool.data.loader import SkipReport, pretrain_loader
+from stoptool.data.prepare import available_cpus
 from stoptool.errors import UserError
 from stoptool.flops import encoder_flops, train_step_flops
 from stoptool.masks import MaskSampler
@@ -280,8 +280,3 @@ def bench_data(cfg: BenchConfig) -> dict:
     out["img_per_s_per_core"] = out["img_per_s"] / cores
     out["ms_per_batch"] = out.pop("ms_per_step")
     return out
-
-
-def available_cpus() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

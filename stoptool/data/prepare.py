@@ -304,6 +304,7 @@ def _write_lists(folder: Path, split: str, rows: np.ndarray, names: list[str],
 
 
 def available_cpus() -> int:
+    """The cores this process may run on (its affinity, where the system tells)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

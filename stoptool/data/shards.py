@@ -29,8 +29,9 @@ from stoptool.errors import UserError
 INDEX = "index.json"
 FORMAT = "stoptool-shards"
 VERSION = 1
-SPLITS = ("train", "val")
 KEY_DIGITS = 8
+LANES = 8  # streams a process's share of an epoch is read in (see `ShardDataset.epoch_batches`)
+SHUFFLE_BUFFER = 1000  # images a stream's shuffle buffer holds
 
 
 def shard_name(split: str, number: int) -> str:
@@ -43,9 +44,6 @@ def members_name(split: str) -> str:
 
 def files_name(split: str) -> str:
     return f"{split}.files.txt"
-
-LANES = 8  # streams a process's share of an epoch is read in (see `ShardDataset.epoch_batches`)
-SHUFFLE_BUFFER = 1000  # images a stream's shuffle buffer holds
 
 
 def is_prepared(path: Path) -> bool:

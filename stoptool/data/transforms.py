@@ -22,10 +22,7 @@ STD = (0.229, 0.224, 0.225)
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> normalized float tensor [3, H, W]."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(MEAN).view(3, 1, 1)
-    std = torch.tensor(STD).view(3, 1, 1)
-    return (x - mean) / std
+    return normalize(torch.from_numpy(np.array(img)).permute(2, 0, 1))
 
 
 def crop_box(w: int, h: int, scale: tuple[float, float], rng: random.Random,
@@ -54,18 +51,18 @@ def draft_factor(box: tuple[int, int, int, int], size: int) -> int:
     return next((f for f in (8, 4, 2) if short >= f * (size + 1)), 1)
 
 
-def draft(img: Image.Image, box: tuple[int, int, int, int], size: int) -> tuple[Image.Image, tuple, int]:
+def draft(img: Image.Image, box: tuple[int, int, int, int], size: int) -> tuple[tuple, int]:
     """Have a JPEG not decoded yet decode at 1/2, 1/4 or 1/8 scale (its DCT scaling) where the
-    crop allows (`draft_factor`). Returns the image, the crop's box in its pixels and the
-    divisor. The box's edges are first snapped to multiples of the divisor (moved by at most
+    crop allows (`draft_factor`). Returns the crop's box in the pixels it will decode to, and
+    the divisor. The box's edges are snapped to multiples of the divisor (moved by at most
     half of it: under a quarter of an output pixel), so that it falls on whole decoded pixels."""
     factor = draft_factor(box, size)
     if factor == 1 or img.format != "JPEG" or not getattr(img, "tile", None):
-        return img, box, 1
+        return box, 1
     w, h = img.size
-    drafted = img.draft(img.mode if img.mode in ("L", "RGB") else "RGB", (w // factor, h // factor))
+    drafted = img.draft(None, (w // factor, h // factor))  # (mode, its box in the scaled pixels)
     factor = round(w / drafted[1][2]) if drafted else 1
-    return img, tuple(round(v / factor) for v in box), factor
+    return tuple(round(v / factor) for v in box), factor
 
 
 def resized_crop(img: Image.Image, box: tuple[int, int, int, int], size: int,
@@ -78,7 +75,7 @@ def resized_crop(img: Image.Image, box: tuple[int, int, int, int], size: int,
     if interpolation == "bicubic":
         img = as_rgb(img).resize((size, size), Image.BICUBIC, box=box)
         return torch.from_numpy(np.array(img)).permute(2, 0, 1)
-    img, (left, top, right, bottom), _ = draft(img, box, size)
+    (left, top, right, bottom), _ = draft(img, box, size)
     pixels = torch.from_numpy(np.array(as_rgb(img))).permute(2, 0, 1)[None]  # channels-last [1, 3, H, W]
     crop = pixels[..., top:bottom, left:right]
     out = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)

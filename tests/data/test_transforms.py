@@ -11,6 +11,8 @@ from PIL import Image
 
 from stoptool.data.base import open_image
 from stoptool.data.transforms import (
+    MEAN,
+    STD,
     PretrainTransform,
     crop_box,
     draft_factor,
@@ -100,8 +102,11 @@ def test_the_transform_hands_out_uint8_and_normalising_it_is_the_float_path():
     img = Image.open(io.BytesIO(_photo()))
     x = PretrainTransform(32, interpolation="bicubic")(img, random.Random(3))
     assert x.dtype == torch.uint8 and x.shape == (3, 32, 32)
-    as_pil = Image.fromarray(x.permute(1, 2, 0).numpy())
-    assert torch.equal(normalize(x[None])[0], to_tensor(as_pil))  # bit for bit: same float ops
+    # bit for bit what the workers computed before they handed out uint8
+    hwc = np.asarray(x.permute(1, 2, 0).numpy(), dtype=np.float32)
+    before = (hwc / 255.0 - np.float32(MEAN)) / np.float32(STD)
+    assert torch.equal(normalize(x[None])[0], torch.from_numpy(before).permute(2, 0, 1))
+    assert torch.equal(to_tensor(Image.fromarray(x.permute(1, 2, 0).numpy())), normalize(x))
     floats = torch.randn(2, 3, 4, 4)
     assert normalize(floats) is floats
 
