@@ -43,6 +43,7 @@ RESUMABLE_CHANGES = {
     "accum_steps",  # the same update, in micro-batches
     "checkpoint_every",
     "checkpoint_minutes",
+    "decode",  # where JPEGs are decoded: the same crops (pixels within a level or so)
 }
 
 # Keys a run's stoptool may not have had whose absence meant another value than today's default.

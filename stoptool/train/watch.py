@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from stoptool.data.datasets import BUILTIN, ArrayDataset, ImageDataset
+from stoptool.data.shards import is_prepared
 from stoptool.errors import UserError
 from stoptool.probe.features import EvalImages, collate_eval
 from stoptool.probe.knn import knn_probe
@@ -227,13 +228,15 @@ class Watch:
 
 def eval_splits(cfg, explicit: bool):
     """(train, test, name) of the online k-NN's labelled set: `eval_dataset`, else the
-    pretraining set's own labelled splits; None where there are none (an ImageFolder tree
-    without val/). Problems with a set the user named are theirs to hear of."""
+    pretraining set's own labelled splits (an ImageFolder tree's train/ and val/, a prepared
+    set's train and val); None where there are none (a tree without val/). Problems with a
+    set the user named are theirs to hear of."""
     d = cfg.data
     name = cfg.watch.eval_dataset or d.dataset
     if not explicit and name not in BUILTIN:
         root = Path(name).expanduser()
-        if not ((root / "train").is_dir() and any((root / v).is_dir() for v in ("val", "test"))):
+        folders = (root / "train").is_dir() and any((root / v).is_dir() for v in ("val", "test"))
+        if not (folders or is_prepared(root)):
             return None
     try:
         return open_splits(ProbeConfig(dataset=name, data_root=d.data_root))

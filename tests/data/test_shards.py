@@ -186,6 +186,13 @@ def test_probe_reads_the_prepared_val_split(prepared):
     assert sorted(set(test.labels.tolist())) == [0, 1, 2]
 
 
+def test_the_online_knn_of_a_run_on_shards_uses_the_prepared_splits(prepared, tiny_cfg):
+    from stoptool.train.watch import eval_splits
+
+    train, test, _ = eval_splits(tiny_cfg(dataset=str(prepared)), explicit=False)
+    assert (train.split, test.split, len(train), len(test)) == ("train", "val", IMAGES, 12)
+
+
 def test_a_decode_value_that_is_not_known_or_not_possible_is_refused(prepared, tmp_path):
     out = tmp_path / "run"
     for value, says in (("fast", "decode"), ("gpu", "decode=gpu decodes JPEGs on a CUDA device")):
