@@ -94,16 +94,19 @@ def crop_resize(img: torch.Tensor, box: tuple[int, int, int, int], size: int, fl
 
 
 def check_device(decode: str, device: torch.device) -> None:
-    """decode=gpu needs a CUDA device and torchvision's GPU decoder: one clear error if not."""
+    """decode=gpu needs a CUDA device and torchvision's batched decoder: one clear error if not."""
     if decode != "gpu":
         return
     if device.type != "cuda":
         raise UserError(f"decode=gpu decodes JPEGs on a CUDA device, and this run's device is {device.type}: "
                         "use decode=cpu", key="decode")
     try:
-        from torchvision.io import decode_jpeg  # noqa: F401
+        import torchvision
     except ImportError:
         raise UserError("decode=gpu needs torchvision (pip install torchvision)", key="decode") from None
+    if tuple(int(p) for p in torchvision.__version__.split("+")[0].split(".")[:2]) < (0, 19):
+        raise UserError(f"decode=gpu decodes a batch at once, which needs torchvision 0.19 or later, not "
+                        f"{torchvision.__version__}", key="decode")
 
 
 def pretrain_transform(size: int, d) -> PretrainTransform | DeferredTransform:
