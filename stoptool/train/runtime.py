@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from stoptool.data.prepare import available_cpus
 from stoptool.errors import UserError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -106,8 +107,9 @@ def autocast_factory(device: torch.device, precision: str):
 
 
 def default_workers(device: torch.device, in_memory: bool, processes_per_node: int = 1) -> int:
-    """Loader workers for one training process; the node's cores are shared by its processes."""
-    cpus = max(1, (os.cpu_count() or 1) // max(1, processes_per_node))
+    """Loader workers for one training process; the cores it may run on (a scheduler's CPU
+    binding included) are shared by the node's processes."""
+    cpus = max(1, available_cpus() // max(1, processes_per_node))
     if device.type == "cuda":
         return min(8, cpus)
     # On a CPU the loader competes with the step for cores; in-memory sets need no workers.

@@ -117,3 +117,18 @@ def test_eager_on_compile_failure_leaves_other_errors_alone():
     with pytest.raises(ValueError):
         eager_on_compile_failure(run, model, reasons.append)
     assert len(calls) == 1 and reasons == []
+
+
+def test_default_workers_count_the_cores_the_process_may_run_on(monkeypatch):
+    """A scheduler binding the job to 4 of a node's 64 cores gets workers for 4, not 64."""
+    import os
+
+    from stoptool.train.runtime import default_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert default_workers(cuda, False) == 4 and default_workers(cuda, False, processes_per_node=2) == 2
+    assert default_workers(cpu, False) == 1 and default_workers(cpu, True) == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert default_workers(cuda, False) == 8 and default_workers(cpu, False) == 4
