@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stoptool.data.base import ImageDataset, as_rgb
+from stoptool.data.base import ImageDataset, as_rgb, open_image
 from stoptool.data.cifar import load_cifar
 from stoptool.data.datasets import FolderDataset
 from stoptool.data.shards import (
@@ -118,16 +118,14 @@ def encode(item: Path | np.ndarray, short_side: int, quality: int) -> bytes:
     if isinstance(item, np.ndarray):
         img = Image.fromarray(item)
         return _shrink(img, target_size(img.size, short_side), quality)
-    try:
-        with Image.open(item) as img:
-            size = target_size(img.size, short_side)
-            if img.format == "JPEG" and size == img.size:
-                img.load()  # a truncated file fails here, not in the middle of a training run
-                return item.read_bytes()
-            img.draft(None, size)  # a JPEG decodes at 1/2, 1/4 or 1/8 scale while that leaves `size`
-            return _shrink(as_rgb(img), size, quality)
-    except Image.DecompressionBombError as err:  # as the loaders do: a refusal, not a bug
-        raise ValueError(str(err)) from None
+    raw = item.read_bytes()
+    img = open_image(raw)  # (as the loaders open it: a decompression bomb is a ValueError)
+    size = target_size(img.size, short_side)
+    if img.format == "JPEG" and size == img.size:
+        img.load()  # a truncated file fails here, not in the middle of a training run
+        return raw
+    img.draft(None, size)  # a JPEG decodes at 1/2, 1/4 or 1/8 scale while that leaves `size`
+    return _shrink(as_rgb(img), size, quality)
 
 
 def _shrink(img: Image.Image, size: tuple[int, int], quality: int) -> bytes:
