@@ -24,6 +24,7 @@ from stoptool.flops import encoder_flops, train_step_flops
 from stoptool.masks import MaskSampler
 from stoptool.models.encoder import encode
 from stoptool.models.jepa import build_jepa
+from stoptool.runs import schedule_steps
 from stoptool.train.runtime import (
     Prepared,
     device_sync,
@@ -153,7 +154,7 @@ def projection(cfg: BenchConfig, img_per_s: float) -> dict:
     if ipe == 0:
         raise UserError(f"the preset's data set has {size:,} images, fewer than its batch of {o.batch_size}",
                         key="config")
-    steps = o.epochs * ipe if o.steps is None else min(o.epochs * ipe, o.steps)
+    steps = schedule_steps(o.epochs, ipe, o.steps)
     hours = steps * o.batch_size / img_per_s / 3600
     return {"dataset": d.dataset, "dataset_images": size, "epochs": o.epochs, "iterations_per_epoch": ipe,
             "schedule_steps": steps, "global_batch": o.batch_size, "images_seen": steps * o.batch_size,

@@ -33,8 +33,9 @@ SEED_MAX = 2**32 - 1  # what numpy and scikit-learn take
 
 
 def user_errors(fn):
-    """Turn a UserError into one line on stderr and exit code 2; likewise a path given on the
-    command line that is too long for the filesystem, wherever it is first looked at."""
+    """Turn a UserError into one line on stderr and its exit code (2: bad input; 1: a write the
+    machine refused, see `errors.WriteFailed`); likewise a path given on the command line that is
+    too long for the filesystem, wherever it is first looked at (exit 2)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -44,7 +45,7 @@ def user_errors(fn):
             flag = f" (--{err.key.replace('_', '-')})" if err.key else ""  # the key's spelling as a flag
             # the message is text, not markup: a `[hf]` in it must print as written
             err_console.print(f"[bold red]error:[/] {escape(str(err))}{flag}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(err.exit_code) from None
         except OSError as err:
             if err.errno != errno.ENAMETOOLONG:
                 raise

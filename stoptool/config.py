@@ -46,6 +46,7 @@ from stoptool.options import (
     like,
     option,
 )
+from stoptool.runs import parse_assignment
 
 _SMALL = "for patches of 4 px or less"
 
@@ -300,16 +301,10 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     out = {}
     keys = config_keys()
     for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UserError(f"--set takes KEY=VALUE, got '{item}'")
+        key, value = parse_assignment(item)
         if key not in keys:
             raise UserError(_unknown(key, keys))
-        try:
-            out[key] = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            raise UserError(f"--set {key}: '{text}' is not a YAML value", key=key) from None
+        out[key] = value
     return out
 
 

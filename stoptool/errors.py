@@ -11,6 +11,8 @@ class UserError(Exception):
     `key`, when given, is the config field the message is about: the command line adds the
     flag that sets it."""
 
+    exit_code = 2
+
     def __init__(self, message: str = "", key: str | None = None):
         super().__init__(message)
         self.key = key
@@ -32,3 +34,15 @@ def plural(n: int, noun: str) -> str:
     if n == 1:
         return f"{n} {noun}"
     return f"{n} {noun}{'es' if noun.endswith(('s', 'x', 'ch', 'sh')) else 's'}"
+
+
+class WriteFailed(UserError):
+    """A file could not be written (no space left, no permission, its directory removed): not
+    the user's input but the machine's state, so the command exits 1, with one line naming the
+    file. `path`, `needed` (bytes, where known) and `free` (bytes, where known) say what failed."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, path, needed: int | None = None, free: int | None = None):
+        super().__init__(message)
+        self.path, self.needed, self.free = path, needed, free

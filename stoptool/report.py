@@ -15,10 +15,10 @@ from typing import Any
 
 import yaml
 
-from stoptool.config import config_from_dict
 from stoptool.errors import UserError, plural
 from stoptool.io.paths import check_writable, write_report, write_text_atomic
-from stoptool.sweep import MANIFEST, PROBE_FILE, probe_metrics, read_json, run_state
+from stoptool.runs import CONFIG, SUMMARY, parse_assignment, read_config, read_json, run_state
+from stoptool.sweep import MANIFEST, probe_metrics
 from stoptool.viz.common import check_out, save_figure
 
 LOSS = "loss"  # the final pretraining loss, from summary.json, reported beside the probe metrics
@@ -128,38 +128,26 @@ def read_runs(root: Path) -> tuple[list[str], list[RunResult], list[tuple[str, s
     if manifest:
         names, fields = manifest["runs"], list(manifest["grid"])
     else:
-        names = sorted(p.name for p in root.iterdir() if (p / "config.yaml").is_file())
+        names = sorted(p.name for p in root.iterdir() if (p / CONFIG).is_file())
         fields = None
     if not names:
         raise UserError(f"'{root}' holds no sweep: neither a {MANIFEST} nor run directories with a "
                         "config.yaml")
     done, excluded = [], []
     for name in names:
-        config = _read_config(root / name)
-        summary = read_json(root / name / "summary.json") or {}
-        probed = (read_json(root / name / PROBE_FILE) or {}).get("checkpoint_meta", {}).get("step")
-        if config is None or "stopped" in summary or probed is None or probed != summary.get("step"):
-            excluded.append((name, _state(root / name, config)))
+        config, state = read_config(root / name), run_state(root / name)
+        if config is None or state.kind != "probed":
+            excluded.append((name, str(state)))
             continue
         metrics = probe_metrics(root / name)
-        if summary.get(LOSS) is not None:
+        summary = read_json(root / name / SUMMARY) or {}
+        if summary.get(LOSS) is not None and summary.get("step") == state.step:
             metrics[LOSS] = summary[LOSS]
         done.append(RunResult(name, config, metrics))
     if fields is None:
         fields = [k for k in (done[0].config if done else {}) if k != "out"
                   and len({_key(r.config.get(k)) for r in done}) > 1]
     return fields, done, excluded
-
-
-def _state(run_dir: Path, config: dict | None) -> str:
-    """Why a run has no results to report: its state as `stoptool sweep --dry-run` gives it."""
-    if config is None:
-        return "not started"
-    try:
-        state = run_state(run_dir, config_from_dict(config))
-    except UserError as err:  # its data set is gone, or its config no longer reads
-        return f"unknown ({err})"
-    return "trained, not probed" if state.kind == "probed" else str(state)
 
 
 def _read_manifest(path: Path) -> dict | None:
@@ -173,14 +161,6 @@ def _read_manifest(path: Path) -> dict | None:
             or not isinstance(data.get("grid"), dict):
         raise UserError(f"'{path}' is not a sweep manifest (written by stoptool sweep): remove it or fix it")
     return data
-
-
-def _read_config(run_dir: Path) -> dict | None:
-    try:
-        data = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _key(value: Any) -> str:
@@ -225,14 +205,10 @@ def make_report(root: str | Path, by: list[str] | None = None, baseline: str | N
 
 
 def _parse_baseline(text: str, group_by: list[str], runs: list[RunResult]) -> tuple[str, Any]:
-    name, sep, value = text.partition("=")
-    name = name.strip()
-    if not sep or not name:
-        raise UserError(f"--baseline takes FIELD=VALUE, e.g. sigma=0, got '{text}'")
+    name, value = parse_assignment(text, "--baseline", "FIELD=VALUE, e.g. sigma=0")
     if name not in group_by:
         raise UserError(f"--baseline {name}: the groups are by {', '.join(group_by) or 'nothing'}; "
                         "the baseline must name one of those fields")
-    value = yaml.safe_load(value) if value.strip() else None
     if not any(_key(r.config[name]) == _key(value) for r in runs):
         seen = sorted({_key(r.config[name]) for r in runs})
         raise UserError(f"--baseline {text}: no probed run has {name}={_key(value)} (it takes "

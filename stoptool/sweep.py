@@ -13,7 +13,6 @@ resumes interrupted ones from their `latest` checkpoint.
 """
 
 import itertools
-import json
 import os
 import re
 import shlex
@@ -30,12 +29,13 @@ from typing import Any
 import yaml
 
 from stoptool.config import PretrainConfig, build_config, read_config_file
-from stoptool.data.datasets import BUILTIN, has_separator, open_dataset, train_images
+from stoptool.data.datasets import BUILTIN, has_separator, open_dataset
 from stoptool.errors import UserError, plural
 from stoptool.io.checkpoint import LATEST, read_meta
 from stoptool.io.paths import check_writable, write_text_atomic
 from stoptool.options import build
 from stoptool.probe.run import ProbeConfig, run_probe
+from stoptool.runs import PROBE_FILE, RunLock, RunState, parse_assignment, read_json, run_state
 from stoptool.train.pretrain import pretrain
 from stoptool.train.state import RESUMABLE_CHANGES
 
@@ -43,7 +43,6 @@ SECTIONS = ("base", "grid", "probe", "description")
 # What a spec's probe section may set; the sweep itself gives the checkpoint and the output.
 PROBE_KEYS = ("method", "dataset", "subset", "fraction", "layers", "seed", "data_root", "img_size", "which",
               "batch_size", "device", "precision", "workers", "cache_dir", "cache")
-PROBE_FILE = "probe.json"
 MANIFEST = "sweep.yaml"  # the spec as run, and its runs: what `stoptool report` groups by
 LOG_FILE = "sweep.log"  # a run's output when it ran in a subprocess (--parallel)
 
@@ -64,6 +63,12 @@ class Run:
     def probe_config(self) -> ProbeConfig:
         return build(ProbeConfig, {**self.probe, "ckpt": str(self.dir), "out": str(self.dir / PROBE_FILE)})
 
+    def state(self) -> RunState:
+        """Where the run stands against this sweep's schedule and probe."""
+        probe = self.probe_config()
+        wanted = {(m, probe.layers, probe.fraction, probe.seed) for m in probe.methods()}
+        return run_state(self.dir, self.cfg.optim.epochs, self.cfg.optim.steps, wanted)
+
 
 @dataclass
 class Sweep:
@@ -78,26 +83,9 @@ class Sweep:
 
 
 @dataclass
-class State:
-    kind: str  # probed | trained | partial | failed | not started
-    step: int | None = None
-    last_step: int | None = None
-    note: str = ""
-
-    def __str__(self) -> str:
-        if self.kind == "trained":
-            return "trained, not probed"
-        if self.kind == "partial":
-            return f"partial at step {self.step} of {self.last_step}"
-        if self.kind == "failed":
-            return f"failed at step {self.step}: {self.note}"
-        return self.kind
-
-
-@dataclass
 class Outcome:
     run: Run
-    state: State
+    state: RunState
     seconds: float
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
@@ -158,14 +146,7 @@ def _mapping(spec: dict, section: str, where: str) -> dict:
 
 def _apply_overrides(spec: dict, items: list[str], where: str) -> None:
     for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UserError(f"--set takes KEY=VALUE (or probe.KEY=VALUE), got '{item}'")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            raise UserError(f"--set {key}: '{text}' is not a YAML value") from None
+        key, value = parse_assignment(item, example="KEY=VALUE (or probe.KEY=VALUE)")
         section, _, name = key.rpartition(".")
         if section not in ("", "probe"):
             raise UserError(f"--set {key}: set a base key (KEY=VALUE) or a probe option (probe.KEY=VALUE)")
@@ -243,51 +224,6 @@ def _safe(text: str) -> str:
 # -- what is done ----------------------------------------------------------------------------
 
 
-def last_step(cfg: PretrainConfig) -> int:
-    """The step a finished run reaches: epochs × iterations per epoch, or `steps` before that."""
-    d = cfg.data
-    ipe = train_images(d.dataset, d.subset, d.data_root) // cfg.optim.batch_size
-    schedule = cfg.optim.epochs * ipe
-    return schedule if cfg.optim.steps is None else min(schedule, cfg.optim.steps)
-
-
-def run_state(run_dir: Path, cfg: PretrainConfig, probe: ProbeConfig | None = None) -> State:
-    """Where a run stands, from its directory: not started, partial, failed (a stopped run),
-    trained, or probed (`probe`: with every method it asks for; None: any probe results)."""
-    latest = run_dir / LATEST
-    summary = read_json(run_dir / "summary.json") or {}
-    step = read_meta(latest).get("step", 0) if latest.is_file() else None
-    if "stopped" in summary and (step is None or summary.get("step", 0) >= step):
-        return State("failed", summary.get("step"), note=str(summary["stopped"]).splitlines()[0])
-    if step is None:
-        return State("not started")
-    last = last_step(cfg)
-    if step < last:
-        return State("partial", step, last)
-    if _probed(run_dir, step, probe):
-        return State("probed", step, last)
-    return State("trained", step, last)
-
-
-def _probed(run_dir: Path, step: int, probe: ProbeConfig | None) -> bool:
-    found = read_json(run_dir / PROBE_FILE)
-    if not found or found.get("checkpoint_meta", {}).get("step") != step:
-        return False
-    rows = found.get("results", [])
-    if probe is None:
-        return bool(rows)
-    have = {(r.get("method"), r.get("layers"), r.get("fraction"), r.get("seed")) for r in rows}
-    return all((m, probe.layers, probe.fraction, probe.seed) in have for m in probe.methods())
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def probe_metrics(run_dir: Path) -> dict[str, float]:
     """The probe's results of a run as metrics in percent: `logreg_top1`, `knn_top5`, ...
     (`_last4` and `_f0.1` mark other layers and label fractions)."""
@@ -302,12 +238,12 @@ def probe_metrics(run_dir: Path) -> dict[str, float]:
     return out
 
 
-def states(sweep: Sweep) -> list[State]:
+def states(sweep: Sweep) -> list[RunState]:
     """Every run's state; a run directory that holds a run of another config is an error."""
     found = []
     for run in sweep.runs:
         _check_same_run(run)
-        found.append(run_state(run.dir, run.cfg, run.probe_config()))
+        found.append(run.state())
     return found
 
 
@@ -355,11 +291,17 @@ def run_sweep(sweep: Sweep, parallel: int = 1, notify: Callable[[str], None] | N
     found = states(sweep)
     check_data(sweep)
     check_writable(sweep.out / MANIFEST)
-    write_manifest(sweep)
-    say = notify or (lambda text: None)
-    todo = [(run, st) for run, st in zip(sweep.runs, found) if st.kind != "probed"]
-    say(f"{sweep.label}: {plural(len(sweep.runs), 'run')}, {len(sweep.runs) - len(todo)} done, "
-        f"{len(todo)} to run" + (f", {parallel} at a time" if parallel > 1 and todo else ""))
+    with RunLock(sweep.out, "sweep"):  # one sweep at a time in a directory
+        write_manifest(sweep)
+        return _run_all(sweep, found, parallel, notify or (lambda text: None))
+
+
+def _run_all(sweep: Sweep, found: list[RunState], parallel: int, say: Callable[[str], None]) -> list[Outcome]:
+    todo = [(run, st) for run, st in zip(sweep.runs, found) if st.kind not in ("probed", "training")]
+    busy = [run.name for run, st in zip(sweep.runs, found) if st.kind == "training"]
+    say(f"{sweep.label}: {plural(len(sweep.runs), 'run')}, {len(sweep.runs) - len(todo) - len(busy)} done, "
+        f"{len(todo)} to run" + (f", {parallel} at a time" if parallel > 1 and todo else "")
+        + (f", {len(busy)} being trained by another process (left alone: {', '.join(busy)})" if busy else ""))
     if parallel > 1:
         threads = max(1, (os.cpu_count() or 1) // parallel)
         with ThreadPoolExecutor(parallel) as pool:
@@ -375,7 +317,7 @@ def run_sweep(sweep: Sweep, parallel: int = 1, notify: Callable[[str], None] | N
     return outcomes
 
 
-def _in_process(run: Run, state: State, say: Callable[[str], None]) -> Outcome:
+def _in_process(run: Run, state: RunState, say: Callable[[str], None]) -> Outcome:
     start = time.perf_counter()
     try:
         if state.kind != "trained":
@@ -385,14 +327,14 @@ def _in_process(run: Run, state: State, say: Callable[[str], None]) -> Outcome:
         run_probe(run.probe_config())
     except UserError as err:
         say(f"{run.name}: failed: {err}")
-        return Outcome(run, run_state(run.dir, run.cfg, run.probe_config()), time.perf_counter() - start,
+        return Outcome(run, run.state(), time.perf_counter() - start,
                        str(err))
     seconds = time.perf_counter() - start
     say(f"{run.name}: done in {seconds:.0f} s")
-    return Outcome(run, run_state(run.dir, run.cfg, run.probe_config()), seconds)
+    return Outcome(run, run.state(), seconds)
 
 
-def _in_subprocess(run: Run, state: State, threads: int, say: Callable[[str], None]) -> Outcome:
+def _in_subprocess(run: Run, state: RunState, threads: int, say: Callable[[str], None]) -> Outcome:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     steps = commands(run, [sys.executable, "-m", "stoptool"])
     if state.kind == "trained":
@@ -411,7 +353,7 @@ def _in_subprocess(run: Run, state: State, threads: int, say: Callable[[str], No
                 break
     seconds = time.perf_counter() - start
     say(f"{run.name}: " + (f"failed: {error}" if error else f"done in {seconds:.0f} s"))
-    return Outcome(run, run_state(run.dir, run.cfg, run.probe_config()), seconds, error)
+    return Outcome(run, run.state(), seconds, error)
 
 
 def _last_line(path: Path) -> str:

@@ -19,8 +19,11 @@ LAYERS = [
     ["stoptool.options", "stoptool.models.archs", "stoptool.io.paths"],
     ["stoptool.models", "stoptool.masks", "stoptool.flops"],
     ["stoptool.data", "stoptool.io.checkpoint"],
-    ["stoptool.io", "stoptool.config"],
+    ["stoptool.io", "stoptool.config", "stoptool.runs"],
     ["stoptool.train", "stoptool.probe"],
+    # the evaluations beyond the linear probe: fine-tuning (Table 5), transfer probes (Table 4),
+    # video label propagation (Table 3)
+    ["stoptool.finetune", "stoptool.evaluate", "stoptool.track"],
     ["stoptool.viz", "stoptool.bench", "stoptool.sweep", "stoptool.report", "stoptool.demo"],
     ["stoptool.cli", "stoptool.cliopts", "stoptool.__main__"],
 ]

@@ -5,11 +5,13 @@ import json
 import math
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
 from stoptool.cli import app
 from stoptool.config import config_from_dict
+from stoptool.io.checkpoint import LATEST, Checkpoint, save_checkpoint
 from stoptool.report import make_report, paired_difference, t_quantile
 
 runner = CliRunner(env={"COLUMNS": "400"})
@@ -18,11 +20,15 @@ TOP1 = {0.0: [0.90, 0.92, 0.94], 0.25: [0.93, 0.96, 0.96], 0.5: [0.91, 0.95]}
 
 
 def plant(root, name: str, sigma: float, seed: int, top1: float | None, step: int = 2, **summary) -> None:
-    """A run directory as a finished, probed sweep run leaves it: config.yaml, summary.json and
-    probe.json (no probe.json when `top1` is None)."""
+    """A run directory as a finished, probed sweep run leaves it: latest (its metadata: a run of
+    `step` steps, one an epoch), config.yaml, summary.json and probe.json (no probe.json when
+    `top1` is None)."""
     run = root / name
     run.mkdir(parents=True)
-    cfg = config_from_dict({"sigma": sigma, "seed": seed, "out": str(run)})
+    cfg = config_from_dict({"sigma": sigma, "seed": seed, "out": str(run), "epochs": 2})
+    meta = {"kind": "pretrain", "arch": "vit_t4", "img_size": 32, "step": step, "iterations_per_epoch": 1,
+            "config": cfg.to_dict()}
+    save_checkpoint(run / LATEST, Checkpoint(meta, {"w": torch.zeros(1)}))
     (run / "config.yaml").write_text(cfg.to_yaml())
     (run / "summary.json").write_text(json.dumps({"step": step, **summary}))
     if top1 is not None:
@@ -130,4 +136,4 @@ def test_a_directory_without_results_exits_2(tmp_path):
     plant(tmp_path / "s", "sigma=0,seed=0", 0.0, 0, None)
     result = runner.invoke(app, ["report", str(tmp_path / "s")])
     assert result.exit_code == 2 and "no run in" in result.stderr
-    assert "sigma=0,seed=0: not started" in result.stderr
+    assert "sigma=0,seed=0: trained, not probed" in result.stderr

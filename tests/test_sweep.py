@@ -2,6 +2,7 @@
 resume, the SLURM and command-list output, and parallel runs splitting the cores."""
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -17,6 +18,8 @@ from typer.testing import CliRunner
 
 from stoptool import sweep as sweep_module
 from stoptool.cli import app
+from stoptool.errors import UserError
+from stoptool.runs import RunLock, lock_holder
 from stoptool.sweep import commands, load_sweep, run_sweep, sweep_names
 
 runner = CliRunner(env={"COLUMNS": "400"})
@@ -225,3 +228,22 @@ def test_parallel_runs_are_subprocesses_that_split_the_cores(tmp_path, folder, m
     assert [a for a, _ in calls if str(ok.run.dir) in a] == argvs  # pretrain, then probe
     assert [a[3] for a, _ in calls if str(bad.run.dir) in a] == ["pretrain"]  # no probe after a failure
     assert ok.error is None and bad.error == "pretrain exited with 2: error: the data set has 2 images"
+
+
+def test_a_parallel_sweep_gives_each_run_a_directory_of_its_own_and_holds_its_own(tmp_path, folder):
+    spec = write_spec(tmp_path / "s.yaml", {"sigma": [0.0, 0.25]}, tiny_base(folder))
+    plan = load_sweep(str(spec), tmp_path / "out")
+    outcomes = run_sweep(plan, parallel=2)
+    assert [o.error for o in outcomes] == [None, None]
+    assert [o.state.kind for o in outcomes] == ["probed", "probed"]
+    dirs = [o.run.dir for o in outcomes]
+    assert len(set(dirs)) == 2
+    for d in dirs:  # each run's metrics are its own two steps, not interleaved with another's
+        rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2]
+        assert lock_holder(d) is None
+    assert lock_holder(plan.out) is None
+    # a second sweep into a directory a live one holds is refused at once
+    with RunLock(plan.out, "sweep"):
+        with pytest.raises(UserError, match=f"is being written by pid {os.getpid()}"):
+            run_sweep(plan)

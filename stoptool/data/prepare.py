@@ -43,7 +43,7 @@ from stoptool.data.shards import (
     shard_name,
 )
 from stoptool.errors import UserError, plural
-from stoptool.io.paths import check_writable
+from stoptool.io.paths import check_writable, size_text
 
 Progress = Callable[[str, int, int], None]  # (split, images done, images in the split)
 Encoder = Callable[[Iterable], Iterator[tuple[bytes | None, str]]]  # images in, (JPEG or None, reason) out
@@ -367,11 +367,5 @@ def describe(index: dict, dst: str | Path) -> str:
     skipped = sum(s["skipped"] for s in splits.values())
     listed = ", ".join(skipped_name(split) for split, s in splits.items() if s["skipped"])
     unreadable = f"{skipped:,} unreadable skipped" + (f" (listed in {listed})" if skipped else "")
-    return f"prepared {', '.join(parts)}; {_size(total)}; {unreadable}; in {dst}"
+    return f"prepared {', '.join(parts)}; {size_text(total)}; {unreadable}; in {dst}"
 
-
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} bytes"

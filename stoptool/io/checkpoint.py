@@ -64,7 +64,8 @@ def stoptool_view(ckpt: Checkpoint) -> Checkpoint:
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), sync=True)
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())  # (the header adds a little)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), sync=True, needed=needed)
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -1,18 +1,21 @@
 """Output paths checked before any work, so that a bad one costs a line, not a run; and the
 JSON reports written beside outputs."""
 
+import errno
 import json
 import math
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stoptool.errors import UserError
+from stoptool.errors import UserError, WriteFailed
 
 
 def asset(name: str) -> Path:
@@ -92,28 +95,77 @@ def report_path(out: Path, kind: str) -> Path:
     return out.with_name(f"{out.stem}.{kind}.json")
 
 
-def atomic_write(path: Path, write: Callable[[str], None], suffix: str = ".tmp", sync: bool = False) -> Path:
+# What a write can meet that says nothing about the user's input: the machine's state.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.EIO,
+                errno.EFBIG, errno.ENOTDIR}
+
+
+def size_text(n: int) -> str:
+    """Bytes for a message: 512 bytes, 86.0 MB, 1.4 GB (decimal units, as `df -H` counts)."""
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free bytes on the filesystem that holds `path` (its nearest existing ancestor); None
+    where that cannot be told."""
+    for parent in (Path(path).absolute(), *Path(path).absolute().parents):
+        if parent.exists():
+            try:
+                return shutil.disk_usage(parent).free
+            except OSError:
+                return None
+    return None
+
+
+@contextmanager
+def writing(path: Path, needed: int | None = None) -> Iterator[None]:
+    """Turn an OSError of the machine's state (no space, no permission, the directory gone)
+    met while writing `path` into a WriteFailed naming the file, the bytes it needed (`needed`,
+    where known) and the space left."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        free = free_bytes(path)
+        sizes = [f"needed {size_text(needed)}" if needed is not None else None,
+                 f"{size_text(free)} free" if free is not None and err.errno in (errno.ENOSPC, errno.EDQUOT)
+                 else None]
+        sizes = [s for s in sizes if s]
+        detail = f" ({', '.join(sizes)})" if sizes else ""
+        reason = (err.strerror or type(err).__name__).lower()
+        raise WriteFailed(f"cannot write '{path}': {reason}{detail}", path, needed, free) from None
+
+
+def atomic_write(path: Path, write: Callable[[str], None], suffix: str = ".tmp", sync: bool = False,
+                 needed: int | None = None) -> Path:
     """Call `write(tmp)` on a new temporary file beside `path`, then rename it over `path`: the
     file is whole or not there. The temporary name starts with a dot and at most 64
     bytes of `path`'s name, so that it fits wherever `path` does; the file gets the permissions a
-    plain `open` would give (mkstemp makes it private). `sync` flushes it to disk first."""
+    plain `open` would give (mkstemp makes it private). `sync` flushes it to disk first. A
+    write the machine refuses (no space, ...) raises WriteFailed (see `writing`; `needed` is the
+    size it would have taken, where known), the file as it was before."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    short = os.fsencode(path.name)[:64].decode(errors="ignore")  # 64 bytes, whole characters
-    fd, tmp = tempfile.mkstemp(prefix=f".{short}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # after the write: a writer may replace the file
-        if sync:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path, needed):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        short = os.fsencode(path.name)[:64].decode(errors="ignore")  # 64 bytes, whole characters
+        fd, tmp = tempfile.mkstemp(prefix=f".{short}.", suffix=suffix, dir=path.parent)
+        os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        try:
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~umask)  # after the write: a writer may replace the file
+            if sync:
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
 
 

@@ -54,6 +54,12 @@ class Checkpointer:
                 save_checkpoint(path, ckpt)
         self.longest_stall_s = max(self.longest_stall_s, time.perf_counter() - began)
 
+    def check(self) -> None:
+        """Raise the failure of a background write that has ended, without waiting for one in
+        flight: the loop asks after every step, so a full disk stops the run at once."""
+        if self._failure is not None:
+            self.wait()
+
     def wait(self) -> None:
         """Until the write in flight (if any) has landed; its failure is raised here."""
         if self._writer is not None:

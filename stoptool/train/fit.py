@@ -175,6 +175,7 @@ class _Launch:
         torchrun the processes agree on the signal and the clock at logged steps only (one
         small collective there, none between)."""
         plan, step = self.plan, self.step
+        self.ckpt.check()  # a background write that failed ends the run here
         stop = signum is not None
         minutes = plan.checkpoint_minutes
         due = bool(minutes) and time.monotonic() - self.last_save >= 60 * minutes

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from stoptool.errors import UserError
+from stoptool.io.paths import writing
 from stoptool.models.jepa import JEPA
 from stoptool.train.distributed import whole
 
@@ -78,7 +79,7 @@ class JsonlLog:
     """metrics.jsonl: one JSON object per row; alarms are rows too."""
 
     def __init__(self, run_dir: Path, resume_step: int, **_):
-        path = run_dir / METRICS
+        self.path = path = run_dir / METRICS
         _keep_rows(path, resume_step, _row_step)
         self._file = open(path, "a")
 
@@ -97,7 +98,7 @@ class CsvLog:
     """metrics.csv, with the fixed header CSV_COLUMNS."""
 
     def __init__(self, run_dir: Path, resume_step: int, **_):
-        path = run_dir / CSV
+        self.path = path = run_dir / CSV
         _keep_rows(path, resume_step, _csv_step, header=1)
         fresh = not path.exists() or path.stat().st_size == 0
         self._file = open(path, "a", newline="")
@@ -123,7 +124,7 @@ class TensorBoardLog:
     def __init__(self, run_dir: Path, resume_step: int, **_):
         from torch.utils.tensorboard import SummaryWriter
 
-        tb = run_dir / "tb"
+        self.path = tb = run_dir / "tb"
         if not resume_step:  # a run starting afresh: an earlier attempt's events go, as its rows do
             for old in tb.glob("events.out.tfevents.*"):
                 old.unlink()
@@ -148,6 +149,7 @@ class WandbLog:
     def __init__(self, run_dir: Path, resume_step: int, config: dict | None = None):
         import wandb
 
+        self.path = run_dir / "wandb"
         id_file = run_dir / "wandb_id.txt"
         run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
         id_file.write_text(run_id + "\n")
@@ -166,6 +168,7 @@ class WandbLog:
 
 
 KINDS = {"jsonl": JsonlLog, "csv": CsvLog, "tensorboard": TensorBoardLog, "wandb": WandbLog}
+FILES = {"jsonl": METRICS, "csv": CSV, "tensorboard": "tb", "wandb": "wandb"}  # what each writes, in the run
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
@@ -182,15 +185,20 @@ class Loggers:
     """The run's loggers: process 0's; other processes get none (`names` empty)."""
 
     def __init__(self, names, run_dir: Path, resume_step: int, config: dict | None = None):
-        self._logs = [KINDS[n](run_dir, resume_step, config=config) for n in names]
+        self._logs = []
+        for name in names:
+            with writing(run_dir / FILES[name]):  # a full disk or a read-only run: one line naming it
+                self._logs.append(KINDS[name](run_dir, resume_step, config=config))
 
     def write(self, row: dict) -> None:
         for log in self._logs:
-            log.write(row)
+            with writing(log.path):
+                log.write(row)
 
     def alarm(self, alarm: dict) -> None:
         for log in self._logs:
-            log.alarm(alarm)
+            with writing(log.path):
+                log.alarm(alarm)
 
     def close(self) -> None:
         for log in self._logs:

@@ -6,6 +6,8 @@ loop, `checkpointer` writes checkpoints and `logs` the metrics; `step` is one tr
 """
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,13 +15,15 @@ from stoptool.config import PretrainConfig
 from stoptool.data.datasets import ArrayDataset, ImageDataset, open_dataset
 from stoptool.data.device_decode import check_device, pretrain_transform
 from stoptool.data.loader import SkipReport, check_readable, pretrain_loader
-from stoptool.errors import UserError, plural
+from stoptool.errors import UserError, WriteFailed, plural
 from stoptool.flops import train_step_flops
-from stoptool.io.checkpoint import LATEST
+from stoptool.io.checkpoint import LATEST, read_meta
 from stoptool.io.paths import check_writable, write_report, write_text_atomic
 from stoptool.masks import MaskSampler
+from stoptool.runs import CONFIG, SUMMARY, RunLock, schedule_steps
 from stoptool.train.checkpointer import Checkpointer
 from stoptool.train.distributed import (
+    any_rank,
     check_batch,
     check_fsdp_support,
     check_same_step,
@@ -103,6 +107,16 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world, device, prec
     ipe = len(data) // cfg.optim.batch_size
     last_step = _last_step(cfg, ipe, notify)
     run_dir = _run_dir(cfg)
+    with _run_lock(run_dir, world, device, notify):
+        try:
+            return _train(cfg, resume, progress, notify, world, device, precision, data, ipe, last_step,
+                          run_dir, start)
+        except WriteFailed as err:
+            raise write_failed(err, run_dir) from None
+
+
+def _train(cfg: PretrainConfig, resume, progress, notify, world, device, precision, data, ipe: int,
+           last_step: int, run_dir: Path, start: float) -> RunResult:
     latest = run_dir / LATEST
     saved = load_resumable(latest, cfg) if resume and latest.exists() else None
     model, step = build_model(cfg, device, saved)
@@ -115,10 +129,9 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world, device, prec
     state, compiled = build_state(cfg, model, saved, world, device, precision, notify)
     del saved  # the whole checkpoint, in every process's memory until here
     if world.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         for torn in run_dir.glob(".*.safetensors.*.tmp"):  # being written when a process was killed
             torn.unlink(missing_ok=True)
-        write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
+        write_text_atomic(run_dir / CONFIG, cfg.to_yaml())
     rt = cfg.runtime
     plan = Plan(make_schedules(cfg.optim, ipe), ipe, last_step, cfg.optim.batch_size, rt.log_every,
                 rt.save_every, run_dir, world, device, rt.checkpoint_every, rt.checkpoint_minutes)
@@ -133,9 +146,9 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world, device, prec
     try:
         fitted = fit(plan, state, loader, step, ckpt, report, step_fn)
     except UserError as err:  # a diverged run: what it found goes into the summary too
-        if world.main:
-            write_report(run_dir / "summary.json", {"step": step, "stopped": str(err),
-                                                    "alarms": report.watch.alarms.fired})
+        if world.main and not isinstance(err, WriteFailed):
+            write_report(run_dir / SUMMARY, {"step": step, "stopped": str(err),
+                                             "alarms": report.watch.alarms.fired})
         raise
     finally:
         report.log.close()
@@ -144,6 +157,44 @@ def _pretrain(cfg: PretrainConfig, resume, progress, notify, world, device, prec
     facts = {"precision": precision, "workers": workers, "alarms": report.watch.alarms.fired,
              "stall_s": round(ckpt.longest_stall_s, 4)}
     return _finish(cfg, plan, state, fitted, step, seconds, facts, notify)
+
+
+@contextmanager
+def _run_lock(run_dir: Path, world, device, notify) -> Iterator[None]:
+    """The run directory, held by process 0 for the whole launch (see `runs.RunLock`): a second
+    launch into it is refused at once, in every process of it."""
+    lock = RunLock(run_dir, "pretrain") if world.main else None
+    refused = None
+    if lock is not None:
+        try:
+            note = lock.acquire()
+            if note and notify:
+                notify(note)
+        except UserError as err:
+            refused = err
+    if any_rank((refused is not None,), world, device)[0]:
+        raise refused or UserError(f"process 0 could not take the run directory '{run_dir}' (its message "
+                                   "says why)")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def write_failed(err: WriteFailed, run_dir: Path) -> WriteFailed:
+    """`err` completed for the user: the last good checkpoint and its step, and the command
+    that resumes once the cause is mended."""
+    latest = run_dir / LATEST
+    try:
+        kept = f"the last good checkpoint is '{latest}', at step {read_meta(latest)['step']}"
+    except UserError:
+        kept = "no checkpoint had been written yet"
+    config = run_dir / CONFIG
+    again = (f"resume with: stoptool pretrain --config {config}" if config.is_file()
+             else "then run the same command again")
+    message = f"{err}; {kept}; make room (or mend the permissions), then {again}"
+    return WriteFailed(message, err.path, err.needed, err.free)
 
 
 def _report(cfg: PretrainConfig, plan: Plan, data, step: int, precision: str, notify, progress) -> Report:
@@ -166,10 +217,10 @@ def _report(cfg: PretrainConfig, plan: Plan, data, step: int, precision: str, no
 def _last_step(cfg: PretrainConfig, ipe: int, notify) -> int:
     """Where the run stops: the schedule's end (epochs × iterations per epoch), or `steps`
     before it; a `steps` past it gets a note."""
-    schedule, steps = cfg.optim.epochs * ipe, cfg.optim.steps
+    schedule, steps = schedule_steps(cfg.optim.epochs, ipe), cfg.optim.steps
     if steps is not None and steps > schedule and notify:
         notify(f"--steps {steps} exceeds the schedule's {schedule} steps; stopping at {schedule}")
-    return schedule if steps is None else min(schedule, steps)
+    return schedule_steps(cfg.optim.epochs, ipe, steps)
 
 
 def _resuming(run_dir: Path, step: int, last_step: int, ipe: int) -> str:
@@ -254,6 +305,6 @@ def _finish(cfg: PretrainConfig, plan: Plan, state, fitted: Fitted, first_step: 
            else {"replicas_in_sync": in_sync} if world.distributed else {}),
     }
     summary["environment"] = environment()
-    write_report(plan.run_dir / "summary.json", summary)
+    write_report(plan.run_dir / SUMMARY, summary)
     return result
 
