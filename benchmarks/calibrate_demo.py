@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from stoptool.config import build_config
-from stoptool.probe import ProbeConfig, run_probe
+from stoptool.probe.run import ProbeConfig, run_probe
 from stoptool.train.pretrain import pretrain
 
 

@@ -19,7 +19,8 @@ from stoptool.config import BenchConfig, option_fields, option_panels
 from stoptool.errors import UserError
 from stoptool.io.paths import check_writable
 from stoptool.masks import MaskConfig
-from stoptool.options import declared
+from stoptool.options import build, declared
+from stoptool.probe.config import ProbeConfig
 
 app = typer.Typer(
     help="StoP (stochastic positional embeddings) on I-JEPA: pretrain ViTs, probe them, draw the paper's figures.",
@@ -571,66 +572,32 @@ def _duration(hours: float) -> str:
 
 @app.command()
 @user_errors
+@with_options(declared(ProbeConfig))
 def probe(
-    ckpt: Path | None = typer.Argument(None, help="A stoptool checkpoint (pretrain, imported or encoder-only), or a run directory (its latest)."),
-    dataset: str = typer.Option("digits", help="digits (bundled) | count (synthetic, drawn on demand) | cifar10 | cifar100 | PATH with train/ and val/ (or test/) ImageFolder trees."),
-    data_root: Path | None = typer.Option(None, help="Where CIFAR's release archive or extracted folder lives. (default: ~/.cache/stoptool/data)"),
-    download: bool = typer.Option(False, "--download", help="Fetch the CIFAR archive into --data-root when it is missing."),
-    train_dir: Path | None = typer.Option(None, help="ImageFolder tree of training images (with --val-dir, instead of --dataset)."),
-    val_dir: Path | None = typer.Option(None, help="ImageFolder tree of test images."),
-    subset: Path | None = typer.Option(None, help="Keep only the training images named in this file, one file name per line (the 1 % ImageNet subset format)."),
-    fraction: float = typer.Option(1.0, help="Class-balanced, seeded share of the training labels to use, in (0, 1]."),
-    layers: str = typer.Option("last", help="last: average-pooled last block | last4: the last four blocks' pools concatenated."),
-    method: str = typer.Option("logreg", help="logreg (scikit-learn) | linear (torch, GPU) | knn (cosine, k=20) | all."),
-    img_size: int | None = typer.Option(None, help="Evaluation image size (resize + centre crop). (default: the checkpoint's; with --random-init, as pretrain: 8 patches a side for patches of 4 px or less, else 224)"),
-    which: str = typer.Option("target", help="Which encoder of a pretrain checkpoint: target (EMA, the one the paper evaluates) | context."),
-    random_init: bool = typer.Option(False, "--random-init", help="Probe an untrained encoder of --arch (seeded): the baseline."),
-    arch: str | None = typer.Option(None, help="Arch of the --random-init encoder, e.g. vit_t4."),
-    init: str | None = typer.Option(None, help="How the --random-init encoder is drawn: released | timm. (default: as pretrain draws that arch: released; timm for patches of 4 px or less)"),
-    batch_size: int = typer.Option(128, help="Images per batch during feature extraction."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    precision: str = typer.Option("auto", help="Extraction precision: auto (bf16 where fast, else fp32) | bf16 | fp16 | fp32."),
-    workers: int | None = typer.Option(None, help="Data loader workers for extraction. (default: auto)"),
-    cache_dir: Path | None = typer.Option(None, help="Feature cache directory. (default: ~/.cache/stoptool/features)"),
-    cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse and store extracted features."),
-    seed: int = typer.Option(0, help="Seed of --fraction, the held-out split, the linear probe and --random-init.", min=0, max=SEED_MAX),
-    out: Path | None = typer.Option(None, help="JSON results file. (default: <ckpt stem>.probe-<dataset>.json beside the checkpoint; runs/random-init-<arch>-<size>px.probe-<dataset>.json with --random-init)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    overrides: dict | None = None,
 ):
     """Linear, logistic and k-NN probes of frozen encoder features (top-1, top-5), as a table and JSON."""
-    from stoptool.probe import ProbeConfig, run_probe
+    from stoptool.probe.run import run_probe
 
-    cfg = ProbeConfig(
-        ckpt=str(ckpt) if ckpt is not None else None, dataset=dataset,
-        data_root=str(data_root) if data_root else None, download=download,
-        train_dir=str(train_dir) if train_dir else None, val_dir=str(val_dir) if val_dir else None,
-        subset=str(subset) if subset else None, fraction=fraction, layers=layers, method=method,
-        img_size=img_size, which=which, random_init=random_init, arch=arch, init=init, batch_size=batch_size,
-        device=device, precision=precision, workers=workers,
-        cache_dir=str(cache_dir) if cache_dir else None, cache=cache, seed=seed,
-        out=str(out) if out else None,
-    )
-    _note_slow_bf16(precision, device)
+    cfg = build(ProbeConfig, overrides)
+    _note_slow_bf16(cfg.precision, cfg.device)
     with _SplitBar("features", quiet) as bar:
         report = run_probe(cfg, progress=bar.update)
-    info = report.info
-    title = (f"probe {info['encoder']} ({info['which']}, {info['arch']} @ {info['img_size']}px) "
-             f"on {info['dataset']}")
-    table = Table(title=title, title_justify="left")
-    for col in ("method", "layers", "train", "test", "dim", "top-1", "top-5", "seconds"):
-        table.add_column(col, justify="left" if col in ("method", "layers") else "right")
-    for r in report.rows:
-        top5 = f"{100 * r['top5']:.2f}" if r["top5"] is not None else "-"
-        train = f"{r['train']}" + (f" ({r['fraction']:g})" if r["fraction"] < 1 else "")
-        table.add_row(r["method"], r["layers"], train, str(r["test"]), str(r["dim"]),
-                      f"{100 * r['top1']:.2f}", top5, f"{r['seconds']:.1f}")
-    console.print(table)
-    cached = "features from cache" if not report.extracted else f"extracted: {', '.join(report.extracted)}"
-    if info["skipped_images"]:
-        cached += f"; {info['skipped_images']} unreadable images skipped"
-    console.print(f"{cached}; results in {report.json_path}", highlight=False, markup=False, soft_wrap=True)
+    _print_columns(report.title(), report.COLUMNS, report.table(), left=("method", "layers"))
+    console.print(report.closing(), highlight=False, markup=False, soft_wrap=True)
     for note in report.notes:
         _note(note)
+
+
+def _print_columns(title: str, columns: tuple[str, ...], rows: list[tuple], left: tuple[str, ...] = ()) -> None:
+    """A table with a header row; columns named in `left` align left, the others (numbers) right."""
+    table = Table(title=title, title_justify="left")
+    for col in columns:
+        table.add_column(col, justify="left" if col in left else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
 
 
 class _SplitBar:

@@ -12,7 +12,7 @@ from dataclasses import Field
 
 import typer
 
-from stoptool.options import base_type, coerce, default_help, is_pair, key_of
+from stoptool.options import base_type, coerce, default_help, is_list, is_pair, key_of
 
 
 def flag_of(f: Field) -> str:
@@ -20,20 +20,25 @@ def flag_of(f: Field) -> str:
 
 
 def _parameter(f: Field, panel: str | None) -> inspect.Parameter:
-    key = key_of(f)
-    kind = base_type(f)
-    help_text = f"{f.metadata['help']} (default: {default_help(f)})"
-    if kind is bool:
-        decls = f.metadata.get("flags") or (f"{flag_of(f)}/--no-{flag_of(f)[2:]}",)
-        info = typer.Option(None, *decls, help=help_text, rich_help_panel=panel)
-        annotation = bool | None
+    meta, kind = f.metadata, base_type(f)
+    required = meta.get("required")
+    help_text = meta["help"] if required else f"{meta['help']} (default: {default_help(f)})"
+    if is_list(f):
+        annotation = list[str]
+    elif kind in (int, float, bool):
+        annotation = kind
+    else:  # strings, choices, MIN,MAX pairs
+        annotation = str
+    if meta.get("argument"):
+        info = typer.Argument(... if required else None, help=help_text, metavar=meta.get("metavar"),
+                              show_default=False)
     else:
-        info = typer.Option(None, flag_of(f), help=help_text, metavar="MIN,MAX" if is_pair(f) else None,
-                            rich_help_panel=panel)
-        annotation = (kind if kind in (int, float) else str) | None
-        if is_pair(f):
-            annotation = str | None
-    return inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
+        flag = flag_of(f)
+        decls = meta.get("flags") or ((f"{flag}/--no-{flag[2:]}",) if kind is bool else (flag,))
+        metavar = meta.get("metavar") or ("MIN,MAX" if is_pair(f) else None)
+        info = typer.Option(None, *decls, help=help_text, metavar=metavar, rich_help_panel=panel)
+    return inspect.Parameter(key_of(f), inspect.Parameter.KEYWORD_ONLY, default=info,
+                             annotation=annotation if required else annotation | None)
 
 
 def with_options(option_fields: list[Field], panels: dict[str, str] | None = None):
@@ -49,7 +54,8 @@ def with_options(option_fields: list[Field], panels: dict[str, str] | None = Non
         @functools.wraps(fn)
         def command(*args, **kwargs):
             given = {k: kwargs.pop(k) for k in by_key if k in kwargs}
-            overrides = {k: coerce(by_key[k], v) for k, v in given.items() if v is not None}
+            # (a repeatable option given no value comes as an empty list: not given)
+            overrides = {k: coerce(by_key[k], v) for k, v in given.items() if v is not None and v != []}
             return fn(*args, overrides=overrides, **kwargs)
 
         params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + generated

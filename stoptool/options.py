@@ -37,15 +37,21 @@ def option(
     high: float | None = None,
     positive: bool = False,
     cli: bool = True,
+    argument: bool = False,
+    required: bool = False,
+    metavar: str | None = None,
 ) -> Any:
     """A dataclass field carrying what the checks, the parsers and the CLI need.
 
     `default_text` replaces the default in help where it depends on other fields (None in the
     dataclass, filled in later); `low`/`high` are inclusive bounds, `positive` excludes 0;
     `flags` overrides the CLI spelling (e.g. ("--download",) for an on-only switch); `cli=False`
-    keeps a field off the command line (it stays reachable from YAML and `--set`)."""
+    keeps a field off the command line (it stays reachable from YAML and `--set`). `argument`
+    makes it a positional argument (`required`: one the command cannot do without; a `list`
+    field takes one or more); `metavar` names its value in help."""
     meta = {"help": help, "default_text": default_text, "key": key, "flags": flags, "low": low,
-            "high": high, "positive": positive, "cli": cli}
+            "high": high, "positive": positive, "cli": cli, "argument": argument, "required": required,
+            "metavar": metavar}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -94,6 +100,12 @@ def is_pair(f: Field) -> bool:
     return base_type(f) == PAIR
 
 
+def is_list(f: Field) -> bool:
+    """A field of several values (`list[str]`): a repeatable option, or a positional argument
+    taking one or more."""
+    return typing.get_origin(base_type(f)) is list
+
+
 def default_help(f: Field) -> str:
     """The default as help shows it."""
     if f.metadata.get("default_text"):
@@ -134,6 +146,9 @@ def coerce(f: Field, value: Any) -> Any:
         raise UserError(f"{key} takes a string, got {value!r}", key=key)
     if kind is dict and not isinstance(value, dict):
         raise UserError(f"{key} takes a mapping, got {value!r}", key=key)
+    if typing.get_origin(kind) is list:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [str(v) for v in items]
     return value
 
 

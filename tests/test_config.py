@@ -10,7 +10,7 @@ from stoptool.cli import app
 from stoptool.config import BenchConfig, PretrainConfig, build_config, config_keys, parse_set
 from stoptool.errors import UserError
 from stoptool.options import choices, key_of
-from stoptool.probe import ProbeConfig
+from stoptool.probe.config import ProbeConfig
 
 runner = CliRunner()
 

@@ -1,13 +1,4 @@
-"""Frozen-feature probes: logistic regression, a torch linear layer, k-NN (paper §5)."""
-
-from stoptool.probe.features import extract_features, pooled_features
-from stoptool.probe.knn import knn_probe
-from stoptool.probe.linear import linear_probe
-from stoptool.probe.logreg import logreg_probe
-from stoptool.probe.run import ProbeConfig, ProbeReport, run_probe
-from stoptool.probe.subset import balanced_subset
-
-__all__ = [
-    "ProbeConfig", "ProbeReport", "balanced_subset", "extract_features", "knn_probe",
-    "linear_probe", "logreg_probe", "pooled_features", "run_probe",
-]
+"""Frozen-feature probes (paper §5): the options (`config`), features and their cache
+(`features`), logistic regression, a torch linear layer and k-NN (`logreg`, `linear`, `knn`),
+and the command (`run`). Nothing is imported here, so that reading the options loads neither
+timm nor scikit-learn."""

@@ -26,7 +26,6 @@ from stoptool.io.checkpoint import tensors_digest
 from stoptool.models.encoder import block_outputs, encode
 from stoptool.train.runtime import autocast_factory
 
-LAYERS = ("last", "last4")
 Progress = Callable[[int, int], None]  # progress(done, total)
 
 

@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
@@ -23,13 +22,11 @@ from stoptool.data.datasets import (
 )
 from stoptool.data.shards import is_prepared
 from stoptool.errors import UserError
-from stoptool.io.checkpoint import resolve_checkpoint
-from stoptool.io.paths import check_file, check_writable, write_report
-from stoptool.models.archs import Init, check_img_size, default_img_size, default_init
+from stoptool.io.paths import check_writable, write_report
+from stoptool.models.archs import check_img_size, default_img_size, default_init
 from stoptool.models.encoder import build_encoder
-from stoptool.options import Precision, check_fields, option
+from stoptool.probe.config import ProbeConfig
 from stoptool.probe.features import (
-    LAYERS,
     Features,
     cache_key,
     dataset_fingerprint,
@@ -45,49 +42,6 @@ from stoptool.probe.logreg import logreg_probe
 from stoptool.probe.subset import balanced_subset
 from stoptool.train.runtime import default_workers, resolve_device, resolve_precision
 
-METHODS = ("logreg", "linear", "knn")
-
-
-@dataclass
-class ProbeConfig:
-    """`stoptool probe`: which encoder, on which data, how. Checks itself (`validate`)."""
-
-    ckpt: str | None = option(None, "A stoptool checkpoint, or a run directory (its latest).")
-    dataset: str = option("digits", "digits | count | cifar10 | cifar100 | PATH with train/ and val/.")
-    data_root: str | None = option(None, "Where CIFAR's release archive or extracted folder lives.")
-    download: bool = option(False, "Fetch the CIFAR archive into data_root when it is missing.")
-    train_dir: str | None = option(None, "ImageFolder tree of training images (with val_dir).")
-    val_dir: str | None = option(None, "ImageFolder tree of test images.")
-    subset: str | None = option(None, "Keep only the training images named in this file.")
-    fraction: float = option(1.0, "Class-balanced share of the training labels, in (0, 1].")
-    layers: Literal[LAYERS] = option("last", "last | last4.")
-    method: Literal[METHODS + ("all",)] = option("logreg", "logreg | linear | knn | all.")
-    img_size: int | None = option(None, "Evaluation image size.", positive=True)
-    which: Literal["target", "context"] = option("target", "Which encoder of a pretrain checkpoint.")
-    random_init: bool = option(False, "Probe an untrained encoder of arch (seeded).")
-    arch: str | None = option(None, "Arch of the random_init encoder.")
-    init: Init | None = option(None, "How the random_init encoder is drawn.", default_text="as pretrain's")
-    batch_size: int = option(128, "Images per batch during feature extraction.", positive=True)
-    device: str = option("auto", "auto | cpu | cuda | cuda:N.")
-    precision: Precision = option("auto", "Extraction precision.")
-    workers: int | None = option(None, "Data loader workers.", low=0)
-    cache_dir: str | None = option(None, "Feature cache directory.")
-    cache: bool = option(True, "Reuse and store extracted features.")
-    seed: int = option(0, "Seed of fraction, the held-out split, the linear probe and random_init.", low=0,
-                       high=2**32 - 1)
-    out: str | None = option(None, "JSON results file.")
-
-    def validate(self) -> "ProbeConfig":
-        check_fields(self)
-        if not 0 < self.fraction <= 1:
-            raise UserError(f"fraction must be in (0, 1], got {self.fraction}", key="fraction")
-        if self.ckpt is not None:  # a run directory stands for its latest
-            self.ckpt = str(check_file(resolve_checkpoint(self.ckpt), "checkpoint"))
-        return self
-
-    def methods(self) -> tuple[str, ...]:
-        return METHODS if self.method == "all" else (self.method,)
-
 
 @dataclass
 class ProbeReport:
@@ -96,6 +50,30 @@ class ProbeReport:
     json_path: Path
     extracted: list[str] = field(default_factory=list)  # splits computed (not from cache)
     notes: list[str] = field(default_factory=list)  # one line each, for the user
+
+    COLUMNS = ("method", "layers", "train", "test", "dim", "top-1", "top-5", "seconds")
+
+    def title(self) -> str:
+        i = self.info
+        return f"probe {i['encoder']} ({i['which']}, {i['arch']} @ {i['img_size']}px) on {i['dataset']}"
+
+    def table(self) -> list[tuple[str, ...]]:
+        """One row per method, as the table shows it (top-1 and top-5 in %)."""
+        out = []
+        for r in self.rows:
+            top5 = f"{100 * r['top5']:.2f}" if r["top5"] is not None else "-"
+            train = f"{r['train']}" + (f" ({r['fraction']:g})" if r["fraction"] < 1 else "")
+            top1 = f"{100 * r['top1']:.2f}"
+            out.append((r["method"], r["layers"], train, str(r["test"]), str(r["dim"]), top1, top5,
+                        f"{r['seconds']:.1f}"))
+        return out
+
+    def closing(self) -> str:
+        """Where the features came from and where the results went."""
+        said = "features from cache" if not self.extracted else f"extracted: {', '.join(self.extracted)}"
+        if self.info["skipped_images"]:
+            said += f"; {self.info['skipped_images']} unreadable images skipped"
+        return f"{said}; results in {self.json_path}"
 
 
 @dataclass
