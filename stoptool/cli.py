@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from stoptool.cliopts import with_options
+from stoptool.cliopts import config_option, print_config_option, quiet_option, set_option, with_options
 from stoptool.config import BenchConfig, option_fields, option_panels
 from stoptool.errors import UserError
 from stoptool.io.paths import check_writable
@@ -100,11 +100,11 @@ def print_table(title: str, rows: dict) -> None:
 @user_errors
 @with_options(option_fields(), option_panels())
 def pretrain(
-    config: str | None = typer.Option(None, "--config", help="A preset name (e.g. stop-vitb16-in1k) or a YAML file; flags and --set override it."),
-    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Set any config key (repeatable); VALUE is YAML, e.g. --set ema=[0.99,1.0] --set min_keep=null. Keys: see --print-config."),
+    config: str | None = config_option("stop-vitb16-in1k"),
+    set_: list[str] = set_option("pretrain", "--set ema=[0.99,1.0] --set min_keep=null"),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Resume from the run directory's latest checkpoint."),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as YAML and exit."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    print_config: bool = print_config_option(),
+    quiet: bool = quiet_option(),
     overrides: dict | None = None,
 ):
     """Pretrain an encoder with I-JEPA + StoP (σ > 0) or plain I-JEPA (σ = 0).
@@ -137,32 +137,15 @@ def pretrain(
     if not main_rank:
         return
     if result.already_done:
-        console.print(f"run in {result.run_dir} is already complete at step {result.step}; "
-                      "use --steps/--epochs to go further or --no-resume to start over",
-                      highlight=False, markup=False, soft_wrap=True)
+        _say(f"run in {result.run_dir} is already complete at step {result.step}; "
+             "use --steps/--epochs to go further or --no-resume to start over")
         return
-    print_table("pretrain", {
-        "run directory": result.run_dir,
-        "checkpoint": result.checkpoint,
-        "steps": result.step,
-        "epochs": result.epoch,
-        "final loss": _final_loss(result),
-        "wall-clock": f"{result.seconds:.1f} s",
-        "img/s": result.images_per_second if result.images_per_second is not None else "-",
-        **({"skipped images": f"{result.skipped_images} (unreadable), listed in {result.run_dir / 'skipped.txt'}"}
-           if result.skipped_images else {}),
-        "metrics": result.run_dir / "metrics.jsonl",
-        "summary": result.run_dir / "summary.json",
-    })
+    print_table("pretrain", result.rows())
 
 
-def _final_loss(result) -> str:
-    """The last logged loss, as the progress line showed it, with the steps it averages."""
-    if result.loss is None:
-        return "-"
-    first, last = result.loss_steps
-    steps = f"step {last}" if first == last else f"steps {first}-{last}"
-    return f"{result.loss:.4f} (mean of {steps})"
+def _say(text: str) -> None:
+    """A line on stdout, printed as written (no markup, no wrapping)."""
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
 def _speed(row: dict) -> str:
@@ -574,7 +557,7 @@ def _duration(hours: float) -> str:
 @user_errors
 @with_options(declared(ProbeConfig))
 def probe(
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = quiet_option(),
     overrides: dict | None = None,
 ):
     """Linear, logistic and k-NN probes of frozen encoder features (top-1, top-5), as a table and JSON."""
@@ -585,7 +568,7 @@ def probe(
     with _SplitBar("features", quiet) as bar:
         report = run_probe(cfg, progress=bar.update)
     _print_columns(report.title(), report.COLUMNS, report.table(), left=("method", "layers"))
-    console.print(report.closing(), highlight=False, markup=False, soft_wrap=True)
+    _say(report.closing())
     for note in report.notes:
         _note(note)
 

@@ -64,3 +64,27 @@ def with_options(option_fields: list[Field], panels: dict[str, str] | None = Non
         return command
 
     return decorate
+
+
+# The options every command with a config file shares (pretrain, finetune): where the config
+# comes from, single keys over it, and a look at the result.
+
+
+def config_option(example: str) -> typer.models.OptionInfo:
+    return typer.Option(None, "--config", metavar="PRESET|FILE",
+                        help=f"A preset name (e.g. {example}) or a YAML file; flags and --set override it.")
+
+
+def set_option(command: str, examples: str) -> typer.models.OptionInfo:
+    """--set KEY=VALUE; `examples` shows two, e.g. "--set ema=[0.99,1.0] --set min_keep=null"."""
+    return typer.Option([], "--set", metavar="KEY=VALUE",
+                        help=f"Set any config key (repeatable); VALUE is YAML, e.g. {examples}. Keys: see "
+                        f"{command} --print-config.")
+
+
+def print_config_option() -> typer.models.OptionInfo:
+    return typer.Option(False, "--print-config", help="Print the resolved config as YAML and exit.")
+
+
+def quiet_option(what: str = "No progress bar.") -> typer.models.OptionInfo:
+    return typer.Option(False, "--quiet", "-q", help=what)

@@ -308,13 +308,16 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def preset_names() -> list[str]:
-    files = resources.files("stoptool.configs").iterdir()
+def preset_names(folder: str = "") -> list[str]:
+    """The presets shipped in `stoptool/configs/<folder>` (pretrain's at the top; `sweeps`,
+    `finetune`, ... below)."""
+    files = (resources.files("stoptool.configs") / folder).iterdir()
     return sorted(p.name[:-5] for p in files if p.name.endswith(".yaml"))
 
 
-def read_config_file(name_or_path: str) -> dict[str, Any]:
-    """Read a preset by name (see `preset_names`) or a YAML file by path."""
+def read_config_file(name_or_path: str, folder: str = "", what: str = "preset") -> dict[str, Any]:
+    """Read a preset by name (one of `preset_names(folder)`, `what` in messages) or a YAML file
+    by path."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or os.sep in name_or_path:
         check_file(name_or_path, "config file")
@@ -323,11 +326,11 @@ def read_config_file(name_or_path: str) -> dict[str, Any]:
         except UnicodeDecodeError:
             raise UserError(f"config '{name_or_path}' is not a UTF-8 text file (YAML)") from None
     else:
-        preset = resources.files("stoptool.configs") / f"{name_or_path}.yaml"
+        preset = resources.files("stoptool.configs") / folder / f"{name_or_path}.yaml"
         if not preset.is_file():
             raise UserError(
-                f"unknown preset '{name_or_path}': choose one of "
-                f"{', '.join(preset_names())} or give a YAML path"
+                f"unknown {what} '{name_or_path}': choose one of "
+                f"{', '.join(preset_names(folder))} or give a YAML path"
             )
         text = preset.read_text()
     try:

@@ -22,13 +22,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from stoptool.config import PretrainConfig, build_config, read_config_file
+from stoptool.config import PretrainConfig, build_config, preset_names, read_config_file
 from stoptool.data.datasets import BUILTIN, has_separator, open_dataset
 from stoptool.errors import UserError, plural
 from stoptool.io.checkpoint import LATEST, read_meta
@@ -95,19 +94,12 @@ class Outcome:
 
 
 def sweep_names() -> list[str]:
-    files = (resources.files("stoptool.configs") / "sweeps").iterdir()
-    return sorted(p.name[:-5] for p in files if p.name.endswith(".yaml"))
+    return preset_names("sweeps")
 
 
 def read_spec(name_or_path: str) -> tuple[str, dict[str, Any]]:
     """(label, spec) of a shipped spec by name (see `sweep_names`) or a YAML file by path."""
-    if name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path:
-        return name_or_path, read_config_file(name_or_path)
-    shipped = resources.files("stoptool.configs") / "sweeps" / f"{name_or_path}.yaml"
-    if not shipped.is_file():
-        raise UserError(f"unknown sweep '{name_or_path}': choose one of {', '.join(sweep_names())} "
-                        "or give a YAML path")
-    return name_or_path, read_config_file(str(shipped))
+    return name_or_path, read_config_file(name_or_path, "sweeps", what="sweep")
 
 
 def load_sweep(name_or_path: str, out: str | Path | None = None, overrides: list[str] = ()) -> Sweep:

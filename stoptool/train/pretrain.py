@@ -62,6 +62,30 @@ class RunResult:
     skipped_images: int = 0  # unreadable images passed over (summed over the processes)
     loss_steps: tuple[int, int] | None = None
 
+    def rows(self) -> dict[str, object]:
+        """The closing table, row name -> value."""
+        return {
+            "run directory": self.run_dir,
+            "checkpoint": self.checkpoint,
+            "steps": self.step,
+            "epochs": self.epoch,
+            "final loss": self.final_loss(),
+            "wall-clock": f"{self.seconds:.1f} s",
+            "img/s": self.images_per_second if self.images_per_second is not None else "-",
+            **({"skipped images": f"{self.skipped_images} (unreadable), listed in {self.run_dir / SKIPPED}"}
+               if self.skipped_images else {}),
+            "metrics": self.run_dir / METRICS,
+            "summary": self.run_dir / SUMMARY,
+        }
+
+    def final_loss(self) -> str:
+        """The last logged loss, as the progress line showed it, with the steps it averages."""
+        if self.loss is None:
+            return "-"
+        first, last = self.loss_steps
+        steps = f"step {last}" if first == last else f"steps {first}-{last}"
+        return f"{self.loss:.4f} (mean of {steps})"
+
 
 def model_meta(cfg: PretrainConfig) -> dict:
     """What every checkpoint says of the model it holds."""
