@@ -196,7 +196,8 @@ def test_the_slurm_script_holds_one_correct_command_pair_per_task(tmp_path, fold
         assert shown.exit_code == 0 and shown.stdout == run.cfg.to_yaml()
         params = probe_cmd.make_context("probe", probe[2:]).params
         assert probe[:2] == ["stoptool", "probe"] and params["ckpt"] == str(run.dir)
-        assert (params["method"], params["layers"], params["out"]) == ("knn", "last4", str(run.dir / "probe.json"))
+        probe_out = str(run.dir / "probe.json")
+        assert (params["method"], params["layers"], params["out"]) == ("knn", "last4", probe_out)
         assert params["seed"] == run.cfg.runtime.seed and params["dataset"] == str(folder)
     assert sorted(p.name for p in out.iterdir()) == ["sweep.slurm", "sweep.yaml"]  # no run started
 

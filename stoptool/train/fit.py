@@ -21,10 +21,11 @@ from stoptool.errors import UserError
 from stoptool.io.checkpoint import LATEST
 from stoptool.train.checkpointer import Checkpointer
 from stoptool.train.distributed import World, any_rank, barrier
+from stoptool.train.guard import NonFiniteLoss
 from stoptool.train.logs import Loggers, Speed, Window, metrics_row
 from stoptool.train.runtime import eager_on_compile_failure
 from stoptool.train.schedules import Schedules
-from stoptool.train.step import NonFiniteLoss, StepInputs, TrainState, train_step
+from stoptool.train.step import StepInputs, StepResult, TrainState, train_step
 from stoptool.train.watch import Watch
 
 
@@ -112,8 +113,7 @@ def fit(plan: Plan, state: TrainState, loader, step: int, ckpt: Checkpointer, re
             for images, ctx_idx, tgt_idx, n_skipped in loader:
                 data_s = time.perf_counter() - waited
                 moved = (t.to(plan.device, non_blocking=True) for t in (images, ctx_idx, tgt_idx))
-                batch = StepInputs(*moved)
-                run.step_once(batch, data_s, n_skipped)
+                run.step_once(StepInputs(*moved), data_s, n_skipped)
                 run.after_step(stop.signum)
                 waited = time.perf_counter()
             run.save(plan.latest)  # in the foreground: the run is over once it has landed
@@ -140,17 +140,17 @@ class _Launch:
         eval_now = evaluate is not None and evaluate.due(step + 1, plan.ipe, plan.last_step)
         # the first step of a run is logged too: its target features are the initial weights'
         # the reference against which the collapse alarm measures later ones
-        logged = eval_now or step == 0 or (step + 1) % plan.log_every == 0 or step + 1 == plan.last_step
-        self.state.stats = {} if logged else None
-        loss = self.step_fn(self.state, batch, hp)  # (a NonFiniteLoss raised at once is this step's)
+        last = step + 1 == plan.last_step
+        batch.measure = eval_now or step == 0 or (step + 1) % plan.log_every == 0 or last
+        result = self.step_fn(self.state, batch, hp)  # (a NonFiniteLoss raised at once is this step's)
         self.step, self.skipped = step + 1, self.skipped + n_skipped
-        self.window.add(self.step, loss, data_s)
-        self.row = self._row(hp, batch, eval_now) if logged else None
+        self.window.add(self.step, result.loss, data_s)
+        self.row = self._row(hp, batch, result, eval_now) if batch.measure else None
         if self.report.progress:
             shown = None if self.row is None else {**self.row, "avg_img_per_s": self.speed.img_per_s}
             self.report.progress(self.step, plan.last_step, shown)
 
-    def _row(self, hp, batch: StepInputs, eval_now: bool) -> dict:
+    def _row(self, hp, batch: StepInputs, result: StepResult, eval_now: bool) -> dict:
         """The logged row after this step (health metrics, and the online k-NN when due),
         written to the loggers, then checked for alarms. Reading its loss waits for the
         device, so the guard is read here too."""
@@ -159,7 +159,7 @@ class _Launch:
         state.guard.check(self.first_step)
         self.last_loss, self.loss_steps = row["loss"], (self.window.first_step, self.step)
         self.window = Window()
-        row.update(report.watch.health(state.stats or {}, row, batch))
+        row.update(report.watch.health(result, row, batch))
         if eval_now:
             began = time.perf_counter()
             row.update(report.watch.evaluate(state.nets))
@@ -230,7 +230,7 @@ def compile_guard(first_step: int, notify=None) -> Callable:
         if notify:
             notify(f"torch.compile failed at step {run['step']}, running eagerly from here ({reason})")
 
-    def step_fn(state: TrainState, batch: StepInputs, hp) -> torch.Tensor:
+    def step_fn(state: TrainState, batch: StepInputs, hp) -> StepResult:
         try:
             if not run["compiled"]:
                 return train_step(state, batch, hp)

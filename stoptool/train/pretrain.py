@@ -127,20 +127,19 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
 
 def _pretrain(cfg: PretrainConfig, resume, progress, notify, world, device, precision) -> RunResult:
     start = time.perf_counter()
+    run_dir = _run_dir(cfg)
+    with _run_lock(run_dir, world, device, notify), _resumable_on_write_failure(run_dir):
+        return _train(cfg, resume, progress, notify, world, device, precision, start)
+
+
+def _train(cfg: PretrainConfig, resume, progress, notify, world, device, precision,
+           start: float) -> RunResult:
+    """The launch, in the run directory it holds: check the data, build or resume, fit,
+    summarise (a directory it made for a launch refused here goes again with the lock)."""
     data = _training_data(cfg, notify)
     ipe = len(data) // cfg.optim.batch_size
     last_step = _last_step(cfg, ipe, notify)
-    run_dir = _run_dir(cfg)
-    with _run_lock(run_dir, world, device, notify):
-        try:
-            return _train(cfg, resume, progress, notify, world, device, precision, data, ipe, last_step,
-                          run_dir, start)
-        except WriteFailed as err:
-            raise write_failed(err, run_dir) from None
-
-
-def _train(cfg: PretrainConfig, resume, progress, notify, world, device, precision, data, ipe: int,
-           last_step: int, run_dir: Path, start: float) -> RunResult:
+    run_dir = cfg.run_dir()
     latest = run_dir / LATEST
     saved = load_resumable(latest, cfg) if resume and latest.exists() else None
     model, step = build_model(cfg, device, saved)
@@ -206,9 +205,17 @@ def _run_lock(run_dir: Path, world, device, notify) -> Iterator[None]:
             lock.release()
 
 
-def write_failed(err: WriteFailed, run_dir: Path) -> WriteFailed:
-    """`err` completed for the user: the last good checkpoint and its step, and the command
-    that resumes once the cause is mended."""
+@contextmanager
+def _resumable_on_write_failure(run_dir: Path) -> Iterator[None]:
+    """A write the machine refused (see `errors.WriteFailed`), completed for the user: the last
+    good checkpoint and its step, and the command that resumes once the cause is mended."""
+    try:
+        yield
+    except WriteFailed as err:
+        raise _resumable(err, run_dir) from None
+
+
+def _resumable(err: WriteFailed, run_dir: Path) -> WriteFailed:
     latest = run_dir / LATEST
     try:
         kept = f"the last good checkpoint is '{latest}', at step {read_meta(latest)['step']}"

@@ -15,8 +15,9 @@ from stoptool.errors import UserError
 from stoptool.io.checkpoint import Checkpoint, load_checkpoint, optimizer_state
 from stoptool.models.jepa import JEPA, build_jepa
 from stoptool.train.distributed import World, own_rng_states, shard_optimizer_state, wrap_networks
+from stoptool.train.optim import make_optimizer, make_scaler, use_fused_like
 from stoptool.train.runtime import prepare_model
-from stoptool.train.step import TrainState, compile_forward, make_optimizer, make_scaler, use_fused_like
+from stoptool.train.step import TrainState, compile_forward
 
 # Keys that may change when a run is resumed; every other key must match the saved run.
 RESUMABLE_CHANGES = {

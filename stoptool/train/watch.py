@@ -212,14 +212,15 @@ class Watch:
     matmul_rate: float | None = None  # of one device, FLOP/s
     devices: int = 1
 
-    def health(self, stats: dict, row: dict, batch) -> dict:
-        """rankme, feature_std, grad_norm and mfu for `row`, from what the step left in `stats`."""
+    def health(self, measured, row: dict, batch) -> dict:
+        """rankme, feature_std, grad_norm and mfu for `row`, from what the step measured (a
+        `StepResult`)."""
         out = {}
-        if "target_features" in stats:  # (a list: one entry per micro-batch)
-            feats = torch.cat(stats["target_features"])
+        if measured.target_features is not None:
+            feats = measured.target_features
             out["rankme"], out["feature_std"] = rankme(feats), feature_std(feats)
-        if "grad_norm" in stats:
-            out["grad_norm"] = float(stats["grad_norm"])
+        if measured.grad_norm is not None:
+            out["grad_norm"] = float(measured.grad_norm)
         if self.flops and self.matmul_rate:
             per_device = row["img_per_s"] / self.devices
             out["mfu"] = self.flops(batch.ctx_idx, batch.tgt_idx) * per_device / self.matmul_rate

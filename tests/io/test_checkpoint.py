@@ -41,7 +41,7 @@ def test_round_trip_identical(tmp_path):
 
 def test_optimizer_state_round_trip(tiny_cfg):
     from stoptool.models.jepa import build_jepa
-    from stoptool.train.step import param_groups
+    from stoptool.train.optim import param_groups
 
     model = build_jepa(tiny_cfg().model)
     opt = torch.optim.AdamW(param_groups(model), lr=1e-3)

@@ -9,19 +9,11 @@ from torch.torch_version import TorchVersion
 from stoptool.masks import MaskSampler
 from stoptool.models.jepa import build_jepa
 from stoptool.train.distributed import Nets
+from stoptool.train.guard import NonFiniteLoss
+from stoptool.train.optim import make_optimizer, make_scaler, param_groups, use_fused_like
 from stoptool.train.runtime import autocast_factory
 from stoptool.train.schedules import Hyper
-from stoptool.train.step import (
-    NonFiniteLoss,
-    StepInputs,
-    TrainState,
-    ema_update,
-    make_optimizer,
-    make_scaler,
-    param_groups,
-    train_step,
-    use_fused_like,
-)
+from stoptool.train.step import StepInputs, TrainState, ema_update, train_step
 
 
 def _batch(cfg, sampler, gen, images):
@@ -33,7 +25,7 @@ def _step(model, opt, batch, lr, wd, m, ac, scaler=None, clip_grad=None):
     """One train_step of `model` in this process alone."""
     scaler = scaler or make_scaler(torch.device("cpu"), "fp32")
     state = TrainState(model, opt, scaler, Nets.plain(model), ac, clip_grad=clip_grad)
-    return train_step(state, batch, Hyper(lr, wd, m))
+    return train_step(state, batch, Hyper(lr, wd, m)).loss
 
 
 def test_twenty_steps_lower_the_loss(tiny_cfg):
