@@ -18,7 +18,7 @@ class TrackConfig:
 
     ckpt: str | None = option(
         None, "A stoptool checkpoint (pretrain, imported or encoder-only), or a run directory (its latest).",
-        argument=True, default_text="none: with --score-only")
+        argument=True, metavar="CKPT", default_text="none: with --score-only")
     davis: str | None = option(
         None, "The DAVIS 2017 folder (DAVIS-2017-trainval-480p.zip unpacked): JPEGImages/480p, "
         "Annotations/480p, ImageSets/2017.", metavar="PATH", default_text="required")

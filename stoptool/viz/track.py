@@ -119,7 +119,7 @@ def _check_gif(gif: str | Path | None) -> Path | None:
 
 def _figure(seq: Sequence, paths: list[Path], shown: list[int]) -> tuple[Figure, list[dict]]:
     h, w = seq.size
-    fig = Figure(figsize=(PANEL_INCHES * len(shown), 2 * PANEL_INCHES * h / w + 0.8))
+    fig = Figure(figsize=(PANEL_INCHES * len(shown), 2 * PANEL_INCHES * h / w + 0.8), layout="constrained")
     axes = fig.subplots(2, len(shown), squeeze=False)
     scores = []
     for col, i in enumerate(shown):
