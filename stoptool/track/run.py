@@ -88,6 +88,9 @@ class TrackReport:
         if "input_sizes" in i:
             rows["input"] = ", ".join(f"{s} ({n})" for s, n in i["input_sizes"].items())
             rows["device"] = f"{i['device']}, {i['precision']}"
+            g = i["gflops"]
+            rows["compute"] = (f"{_flop(g['extraction'])} encoder, {_flop(g['propagation'])} propagation "
+                               "(counted)")
             s = i["seconds"]
             rows["time"] = (f"{s['total']:.1f} s: extraction {s['extract']:.1f}, propagation "
                             f"{s['propagate']:.1f}, scoring {s['score']:.1f} "
@@ -102,6 +105,10 @@ class TrackReport:
 
 def _pc(value: float) -> str:
     return f"{100 * value:.1f}"
+
+
+def _flop(gflop: float) -> str:
+    return f"{gflop / 1e3:,.1f} TFLOP" if gflop >= 1e3 else f"{gflop:,.1f} GFLOP"
 
 
 def run_track(cfg: TrackConfig, progress: Progress | None = None) -> TrackReport:

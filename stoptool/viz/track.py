@@ -45,13 +45,17 @@ def davis_root(masks: Path, davis: str | Path | None) -> Path:
     """--davis, else the DAVIS folder recorded in the masks folder's results JSON."""
     if davis is not None:
         return Path(davis)
+    recorded = None
     for report in sorted(masks.glob("results-*.json")):
         try:
-            recorded = json.loads(report.read_text()).get("davis")
+            recorded = json.loads(report.read_text()).get("davis") or recorded
         except (OSError, ValueError, AttributeError):
             continue
         if recorded and Path(recorded).is_dir():
             return Path(recorded)
+    if recorded:
+        raise UserError(f"the DAVIS folder '{recorded}' that '{masks}' records is gone: give --davis PATH",
+                        key="davis")
     raise UserError(f"'{masks}' records no DAVIS folder (no results JSON of stoptool track): give --davis "
                     "PATH", key="davis")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -200,3 +201,14 @@ def test_a_pretrain_checkpoint_tracks_test_dev_style_sequences_unscored(davis, c
 def test_an_encoder_only_file_has_no_context_encoder(davis, colour_ckpt):
     result = track(str(colour_ckpt), "--davis", str(davis), "--which", "context")
     assert_one_line_error(result, "holds only the target encoder", "(--which)")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_in_bf16_the_scores_stay_those_of_the_cpu(tracked, davis, colour_ckpt, tmp_path):
+    out = tmp_path / "gpu"
+    result = runner.invoke(app, ["track", str(colour_ckpt), "--davis", str(davis), "--out", str(out),
+                                 "--short-side", "64", "--device", "cuda", "--precision", "bf16", "-q"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "results-val.json").read_text())
+    assert doc["device"].startswith("cuda") and doc["precision"] == "bf16"
+    assert abs(global_results(out)["J&F-Mean"] - global_results(tracked[0])["J&F-Mean"]) < 0.03
