@@ -52,7 +52,7 @@ class TrackConfig:
     def validate(self) -> "TrackConfig":
         check_fields(self)
         if not self.davis:
-            raise UserError("give the DAVIS 2017 folder with --davis PATH", key="davis")
+            raise UserError("the DAVIS 2017 folder is needed", key="davis")
         if self.ckpt is not None and self.score_only is not None:
             raise UserError("give a checkpoint to propagate with, or score_only PRED_DIR to score masks made "
                             "elsewhere, not both", key="score_only")
