@@ -21,6 +21,7 @@ from stoptool.io.paths import check_writable
 from stoptool.masks import MaskConfig
 from stoptool.options import build, declared
 from stoptool.probe.config import ProbeConfig
+from stoptool.track.config import TrackConfig
 
 app = typer.Typer(
     help="StoP (stochastic positional embeddings) on I-JEPA: pretrain ViTs, probe them, draw the paper's figures.",
@@ -587,10 +588,10 @@ class _SplitBar:
     """A rich progress bar, one task per split, labelled `label`; it appears with the first
     update, so an error found before the work starts is the only thing printed. Where stderr
     is not a terminal, `lines` prints a plain line every 30 seconds and at each split's end
-    instead (none when `quiet`)."""
+    instead (none when `quiet`), counting `unit`."""
 
-    def __init__(self, label: str, quiet: bool = False, lines: bool = False):
-        self.label, self.quiet, self.progress, self.tasks = label, quiet, None, {}
+    def __init__(self, label: str, quiet: bool = False, lines: bool = False, unit: str = "images"):
+        self.label, self.quiet, self.progress, self.tasks, self.unit = label, quiet, None, {}, unit
         self.lines, self.last = lines and not err_console.is_terminal, time.monotonic()
 
     def __enter__(self):
@@ -602,7 +603,7 @@ class _SplitBar:
         if self.lines:
             if done == total or time.monotonic() - self.last >= 30:
                 self.last = time.monotonic()
-                sys.stderr.write(f"{self.label} {split} {done:,}/{total:,} images\n")
+                sys.stderr.write(f"{self.label} {split} {done:,}/{total:,}{' ' + self.unit if self.unit else ''}\n")
                 sys.stderr.flush()
             return
         if self.progress is None:
@@ -733,6 +734,49 @@ def report(
     for path in (json_out, markdown_out, plot_out):
         if path is not None:
             console.print(f"wrote {path}", highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+@with_options(declared(TrackConfig))
+def track(
+    quiet: bool = quiet_option(),
+    overrides: dict | None = None,
+):
+    """DAVIS 2017 video object segmentation by label propagation (paper Table 3): J, F and J&F, as the official evaluation.
+
+    Each sequence's first-frame masks are carried through the video by the encoder's patch-feature affinities (DINO's protocol, its settings as options); the masks are written as palette PNGs in DAVIS's layout (OUT/SEQ/00000.png ...) and scored per object, the results written as the official evaluation's CSVs and as JSON. With --score-only PRED_DIR, any method's masks are scored instead.
+    """
+    from stoptool.track.run import run_track
+
+    cfg = build(TrackConfig, overrides)
+    if cfg.score_only is None:
+        _note_slow_bf16(cfg.precision, cfg.device)
+    with _SplitBar("track", quiet, lines=True, unit="") as bar:
+        report = run_track(cfg, progress=bar.update)
+    if report.scores:
+        _print_columns(f"{report.title()}: per object (%)", report.COLUMNS, report.table(), left=("Sequence",))
+    print_table(f"{report.title()} (%)", report.rows())
+    _say(report.closing())
+    for note in report.notes:
+        _note(note)
+
+
+@viz_app.command("track")
+@user_errors
+def viz_track(
+    run_or_dir: Path = typer.Argument(..., metavar="RUN_OR_DIR", help="What stoptool track wrote (OUT, holding SEQ/00000.png ...), or the run directory it wrote beside (its newest *.davis-* folder)."),
+    seq: str = typer.Argument(..., metavar="SEQ", help="The sequence to draw, e.g. bike-packing."),
+    davis: Path | None = typer.Option(None, metavar="PATH", help="The DAVIS 2017 folder. (default: the one recorded in the folder's results JSON)"),
+    frames: int = typer.Option(5, help="Frames shown, spread evenly from the first to the last (2 to 12).", min=2, max=12),
+    gif: Path | None = typer.Option(None, metavar="FILE", help="Also write every frame, prediction beside ground truth, as an animated GIF."),
+    out: Path | None = typer.Option(None, help="Figure file; .png, .svg or .pdf (the numbers go to the same name with .json). (default: figures/track-SEQ.png in the folder)"),
+    dpi: int = typer.Option(150, help=_DPI_HELP),
+):
+    """Frames of a DAVIS sequence with the propagated masks over them, above the ground truth, each titled with its J&F."""
+    from stoptool.viz.track import make_track
+
+    _report_figure("track", make_track(run_or_dir, seq, davis, frames, gif, out, dpi))
 
 
 def main() -> None:
