@@ -17,11 +17,19 @@ from rich.table import Table
 from stoptool.cliopts import config_option, print_config_option, quiet_option, set_option, with_options
 from stoptool.config import BenchConfig, option_fields, option_panels
 from stoptool.errors import UserError
+from stoptool.io.options import ExportOptions, ImportOptions, InfoOptions
 from stoptool.io.paths import check_writable
 from stoptool.masks import MaskConfig
-from stoptool.options import build, declared
+from stoptool.options import build, checked, declared
 from stoptool.probe.config import ProbeConfig
 from stoptool.track.config import TrackConfig
+from stoptool.viz.options import (
+    CurvesOptions,
+    HeatmapOptions,
+    MasksOptions,
+    SimilarityOptions,
+    TrackFigureOptions,
+)
 
 app = typer.Typer(
     help="StoP (stochastic positional embeddings) on I-JEPA: pretrain ViTs, probe them, draw the paper's figures.",
@@ -240,120 +248,62 @@ def _note_slow_bf16(precision: str, device: str) -> None:
 
 @app.command()
 @user_errors
-def info(ckpt: Path = typer.Argument(..., help="A stoptool checkpoint (.safetensors), a run directory (its latest), or a model folder written by export --to hf|transformers."),
-         json_out: bool = typer.Option(False, "--json", help="Print the metadata as JSON.")):
+@with_options(declared(InfoOptions))
+def info(overrides: dict | None = None):
     """Show what a checkpoint or model folder holds: arch, σ, step, data, config, parameter counts."""
-    from stoptool.io.checkpoint import load_checkpoint, resolve_checkpoint, stoptool_view
-    from stoptool.io.folders import describe_folder, is_model_folder
+    from stoptool.io.info import describe
 
-    if is_model_folder(ckpt):
-        rows, whole = describe_folder(ckpt)
-        if json_out:
-            sys.stdout.write(json.dumps(whole, indent=2) + "\n")
-        else:
-            print_table(f"model folder {ckpt.name}", rows)
+    opts = checked(InfoOptions, overrides)
+    found = describe(opts.ckpt)
+    if opts.json:
+        sys.stdout.write(json.dumps(found.data, indent=2) + "\n")
         return
-    ckpt = resolve_checkpoint(ckpt)
-    ck = stoptool_view(load_checkpoint(ckpt))
-    meta = ck.meta
-    if json_out:
-        sys.stdout.write(json.dumps({**meta, "tensors_sha256": ck.digest}, indent=2) + "\n")
-        return
-    rows = {"file": ckpt, "kind": meta.get("kind", "?"), "size": f"{ckpt.stat().st_size / 2**20:.1f} MiB"}
-    for key in ("arch", "img_size", "patch", "sigma", "pred_depth", "pred_width", "pred_pos",
-                "noise_on", "cov", "a_l1", "step", "epoch", "precision", "source", "method",
-                "mask_token_from", "which", "timm_model", "stoptool_version"):
-        if key in meta:
-            rows[key] = meta[key]
-    if "method_from" in meta and "method" in rows:  # an imported checkpoint: which rule decided
-        rows["method"] = f"{meta['method']} ({meta['method_from']})"
-    if "data" in meta:
-        rows["data"] = ", ".join(f"{k}={v}" for k, v in meta["data"].items())
-    for part in ("encoder", "target_encoder", "predictor"):
-        if ck.has(part):
-            n = sum(t.numel() for t in ck.part(part).values())
-            rows[f"{part} params"] = f"{n:,}"
-    rows["holds"] = ", ".join(p.replace("_", " ") for p in ("encoder", "target_encoder", "predictor")
-                              if ck.has(p)) + ("" if ck.has("predictor") else " (no predictor)")
-    rows["tensors sha256"] = (f"{ck.digest} (checked)" if ck.digest
-                              else "none (written before checkpoints carried one)")
-    print_table(f"checkpoint {ckpt.name}", rows)
-    if "config" in meta:
+    print_table(found.title, found.rows)
+    if found.config is not None:
         console.print("[bold]config[/]")
-        console.print(yaml.safe_dump(meta["config"], sort_keys=False), highlight=False, markup=False, soft_wrap=True)
+        _say(yaml.safe_dump(found.config, sort_keys=False))
 
 
 @app.command("import")
 @user_errors
-def import_cmd(
-    src: Path = typer.Argument(..., help="An official I-JEPA / StoP checkpoint (.pth.tar); encoder weights with timm's or transformers' IJepaModel names (.pth, .bin, .safetensors); or a timm / transformers model folder (export --to hf|transformers writes them)."),
-    out: Path = typer.Argument(..., help="The stoptool checkpoint to write (.safetensors)."),
-    arch: str | None = typer.Option(None, help="Encoder arch, e.g. vit_h14. (default: inferred from the tensor shapes)"),
-    kind: str | None = typer.Option(None, help="stop | ijepa: how the predictor was trained; sets m̃ to b (StoP) or mask_token (I-JEPA). (default: read from the optimizer state or the file name)"),
-    sigma: float | None = typer.Option(None, help="StoP noise standard deviation σ to record. (default: 0.25 for StoP, 0.2 for StoP ViT-H, 0 for I-JEPA)"),
-):
+@with_options(declared(ImportOptions))
+def import_cmd(overrides: dict | None = None):
     """Convert an official I-JEPA / StoP checkpoint, encoder weights or a hub model folder into a stoptool checkpoint."""
     from stoptool.io.official import import_checkpoint
 
-    res = import_checkpoint(src, out, arch=arch, method=kind, sigma=sigma)
-    meta = res.meta
-    rows = {"checkpoint": res.out, "source": meta["source"], "arch": meta["arch"],
-            "img_size": meta["img_size"], "patch": meta["patch"]}
-    if "method" in meta:
-        rows["kind"] = f"{meta['method']}: {meta['method_from']}"
-    if "predictor" in res.parts:
-        rows.update({"sigma": meta["sigma"], "predictor": f"{meta['pred_depth']} × {meta['pred_width']}",
-                     "pred_pos": meta["pred_pos"], "m̃ from": meta["mask_token_from"]})
-    if "epoch" in meta:
-        rows["epoch"] = meta["epoch"]
-    for part, n in res.params.items():
-        rows[f"{part} params"] = f"{n:,}"
-    rows["report"] = res.report
-    print_table("import", rows)
+    opts = checked(ImportOptions, overrides)
+    res = import_checkpoint(Path(opts.src), Path(opts.out), arch=opts.arch, method=opts.kind, sigma=opts.sigma)
+    print_table("import", res.rows())
     for note in res.notes:
         _note(note)
 
 
 @app.command()
 @user_errors
-def export(
-    ckpt: Path = typer.Argument(..., help="A stoptool checkpoint (.safetensors), or a run directory (its latest)."),
-    out: Path = typer.Argument(..., help="What to write: a .safetensors file (--to timm), or a folder (--to hf, --to transformers)."),
-    to: str = typer.Option("timm", "--to", help="timm: one safetensors file for timm.create_model | hf: a Hugging Face Hub folder for timm (config.json, model.safetensors, README.md model card) that timm.create_model('local-dir:OUT') loads, and 'hf-hub:ORG/NAME' once uploaded | transformers: a transformers IJepaModel folder with a model card (needs transformers, which stoptool's hf extra installs)."),
-    which: str = typer.Option("target", help="Which encoder: target (the EMA one the paper evaluates) | context."),
-    license_: str | None = typer.Option(None, "--license", help="Hub license id for the model card of a folder, e.g. mit, apache-2.0, cc-by-nc-4.0. (default: none stated)"),
-    force: bool = typer.Option(False, "--force", help="Write the folder into one that is not empty: its config.json, model.safetensors and README.md are replaced, other files (a clone's .git) stay."),
-    push: str | None = typer.Option(None, "--push", metavar="ORG/NAME", help="Upload the folder to this Hugging Face Hub model repository, created if missing (needs huggingface_hub and a login: hf auth login)."),
-):
+@with_options(declared(ExportOptions))
+def export(overrides: dict | None = None):
     """Write an encoder for timm (one file) or as a Hub model folder with a model card (timm or transformers), and print the Python that loads it."""
-    if to not in ("timm", "hf", "transformers"):
-        raise UserError(f"--to must be timm, hf or transformers, got '{to}'")
-    if to != "timm":
+    opts = checked(ExportOptions, overrides)
+    ckpt, out = Path(opts.ckpt), Path(opts.out)
+    if opts.to == "timm":
+        if opts.license is not None or opts.push is not None:
+            raise UserError("a license and push are for the hub folders (--to hf or --to transformers), not a "
+                            "timm file", key="push" if opts.push is not None else "license")
+        from stoptool.io.export import export_timm
+
+        done = export_timm(ckpt, out, which=opts.which)
+        notes, load = [], done.line
+    else:
         from stoptool.io.hub import export_folder
 
-        pub = export_folder(ckpt, out, to=to, which=which, license=license_, force=force, push=push)
-        rows = {"folder": pub.out, "layout": "timm (local-dir / hf-hub)" if to == "hf" else "transformers IJepaModel",
-                "encoder": pub.facts["which"], "arch": pub.facts["arch"], "img_size": pub.facts["img_size"],
-                "params": f"{pub.params:,}", "probe results": pub.probes, "report": pub.report}
-        if pub.url:
-            rows["uploaded to"] = pub.url
-        print_table("export", rows)
-        for note in pub.notes:
-            _note(note)
-        console.print("load it with:", highlight=False)
-        sys.stdout.write(pub.load + "\n")
-        return
-    if license_ is not None or push is not None:
-        raise UserError("a license and push are for the hub folders (--to hf or --to transformers), not a timm file",
-                        key="push" if push is not None else "license")
-    from stoptool.io.export import export_timm
-
-    res = export_timm(ckpt, out, which=which)
-    print_table("export", {"file": res.out, "encoder": res.meta["which"], "arch": res.meta["arch"],
-                           "img_size": res.meta["img_size"], "params": f"{res.params:,}",
-                           "timm model": res.meta["timm_model"], "report": res.report})
+        done = export_folder(ckpt, out, to=opts.to, which=opts.which, license=opts.license, force=opts.force,
+                             push=opts.push)
+        notes, load = done.notes, done.load
+    print_table("export", done.rows())
+    for note in notes:
+        _note(note)
     console.print("load it with:", highlight=False)
-    sys.stdout.write(res.line + "\n")
+    sys.stdout.write(load + "\n")
 
 
 viz_app = typer.Typer(
@@ -364,11 +314,6 @@ viz_app = typer.Typer(
 )
 app.add_typer(viz_app, name="viz")
 
-_OUT_HELP = ("Figure file; .png, .svg or .pdf (the numbers go to the same name with .json). "
-             "(default: figures/{name}.png beside the {anchor})")
-_DPI_HELP = "Resolution of raster output, in dots per inch."
-
-
 def _report_figure(name: str, result) -> None:
     print_table(f"viz {name}", {**result.rows, "data": result.data})
     console.print(f"wrote {result.figure}", highlight=False, soft_wrap=True)
@@ -376,35 +321,23 @@ def _report_figure(name: str, result) -> None:
 
 @viz_app.command("similarity")
 @user_errors
-def viz_similarity(
-    ckpts: list[Path] = typer.Argument(..., metavar="CKPT...", help="One or more stoptool checkpoints with a predictor (.safetensors), or run directories (their latest); e.g. an I-JEPA and a StoP checkpoint."),
-    sigma: float | None = typer.Option(None, help="Noise standard deviation σ of the stochastic maps. (default: each checkpoint's σ; for one checkpoint trained with σ = 0, 0.25)"),
-    draws: int = typer.Option(256, help="Noise draws n averaged per query (1 to 1,000,000)."),
-    queries: str | None = typer.Option(None, help="Query patches: N for an N×N spread over the grid, or ROW,COL;ROW,COL;... (default: 3)"),
-    seed: int = typer.Option(0, help="Seed of the noise draws.", min=0, max=SEED_MAX),
-    out: Path | None = typer.Option(None, help="Figure file; .png, .svg or .pdf (the numbers go to the same name with .json). (default: figures/similarity.png beside the checkpoint; figures/similarity-compare.png beside the first of several)"),
-    dpi: int = typer.Option(150, help=_DPI_HELP),
-):
+@with_options(declared(SimilarityOptions))
+def viz_similarity(overrides: dict | None = None):
     """Cosine similarity of the stochastic position ψ_q + A n to every deterministic ψ (paper Fig. 5).
 
     The similarities of each draw are averaged (the mean embedding would just be ψ_q). One checkpoint: its σ = 0 and σ maps on one colour scale, and their difference (σ minus σ = 0) on a diverging scale of its own. Several checkpoints: each at its own σ, side by side on one colour scale, each panel titled with its σ.
     """
     from stoptool.viz.similarity import make_similarity
 
-    _report_figure("similarity", make_similarity(ckpts, out, sigma, draws, queries, seed, dpi))
+    o = checked(SimilarityOptions, overrides)
+    _report_figure("similarity", make_similarity([Path(c) for c in o.ckpts], o.out, o.sigma, o.draws, o.queries,
+                                                 o.seed, o.dpi))
 
 
 @viz_app.command("heatmap")
 @user_errors
-def viz_heatmap(
-    ckpt: Path = typer.Argument(..., help="A stoptool checkpoint with a predictor (.safetensors), or a run directory (its latest)."),
-    image: Path | None = typer.Argument(None, help="An image; its central square is used. (default: the sample photo shipped with stoptool)"),
-    patch: str | None = typer.Option(None, help="Masked patch(es) to explain, ROW,COL;ROW,COL;... each inside a target block. (default: the centre of each target block)"),
-    seed: int = typer.Option(0, help="Seed of the sampled mask (the checkpoint's mask settings).", min=0, max=SEED_MAX),
-    temperature: float = typer.Option(0.1, help="Softmax temperature τ over the cosine similarities."),
-    out: Path | None = typer.Option(None, help=_OUT_HELP.format(name="heatmap", anchor="checkpoint")),
-    dpi: int = typer.Option(150, help=_DPI_HELP),
-):
+@with_options(declared(HeatmapOptions))
+def viz_heatmap(overrides: dict | None = None):
     """Where a masked patch's prediction points: softmax over tokens of cos(prediction, target) (paper Fig. 6).
 
     The model runs in eval mode (no noise); targets are the target encoder's layer-normed
@@ -412,46 +345,33 @@ def viz_heatmap(
     """
     from stoptool.viz.heatmap import make_heatmap
 
-    _report_figure("heatmap", make_heatmap(ckpt, image, out, patch, seed, temperature, dpi))
+    o = checked(HeatmapOptions, overrides)
+    _report_figure("heatmap", make_heatmap(o.ckpt, o.image, o.out, o.patch, o.seed, o.temperature, o.dpi))
 
 
 @viz_app.command("masks")
 @user_errors
-@with_options(declared(MaskConfig))
-def viz_masks(
-    image: Path | None = typer.Argument(None, help="An image; its central square is used. (default: the sample photo shipped with stoptool)"),
-    seeds: str = typer.Option("0,1,2,3", help="Comma-separated seeds, one panel each."),
-    config: str | None = typer.Option(None, "--config", help="Mask and size settings from a preset name or a YAML file (a run's config.yaml works); flags override it. (default: pretrain's defaults)"),
-    img_size: int | None = typer.Option(None, help="Image side in pixels. (default: from --config, else 32)"),
-    patch: int | None = typer.Option(None, help="Patch size in pixels. (default: the patch of the config's arch, else 4)"),
-    out: Path = typer.Option(Path("masks.png"), help="Figure file; .png, .svg or .pdf (the numbers go to the same name with .json)."),
-    dpi: int = typer.Option(150, help=_DPI_HELP),
-    overrides: dict | None = None,
-):
+@with_options(declared(MasksOptions) + declared(MaskConfig))
+def viz_masks(overrides: dict | None = None):
     """Multi-block masks (context and target blocks) drawn on an image for a few seeds."""
     from stoptool.viz.masks import make_masks
 
-    try:
-        seed_list = [int(s) for s in seeds.replace(" ", "").split(",") if s]
-    except ValueError:
-        raise UserError(f"--seeds takes integers separated by commas, got '{seeds}'") from None
-    if any(not 0 <= s <= SEED_MAX for s in seed_list):
-        raise UserError(f"--seeds must each be between 0 and {SEED_MAX}, got '{seeds}'")
-    overrides = {**overrides, "img_size": img_size, "patch": patch}
-    _report_figure("masks", make_masks(image, out, seed_list, config, overrides, dpi))
+    own = {f.name for f in declared(MasksOptions)}
+    o = checked(MasksOptions, {k: v for k, v in overrides.items() if k in own})
+    masks = {k: v for k, v in overrides.items() if k not in own}
+    masks.update(img_size=o.img_size, patch=o.patch)
+    _report_figure("masks", make_masks(o.image, o.out, o.seed_list(), o.config, masks, o.dpi))
 
 
 @viz_app.command("curves")
 @user_errors
-def viz_curves(
-    run_dirs: list[Path] = typer.Argument(..., help="One or more run directories written by stoptool pretrain."),
-    out: Path | None = typer.Option(None, help=_OUT_HELP.format(name="curves", anchor="first run")),
-    dpi: int = typer.Option(150, help=_DPI_HELP),
-):
+@with_options(declared(CurvesOptions))
+def viz_curves(overrides: dict | None = None):
     """Loss, lr, ‖A‖ and ‖m̃‖ against step, runs overlaid with their σ (paper Fig. 4 for a σ sweep)."""
     from stoptool.viz.curves import make_curves
 
-    _report_figure("curves", make_curves(run_dirs, out, dpi))
+    o = checked(CurvesOptions, overrides)
+    _report_figure("curves", make_curves([Path(r) for r in o.run_dirs], o.out, o.dpi))
 
 
 @app.command()
@@ -764,19 +684,13 @@ def track(
 
 @viz_app.command("track")
 @user_errors
-def viz_track(
-    run_or_dir: Path = typer.Argument(..., metavar="RUN_OR_DIR", help="What stoptool track wrote (OUT, holding SEQ/00000.png ...), or the run directory it wrote beside (its newest *.davis-* folder)."),
-    seq: str = typer.Argument(..., metavar="SEQ", help="The sequence to draw, e.g. bike-packing."),
-    davis: Path | None = typer.Option(None, metavar="PATH", help="The DAVIS 2017 folder. (default: the one recorded in the folder's results JSON)"),
-    frames: int = typer.Option(5, help="Frames shown, spread evenly from the first to the last (2 to 12).", min=2, max=12),
-    gif: Path | None = typer.Option(None, metavar="FILE", help="Also write every frame, prediction beside ground truth, as an animated GIF."),
-    out: Path | None = typer.Option(None, help="Figure file; .png, .svg or .pdf (the numbers go to the same name with .json). (default: figures/track-SEQ.png in the folder)"),
-    dpi: int = typer.Option(150, help=_DPI_HELP),
-):
+@with_options(declared(TrackFigureOptions))
+def viz_track(overrides: dict | None = None):
     """Frames of a DAVIS sequence with the propagated masks over them, above the ground truth, each titled with its J&F."""
     from stoptool.viz.track import make_track
 
-    _report_figure("track", make_track(run_or_dir, seq, davis, frames, gif, out, dpi))
+    o = checked(TrackFigureOptions, overrides)
+    _report_figure("track", make_track(o.run_or_dir, o.seq, o.davis, o.frames, o.gif, o.out, o.dpi))
 
 
 def main() -> None:

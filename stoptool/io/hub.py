@@ -69,6 +69,17 @@ class Published:
     notes: list[str] = field(default_factory=list)
     url: str | None = None  # where --push put it
 
+    def rows(self) -> dict[str, Any]:
+        """The table `stoptool export --to hf|transformers` prints."""
+        f = self.facts
+        rows = {"folder": self.out, "layout": "timm (local-dir / hf-hub)" if self.to == "hf"
+                else "transformers IJepaModel", "encoder": f["which"], "arch": f["arch"],
+                "img_size": f["img_size"], "params": f"{self.params:,}", "probe results": self.probes,
+                "report": self.report}
+        if self.url:
+            rows["uploaded to"] = self.url
+        return rows
+
 
 def folder_report_path(out: Path) -> Path:
     """`<folder>.export.json` beside the folder: not inside, where it would be uploaded."""

@@ -331,7 +331,7 @@ def test_bad_requests_are_one_line_errors_and_write_nothing(tmp_path, runs, monk
         (["export", run, "--to", "hf", str(tmp_path / "file")], "exists and is not a folder"),
         (["export", str(encoder_only), "--to", "hf", str(tmp_path / "o"), "--which", "context"],
          "holds only the target encoder; take which=target (--which)"),
-        (["export", run, "--to", "onnx", str(tmp_path / "o")], "--to must be timm, hf or transformers"),
+        (["export", run, "--to", "onnx", str(tmp_path / "o")], "to must be one of timm, hf, transformers, got 'onnx' (--to)"),
         (["export", run, "--to", "hf", str(tmp_path / "o"), "--license", "MIT License"], "(--license)"),
         (["export", run, "--to", "hf", str(tmp_path / "o"), "--push", "no-org"],
          "ORG/NAME, got 'no-org' (--push)"),
