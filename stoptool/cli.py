@@ -17,6 +17,7 @@ from rich.table import Table
 from stoptool.cliopts import config_option, print_config_option, quiet_option, set_option, with_options
 from stoptool.config import BenchConfig, option_fields, option_panels
 from stoptool.errors import UserError
+from stoptool.evaluate.config import EvaluateConfig
 from stoptool.io.paths import check_writable
 from stoptool.masks import MaskConfig
 from stoptool.options import build, declared
@@ -733,6 +734,31 @@ def report(
     for path in (json_out, markdown_out, plot_out):
         if path is not None:
             console.print(f"wrote {path}", highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+@with_options(declared(EvaluateConfig))
+def evaluate(
+    quiet: bool = quiet_option(),
+    overrides: dict | None = None,
+):
+    """Run a suite of frozen-encoder evaluations (the paper's Table 4 or Table 1) on every task whose data is under --data-root, for each checkpoint or timm:MODEL, and lay the results out as the paper's table beside its rows.
+
+    Writes SUITE.json, SUITE.md and a bar chart SUITE.png into --out. Features are cached and each task's result is kept as it is known: the same command again resumes where it stopped.
+    """
+    from stoptool.evaluate.run import run_evaluate
+    from stoptool.viz.transfer import draw_chart
+
+    cfg = build(EvaluateConfig, overrides)
+    _note_slow_bf16(cfg.precision, cfg.device)
+    with _SplitBar("features", quiet) as bar:
+        report = run_evaluate(cfg, progress=lambda what, done, total: bar.update(what, done, total), notify=_note)
+    draw_chart(report)
+    _print_columns(report.title(), report.header(), report.table(), left=("model", "arch"))
+    _say(report.closing())
+    for note in report.notes:
+        _note(note)
 
 
 def main() -> None:
