@@ -42,6 +42,7 @@ from stoptool.probe.features import (
     encoder_fingerprint,
     extract_features,
     load_cached,
+    resize_of,
     save_cached,
 )
 from stoptool.probe.knn import knn_probe
@@ -109,8 +110,7 @@ class FeatureStore:
 
     def transform(self, data: ImageDataset, view: int | None = None) -> ImageTransform:
         m = self.model
-        resize = getattr(data, "eval_resize", "crop")  # CLEVR squashes the whole image
-        return ImageTransform(m.img_size, resize, view, self.cfg.seed, m.mean, m.std)
+        return ImageTransform(m.img_size, resize_of(data), view, self.cfg.seed, m.mean, m.std)
 
     def get(self, data: ImageDataset, split: str, what: str, view: int | None = None) -> Features:
         """The features of `data` (its `split`) with the evaluation transform, or training view

@@ -62,6 +62,12 @@ def pooled_features(encoder: torch.nn.Module, images: torch.Tensor, layers: str)
 
 
 RESIZES = ("crop", "squash")
+
+
+def resize_of(data: ImageDataset) -> str:
+    """How the evaluation transform fits `data`'s images to the encoder: `crop` unless the set
+    says otherwise (CLEVR: `squash`, the whole scene, since a crop could cut objects away)."""
+    return getattr(data, "eval_resize", "crop")
 TRAIN_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop, as VISSL's linear benchmarks train
 
 
@@ -111,12 +117,13 @@ class ImageTransform:
 
 class EvalImages(Dataset):
     """Transformed images (of `indices` only, when given), with their labels; an unreadable
-    file yields None and is counted. The transform is the evaluation transform unless given."""
+    file yields None and is counted. The transform is the set's evaluation transform unless
+    given."""
 
     def __init__(self, data: ImageDataset, img_size: int, indices=None,
                  transform: ImageTransform | None = None):
         self.data = data
-        self.transform = transform or ImageTransform(img_size)
+        self.transform = transform or ImageTransform(img_size, resize_of(data))
         self.indices = list(range(len(data))) if indices is None else [int(i) for i in indices]
 
     def __len__(self) -> int:

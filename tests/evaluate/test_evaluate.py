@@ -170,3 +170,27 @@ def test_a_malformed_suite_is_one_line(tmp_path, data_root, text, says):
                       cache=tmp_path / "c")
     assert result.exit_code == 2 and says in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "runs")
+
+
+def test_a_run_stopped_during_extraction_resumes_from_its_last_whole_piece(tmp_path, data_root, tiny_ckpt,
+                                                                             monkeypatch):
+    args = [str(tiny_ckpt), "--suite", str(_one_task_suite(tmp_path)), "--data-root", str(data_root),
+            "--views", "1", "--chunk", "5", "--out", str(tmp_path / "o")]
+    real, calls = evaluate_run.extract_features, []
+
+    def stopped_in_the_third_piece(*a, **k):
+        calls.append(k)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(evaluate_run, "extract_features", stopped_in_the_third_piece)
+    assert evaluate(*args, cache=tmp_path / "c").exit_code != 0
+    assert not (tmp_path / "o" / "count.json").exists()
+    monkeypatch.setattr(evaluate_run, "extract_features", real)
+    # the 8 test images are 2 pieces of 5 (both kept); the 16 training images 4 pieces, none kept
+    result = evaluate(*args, cache=tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    assert "extracted 4 feature pieces" in result.stdout
+    doc = (tmp_path / "o" / "count.json").read_text()
+    assert '"train": 16' in doc and '"test": 8' in doc
