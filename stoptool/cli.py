@@ -626,7 +626,7 @@ class _SplitBar:
 @app.command()
 @user_errors
 def prepare(
-    src: str = typer.Argument(..., help="An ImageFolder tree (train/ and optionally val/, one folder per class in each; or the class folders alone, a train split), or cifar10 | cifar100 (from --data-root; its test split becomes val)."),
+    src: str = typer.Argument(..., help="An ImageFolder tree (train/ and optionally val/, one folder per class in each; or the class folders alone, a train split), cifar10 | cifar100 (from --data-root; its test split becomes val), or a transfer set in its release layout: clevr-count:PATH | clevr-dist:PATH | inat18:PATH | places205:PATH."),
     dst: Path = typer.Argument(..., help="The directory to write: new or empty."),
     short_side: int = typer.Option(256, help="Shrink images whose short side is longer to this many pixels, aspect kept (at least 16); JPEGs already this small are copied unchanged."),
     shard_size: str = typer.Option("1GB", help="Largest shard: bytes, or with a unit: 64KB, 500MB, 1GB (decimal), 1GiB (binary)."),
