@@ -31,7 +31,7 @@ from stoptool.evaluate.suite import Found, find_tasks, load_suite
 from stoptool.evaluate.table import EvaluateReport
 from stoptool.io.checkpoint import resolve_checkpoint
 from stoptool.io.paths import check_file, check_writable, write_report, write_text_atomic
-from stoptool.io.timm_source import check_name, is_timm, load_timm
+from stoptool.io.timm_source import check_source, is_timm, load_timm
 from stoptool.probe.config import ProbeConfig
 from stoptool.probe.features import (
     Features,
@@ -72,12 +72,11 @@ class Model:
 
 def check_sources(cfg: EvaluateConfig) -> list[str]:
     """The checkpoint arguments, each an existing checkpoint file (a run directory stands for
-    its latest) or a timm model name timm knows."""
+    its latest) or a timm model whose weights can be had."""
     out = []
     for arg in cfg.ckpts:
         if is_timm(arg):
-            check_name(arg)
-            out.append(arg)
+            out.append(check_source(arg))
         else:
             out.append(str(check_file(resolve_checkpoint(arg), "checkpoint")))
     return out

@@ -66,6 +66,15 @@ def check_name(arg: str) -> str:
     return name
 
 
+def check_source(arg: str) -> str:
+    """`timm:NAME` once it is known that it can be built: timm knows the name and its weights are
+    cached or can be downloaded (or the test-only switch is on). Cheap: nothing is built."""
+    name = check_name(arg)
+    if not random_weights():
+        _weights(name)
+    return arg
+
+
 def load_timm(arg: str, img_size: int | None = None) -> TimmEncoder:
     """The model `arg` = `timm:NAME` with its pretrained weights (see the module's docstring),
     at `img_size` when given (timm resamples the position embeddings)."""

@@ -121,17 +121,21 @@ def test_a_timm_baseline_is_probed_end_to_end(tmp_path, data_root):
     assert "paper: MAE" in result.stdout
 
 
-def test_a_timm_model_without_cached_weights_or_network_is_one_line(tmp_path, data_root, monkeypatch):
+def test_a_timm_model_without_cached_weights_or_network_is_one_line_before_any_work(
+        tmp_path, data_root, tiny_ckpt, monkeypatch):
     monkeypatch.delenv(timm_source.RANDOM_WEIGHTS_ENV, raising=False)
     monkeypatch.setattr(timm_source, "_cached_file", lambda cfg: None)
     monkeypatch.setattr(timm_source, "_reachable", lambda host: False)
+    monkeypatch.setattr(evaluate_run, "extract_features", lambda *a, **k: pytest.fail("extracted"))
     suite = str(_one_task_suite(tmp_path))
-    result = evaluate("timm:test_vit", "--suite", suite, "--data-root", str(data_root),
+    # the checkpoint before it is not evaluated either: every source is checked first
+    result = evaluate(str(tiny_ckpt), "timm:test_vit", "--suite", suite, "--data-root", str(data_root),
                       "--out", str(tmp_path / "o"), cache=tmp_path / "c")
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "timm:test_vit: its weights are not in the local caches" in lines[0]
     assert "huggingface.co cannot be reached" in lines[0]
+    assert not (tmp_path / "o").exists()
     result = evaluate("timm:no_such_model", "--suite", suite, "--data-root", str(data_root),
                       cache=tmp_path / "c")
     assert result.exit_code == 2 and "'timm:no_such_model' names no timm model" in result.stderr
