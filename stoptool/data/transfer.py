@@ -103,6 +103,8 @@ class FileListDataset(ImageDataset):
         return str(self.files[index])
 
     def identity(self) -> bytes:
+        """What the feature cache knows the set by: its list files (path, size, time) and the
+        image paths they name; a million images are not looked at one by one."""
         h = hashlib.sha256(self.name.encode())
         for src in self.sources:
             st = src.stat()
@@ -113,6 +115,8 @@ class FileListDataset(ImageDataset):
 
 
 class ClevrDataset(FileListDataset):
+    """A CLEVR split: its scenes are fed whole, squashed to the encoder's square input."""
+
     eval_resize = "squash"
 
 
@@ -123,6 +127,7 @@ def open_transfer(kind: str, path: str | Path, split: str) -> ImageDataset:
     root = Path(path).expanduser()
     if not root.is_dir():
         raise UserError(f"{kind} path '{root}' does not exist or is not a directory", key="dataset")
+    root = root.resolve()  # (the feature cache knows a set by its files' full paths)
     split = {"train": "train", "val": "val", "test": "val"}.get(split)
     if split is None:
         raise UserError(f"{kind} has splits train and val")

@@ -26,7 +26,7 @@ from stoptool.data.base import ImageDataset
 from stoptool.data.transforms import MEAN, STD
 from stoptool.errors import UserError
 from stoptool.evaluate.config import EvaluateConfig
-from stoptool.evaluate.heads import Recipe, best, train_heads
+from stoptool.evaluate.heads import Recipe, best, columns, train_heads
 from stoptool.evaluate.suite import Found, find_tasks, load_suite
 from stoptool.evaluate.table import EvaluateReport
 from stoptool.io.checkpoint import resolve_checkpoint
@@ -208,7 +208,7 @@ def run_task(store: FeatureStore, found: Found, cfg: EvaluateConfig, device: tor
 
 def _fast(method: str, layers: str, x_train, y_train, test: Features, width: int, num_classes: int, seed: int,
           device) -> dict:
-    cols = slice(3 * width, 4 * width) if layers == "last" else slice(0, 4 * width)
+    cols = columns(layers, width)
     args = (x_train[:, cols], y_train, test.x[:, cols], test.y, num_classes)
     if method == "logreg":
         res = logreg_probe(*args, seed=seed)
