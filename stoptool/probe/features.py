@@ -61,14 +61,13 @@ def pooled_features(encoder: torch.nn.Module, images: torch.Tensor, layers: str)
     raise ValueError(f"unknown layers {layers!r}")
 
 
-RESIZES = ("crop", "squash")
+TRAIN_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop, as VISSL's linear benchmarks train
 
 
 def resize_of(data: ImageDataset) -> str:
     """How the evaluation transform fits `data`'s images to the encoder: `crop` unless the set
     says otherwise (CLEVR: `squash`, the whole scene, since a crop could cut objects away)."""
     return getattr(data, "eval_resize", "crop")
-TRAIN_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop, as VISSL's linear benchmarks train
 
 
 @dataclass(frozen=True)
