@@ -17,6 +17,7 @@ from rich.table import Table
 from stoptool.cliopts import config_option, print_config_option, quiet_option, set_option, with_options
 from stoptool.config import BenchConfig, option_fields, option_panels
 from stoptool.errors import UserError
+from stoptool.evaluate.config import EvaluateConfig
 from stoptool.io.options import ExportOptions, ImportOptions, InfoOptions
 from stoptool.io.paths import check_writable
 from stoptool.masks import MaskConfig
@@ -546,7 +547,7 @@ class _SplitBar:
 @app.command()
 @user_errors
 def prepare(
-    src: str = typer.Argument(..., help="An ImageFolder tree (train/ and optionally val/, one folder per class in each; or the class folders alone, a train split), or cifar10 | cifar100 (from --data-root; its test split becomes val)."),
+    src: str = typer.Argument(..., help="An ImageFolder tree (train/ and optionally val/, one folder per class in each; or the class folders alone, a train split), cifar10 | cifar100 (from --data-root; its test split becomes val), or a transfer set in its release layout: clevr-count:PATH | clevr-dist:PATH | inat18:PATH | places205:PATH."),
     dst: Path = typer.Argument(..., help="The directory to write: new or empty."),
     short_side: int = typer.Option(256, help="Shrink images whose short side is longer to this many pixels, aspect kept (at least 16); JPEGs already this small are copied unchanged."),
     shard_size: str = typer.Option("1GB", help="Largest shard: bytes, or with a unit: 64KB, 500MB, 1GB (decimal), 1GiB (binary)."),
@@ -677,6 +678,31 @@ def track(
     if report.scores:
         _print_columns(f"{report.title()}: per object (%)", report.COLUMNS, report.table(), left=("Sequence",))
     print_table(f"{report.title()} (%)", report.rows())
+    _say(report.closing())
+    for note in report.notes:
+        _note(note)
+
+
+@app.command()
+@user_errors
+@with_options(declared(EvaluateConfig))
+def evaluate(
+    quiet: bool = quiet_option(),
+    overrides: dict | None = None,
+):
+    """Run a suite of frozen-encoder evaluations (the paper's Table 4 or Table 1) on every task whose data is under --data-root, for each checkpoint or timm:MODEL, and lay the results out as the paper's table beside its rows.
+
+    Writes SUITE.json, SUITE.md and a bar chart SUITE.png into --out. Features are cached and each task's result is kept as it is known: the same command again resumes where it stopped.
+    """
+    from stoptool.evaluate.run import run_evaluate
+    from stoptool.viz.transfer import draw_chart
+
+    cfg = build(EvaluateConfig, overrides)
+    _note_slow_bf16(cfg.precision, cfg.device)
+    with _SplitBar("features", quiet) as bar:
+        report = run_evaluate(cfg, progress=bar.update, notify=_note)
+    draw_chart(report)
+    _print_columns(report.title(), report.header(), report.table(), left=("model", "arch"))
     _say(report.closing())
     for note in report.notes:
         _note(note)

@@ -24,7 +24,8 @@ class ProbeConfig:
         argument=True, default_text="none")
     dataset: str = option(
         "digits", "digits (bundled) | count (synthetic, drawn on demand) | cifar10 | cifar100 | PATH with "
-        "train/ and val/ (or test/) ImageFolder trees.")
+        "train/ and val/ (or test/) ImageFolder trees | clevr-count:PATH | clevr-dist:PATH | inat18:PATH | "
+        "places205:PATH (the transfer sets in their release layouts).")
     data_root: str | None = option(None, "Where CIFAR's release archive or extracted folder lives.",
                                    default_text="~/.cache/stoptool/data")
     download: bool = option(False, "Fetch the CIFAR archive into --data-root when it is missing.",

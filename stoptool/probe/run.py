@@ -21,6 +21,7 @@ from stoptool.data.datasets import (
     open_dataset,
 )
 from stoptool.data.shards import is_prepared
+from stoptool.data.transfer import parse_name
 from stoptool.errors import UserError
 from stoptool.io.paths import check_writable, write_report
 from stoptool.models.archs import check_img_size, default_img_size, default_init
@@ -130,6 +131,9 @@ def open_splits(cfg: ProbeConfig) -> tuple[ImageDataset, ImageDataset, str]:
         train = FolderDataset(cfg.train_dir, cfg.subset)
         test = FolderDataset(cfg.val_dir)
         tag = Path(cfg.train_dir).resolve().parent.name or "folder"
+    elif parse_name(cfg.dataset) is not None:  # a transfer set, read in its release layout
+        train, test = (open_dataset(cfg.dataset, split, cfg.subset) for split in ("train", "val"))
+        tag = parse_name(cfg.dataset)[0]
     elif cfg.dataset in BUILTIN:
         if cfg.subset is not None:
             raise UserError("subset keeps images of an ImageFolder tree; use it with a PATH data set",
