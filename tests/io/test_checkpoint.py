@@ -137,7 +137,8 @@ def test_a_write_that_fails_midway_leaves_the_old_checkpoint_whole(tmp_path, mon
 
     monkeypatch.setattr(ck, "save_file", dies_halfway)
     # one line for the user: the file, the reason, what it needed (three float32s) and what is free
-    said = rf"^cannot write '{path}': no space left on device \(needed 12 bytes, [\d.]+ [KMGT]?B(ytes)? free\)$"
+    said = (rf"^cannot write '{path}': no space left on device "
+            r"\(needed 12 bytes, [\d.]+ [KMGT]?B(ytes)? free\)$")
     with pytest.raises(WriteFailed, match=said) as info:
         save_checkpoint(path, Checkpoint({**TINY_META, "step": 2}, {"encoder.w": torch.zeros(3)}))
     assert info.value.exit_code == 1 and info.value.needed == 12
