@@ -16,6 +16,7 @@ from rich.table import Table
 
 from stoptool.cliopts import config_option, print_config_option, quiet_option, set_option, with_options
 from stoptool.config import BenchConfig, option_fields, option_panels
+from stoptool.data.prepare import PrepareOptions
 from stoptool.errors import UserError
 from stoptool.evaluate.config import EvaluateConfig
 from stoptool.io.options import ExportOptions, ImportOptions, InfoOptions
@@ -23,6 +24,8 @@ from stoptool.io.paths import check_writable
 from stoptool.masks import MaskConfig
 from stoptool.options import build, checked, declared
 from stoptool.probe.config import ProbeConfig
+from stoptool.report import ReportOptions
+from stoptool.sweep import Outcome, SweepOptions
 from stoptool.track.config import TrackConfig
 from stoptool.viz.options import (
     CurvesOptions,
@@ -239,12 +242,12 @@ class _ProgressBar:
 
 
 def _note_slow_bf16(precision: str, device: str) -> None:
-    """bf16 asked for on a CPU without bf16 instructions: say so before a run that would crawl."""
-    from stoptool.train.runtime import cpu_has_fast_bf16, resolve_device
+    """The hardware's word on a precision asked for (see `runtime.slow_precision`), as a note."""
+    from stoptool.train.runtime import slow_precision
 
-    if precision == "bf16" and resolve_device(device).type == "cpu" and not cpu_has_fast_bf16():
-        _note("this CPU has neither AMX nor AVX-512 BF16, so bf16 runs many times slower than fp32 here; "
-              "--precision auto picks fp32")
+    said = slow_precision(precision, device)
+    if said:
+        _note(said)
 
 
 @app.command()
@@ -378,101 +381,30 @@ def viz_curves(overrides: dict | None = None):
 @app.command()
 @user_errors
 @with_options(declared(BenchConfig))
-def bench(
-    json_out: Path | None = typer.Option(None, "--json", help="Also write the figures to this JSON file."),
-    overrides: dict | None = None,
-):
+def bench(overrides: dict | None = None):
     """Measure img/s, FLOPs per image, achieved FLOP/s and its share of the device's matmul rate.
 
     With --config PRESET, time the step that preset trains and project the wall-clock of its whole schedule (on one device, and on --devices N by linear scaling).
     """
     from stoptool.bench import bench as run_bench
+    from stoptool.bench import table_rows
     from stoptool.config import bench_config
 
     cfg = bench_config(overrides)
+    json_out = Path(cfg.json) if cfg.json else None
     if json_out is not None:
         if json_out.is_dir():
             raise UserError(f"--json '{json_out}' is a directory; give a file name")
         check_writable(json_out)
     _note_slow_bf16(cfg.precision, cfg.device)
     result = run_bench(cfg)  # validates arch, sizes and predictor shape before any work
-    if cfg.what == "data":
-        rows = _data_rows(result)
-    elif cfg.what == "masks":
-        rows = {
-            "grid": f"{result['grid']}×{result['grid']}", "batch": cfg.batch_size, "threads": 1,
-            "batches/s": f"{result['batches_per_s']:.1f} (min {result['batches_per_s_min']:.1f}, max {result['batches_per_s_max']:.1f})",
-            "ms/batch": f"{result['ms_per_batch']:.2f}",
-        }
-    else:
-        rows = {
-            "what": cfg.what, "arch": f"{cfg.arch} @ {result['img_size']}px, batch {cfg.batch_size}",
-            **({"predictor": f"{result['pred_depth']} × {result['pred_width']}"} if cfg.what == "train" else {}),
-            "device": f"{result['device']} ({result['torch_threads']} threads)", "precision": result["precision"],
-            "img/s": f"{result['img_per_s']:.1f} (min {result['img_per_s_min']:.1f}, max {result['img_per_s_max']:.1f})",
-            "ms/step": f"{result['ms_per_step']:.1f}",
-            "GFLOP/image": f"{result['flops_per_image'] / 1e9:.2f}",
-            "achieved": f"{result['achieved_flops'] / 1e9:.1f} GFLOP/s",
-            "matmul rate": f"{result['matmul_flops'] / 1e9:.1f} GFLOP/s ({result['precision']})",
-            "share of matmul rate": f"{100 * result['share_of_matmul_rate']:.1f} %",
-            "peak memory": f"{result['peak_memory_mib']:.0f} MiB",
-        }
-        if "compile_failed" in result:
-            rows["compile"] = f"unavailable, ran eagerly: {result['compile_failed']}"
-        rows["attention"] = result["attn"]
-        if cfg.vary_masks and "mask_shapes" in result:
-            rows["mask shapes met"] = result["mask_shapes"]
-        if "compiled_graphs" in result:
-            rows["graphs compiled"] = result["compiled_graphs"]
-        if cfg.accum_steps > 1:
-            rows["micro-batches"] = f"{cfg.accum_steps} of {cfg.batch_size // cfg.accum_steps}"
-        if "projected_hours" in result:
-            rows.update(_projection_rows(cfg, result))
-    print_table("bench", rows)
+    print_table("bench", table_rows(cfg, result))
     if json_out:
         from stoptool.io.paths import write_report
 
         json_out.parent.mkdir(parents=True, exist_ok=True)
         write_report(json_out, result)
-        console.print(f"wrote {json_out}", highlight=False, markup=False, soft_wrap=True)
-
-
-def _data_rows(r: dict) -> dict:
-    workers = f"{r['workers']} workers" if r["workers"] else "main process"
-    return {
-        "what": "data (the pretraining input pipeline)", "dataset": f"{r['dataset']} ({r['dataset_images']:,} images)",
-        "pipeline": f"{r['img_size']} px crops of {r['crop_scale'][0]}–{r['crop_scale'][1]}, {r['interpolation']}, "
-                    f"decode on {r['decode']}; masks and collate",
-        "batch": f"{r['batch_size']}, {workers} ({r['cores']} core{'s' if r['cores'] > 1 else ''})",
-        "img/s": f"{r['img_per_s']:.1f} (min {r['img_per_s_min']:.1f}, max {r['img_per_s_max']:.1f})",
-        "img/s per core": f"{r['img_per_s_per_core']:.1f}",
-        "ms/batch": f"{r['ms_per_batch']:.1f}",
-        **({"skipped": f"{r['skipped']} unreadable"} if r["skipped"] else {}),
-    }
-
-
-def _projection_rows(cfg: BenchConfig, r: dict) -> dict:
-    """A preset's whole schedule at the measured rate, as `bench --config` prints it."""
-    data = r["dataset"] + (" (ImageNet-1k train)" if r["dataset"] == "imagenet" else "")
-    rows = {
-        "preset": cfg.config,
-        "schedule": f"{r['epochs']:,} epochs × {r['iterations_per_epoch']:,} steps = {r['schedule_steps']:,} "
-                    f"steps of {r['global_batch']:,} images ({r['images_seen']:,} images)",
-        "data": f"{data}: {r['dataset_images']:,} training images",
-        "projected, 1 device": f"{_duration(r['projected_hours'])} at the img/s above",
-    }
-    if cfg.devices > 1:
-        rows[f"projected, {cfg.devices} devices"] = (
-            f"{_duration(r['projected_hours_devices'])}: a linear-scaling estimate ({cfg.devices} × the img/s "
-            "above; communication not counted)")
-    rows["not counted"] = "data loading, checkpoints, evaluation, start-up"
-    return rows
-
-
-def _duration(hours: float) -> str:
-    if hours < 1:
-        return f"{hours * 60:.1f} min"
-    return f"{hours:,.1f} h" + (f" ({hours / 24:,.1f} days)" if hours >= 48 else "")
+        _say(f"wrote {json_out}")
 
 
 @app.command()
@@ -495,11 +427,16 @@ def probe(
         _note(note)
 
 
-def _print_columns(title: str, columns: tuple[str, ...], rows: list[tuple], left: tuple[str, ...] = ()) -> None:
-    """A table with a header row; columns named in `left` align left, the others (numbers) right."""
+def _print_columns(title: str, columns: tuple[str, ...], rows: list[tuple], left: tuple[str, ...] = (),
+                   fold: bool = False) -> None:
+    """A table with a header row; columns named in `left` align left, the others (numbers) right;
+    with `fold`, every column is left-aligned and long cells wrap instead of being cut."""
     table = Table(title=title, title_justify="left")
     for col in columns:
-        table.add_column(col, justify="left" if col in left else "right")
+        if fold:
+            table.add_column(col, overflow="fold")
+        else:
+            table.add_column(col, justify="left" if col in left else "right")
     for row in rows:
         table.add_row(*row)
     console.print(table)
@@ -546,16 +483,8 @@ class _SplitBar:
 
 @app.command()
 @user_errors
-def prepare(
-    src: str = typer.Argument(..., help="An ImageFolder tree (train/ and optionally val/, one folder per class in each; or the class folders alone, a train split), cifar10 | cifar100 (from --data-root; its test split becomes val), or a transfer set in its release layout: clevr-count:PATH | clevr-dist:PATH | inat18:PATH | places205:PATH."),
-    dst: Path = typer.Argument(..., help="The directory to write: new or empty."),
-    short_side: int = typer.Option(256, help="Shrink images whose short side is longer to this many pixels, aspect kept (at least 16); JPEGs already this small are copied unchanged."),
-    shard_size: str = typer.Option("1GB", help="Largest shard: bytes, or with a unit: 64KB, 500MB, 1GB (decimal), 1GiB (binary)."),
-    quality: int = typer.Option(90, help="JPEG quality (1 to 100) of the images re-encoded."),
-    workers: int | None = typer.Option(None, help="Processes that decode and encode images; 0 = in this one. The output is the same for any number. (default: the CPUs available)"),
-    seed: int = typer.Option(0, help="Seed of the order images are written in (shuffled once, so every shard mixes the classes).", min=0, max=SEED_MAX),
-    data_root: Path | None = typer.Option(None, help="Where CIFAR's release archive or extracted folder lives. (default: ~/.cache/stoptool/data)"),
-):
+@with_options(declared(PrepareOptions))
+def prepare(overrides: dict | None = None):
     """Write an image set once as WebDataset tar shards of JPEGs shrunk to --short-side, with an index: what training reads fastest.
 
     Unreadable images are skipped and listed in DST/SPLIT.skipped.txt. The set is written into a hidden directory beside DST and renamed to DST when complete.
@@ -563,98 +492,70 @@ def prepare(
     from stoptool.data.prepare import describe
     from stoptool.data.prepare import prepare as run_prepare
 
+    o = checked(PrepareOptions, overrides)
     with _SplitBar("prepare", lines=True) as bar:
-        index = run_prepare(src, dst, short_side=short_side, shard_size=shard_size, quality=quality, seed=seed,
-                            workers=workers, data_root=data_root, progress=bar.update)
-    console.print(describe(index, dst), highlight=False, markup=False, soft_wrap=True)
+        index = run_prepare(o.src, Path(o.dst), short_side=o.short_side, shard_size=o.shard_size, quality=o.quality,
+                            seed=o.seed, workers=o.workers, data_root=o.data_root, progress=bar.update)
+    _say(describe(index, Path(o.dst)))
 
 
 @app.command()
 @user_errors
-def sweep(
-    spec: str = typer.Argument(..., help="A sweep spec (YAML: base, grid, probe), or the name of a shipped one: table6-pred-pos, table7-noise-on, fig3-cov, sigma-grid (CPU scale on digits) and the same names with -in1k (full scale, on the ImageNet presets)."),
-    out: Path | None = typer.Option(None, "--out", help="Directory of the sweep: one run directory per grid point, named from its values (e.g. sigma=0.25,seed=1). (default: runs/sweeps/<spec name>)"),
-    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Set a base config key of every run (repeatable; VALUE is YAML), or a probe option as probe.KEY=VALUE, e.g. --set dataset=/data/imagenet --set probe.dataset=/data/imagenet."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and where each stands (probed, trained, partial at step N, not started) and exit."),
-    parallel: int = typer.Option(1, "--parallel", min=1, help="Runs at a time, each a subprocess with cores / N threads."),
-    emit: str | None = typer.Option(None, "--emit", help="slurm: write DIR/sweep.slurm, an array job with one task per run | commands: write DIR/commands.txt, one line per run. Nothing runs."),
-):
+@with_options(declared(SweepOptions))
+def sweep(overrides: dict | None = None):
     """Pretrain every run of a grid × seeds and probe each; started again, it skips what is done and resumes what was interrupted.
 
     Every run's config is built and checked before anything runs. Summarize with: stoptool report DIR.
     """
-    from stoptool.sweep import load_sweep, run_sweep, states
+    from stoptool.sweep import emit, load_sweep, run_sweep, states
     from stoptool.train.fit import Interrupted
 
-    if emit is not None and emit not in ("slurm", "commands"):
-        raise UserError(f"--emit takes slurm or commands, got '{emit}'")
-    plan = load_sweep(spec, out, set_)
-    if emit:
-        from stoptool.sweep import emit as write_commands
-
-        path = write_commands(plan, emit)
-        console.print(f"wrote {path} ({len(plan.runs)} runs)", highlight=False, markup=False, soft_wrap=True)
+    o = checked(SweepOptions, overrides)
+    plan = load_sweep(o.spec, o.out, o.set)
+    if o.emit:
+        _say(f"wrote {emit(plan, o.emit)} ({len(plan.runs)} runs)")
         return
-    if dry_run:
-        _sweep_table(f"sweep {plan.label} in {plan.out} (dry run)", [(r.name, str(s)) for r, s in zip(plan.runs, states(plan))])
+    if o.dry_run:
+        _print_columns(f"sweep {plan.label} in {plan.out} (dry run)", ("run", "state"),
+                       [(r.name, str(s)) for r, s in zip(plan.runs, states(plan))], fold=True)
         return
     try:
-        outcomes = run_sweep(plan, parallel, notify=_note)
+        outcomes = run_sweep(plan, o.parallel, notify=_note)
     except Interrupted as stop:
         err_console.print(f"interrupted: checkpoint saved to {stop.checkpoint}; run the sweep again to resume", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(128 + stop.signum) from None
-    rows = [(o.run.name, str(o.state), f"{o.seconds:.0f}" if o.seconds else "-",
-             ", ".join(f"{k} {v:.2f}" for k, v in o.metrics.items() if k.endswith("top1")) or "-") for o in outcomes]
-    _sweep_table(f"sweep {plan.label} in {plan.out}", rows, ("run", "state", "seconds", "probe top-1 (%)"))
+    _print_columns(f"sweep {plan.label} in {plan.out}", Outcome.COLUMNS, [o.row() for o in outcomes], fold=True)
+    _say(f"summarize with: stoptool report {plan.out}")
     failed = [o for o in outcomes if o.error]
-    console.print(f"summarize with: stoptool report {plan.out}", highlight=False, markup=False, soft_wrap=True)
     if failed:
         err_console.print(f"error: {len(failed)} of {len(outcomes)} runs failed: " + "; ".join(f"{o.run.name}: {o.error}" for o in failed), highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
-def _sweep_table(title: str, rows: list[tuple], columns: tuple = ("run", "state")) -> None:
-    table = Table(title=title, title_justify="left")
-    for col in columns:
-        table.add_column(col, overflow="fold")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
-
-
 @app.command()
 @user_errors
-def report(
-    sweep_dir: Path = typer.Argument(..., metavar="DIR", help="A sweep's directory (its --out), or any directory of run directories."),
-    by: list[str] = typer.Option([], "--by", metavar="FIELD", help="Group by this config key (repeatable). (default: the grid's fields other than seed)"),
-    baseline: str | None = typer.Option(None, "--baseline", metavar="FIELD=VALUE", help="Also give each group's paired difference from the group with FIELD=VALUE (its other fields equal), over the seeds both have, with a 95 % t-interval."),
-    json_out: Path | None = typer.Option(None, "--json", metavar="FILE", help="Write the groups and statistics as JSON."),
-    markdown_out: Path | None = typer.Option(None, "--markdown", metavar="FILE", help="Write the table as Markdown."),
-    plot_out: Path | None = typer.Option(None, "--plot", metavar="FILE", help="Draw each metric's group means with ± sd error bars (.png, .svg or .pdf; the numbers go beside it as .json)."),
-):
+@with_options(declared(ReportOptions))
+def report(overrides: dict | None = None):
     """Mean ± sd of every probe metric per group of a sweep's runs, and paired differences from a baseline.
 
     Runs without probe results (not started, partial, not probed, failed) are listed below the table, not counted.
     """
     from stoptool.report import check_outputs, make_report, plot, table_rows, write_outputs
 
-    plot_out = check_outputs(json_out, markdown_out, plot_out)
-    result = make_report(sweep_dir, by, baseline)
+    o = checked(ReportOptions, overrides)
+    json_out, markdown_out = (Path(p) if p else None for p in (o.json, o.markdown))
+    plot_out = check_outputs(json_out, markdown_out, Path(o.plot) if o.plot else None)
+    result = make_report(o.sweep_dir, o.by, o.baseline)
     header, rows = table_rows(result)
-    table = Table(title=f"report {sweep_dir}: mean ± sd (probe metrics in %)", title_justify="left")
-    for col in header:
-        table.add_column(col, overflow="fold")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    _print_columns(f"report {o.sweep_dir}: mean ± sd (probe metrics in %)", tuple(header), rows, fold=True)
     for name, state in result.excluded:
-        console.print(f"not included: {name} ({state})", highlight=False, markup=False, soft_wrap=True)
+        _say(f"not included: {name} ({state})")
     write_outputs(result, json_out, markdown_out)
     if plot_out is not None:
         plot(result, plot_out)
     for path in (json_out, markdown_out, plot_out):
         if path is not None:
-            console.print(f"wrote {path}", highlight=False, markup=False, soft_wrap=True)
+            _say(f"wrote {path}")
 
 
 @app.command()

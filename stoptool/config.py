@@ -264,6 +264,52 @@ class PretrainConfig:
         return self
 
 
+# Keys that may change when a run is resumed; every other key must match the saved run.
+RESUMABLE_CHANGES = {
+    "init",  # how fresh weights are drawn: a resumed run loads its own
+    "data_root",
+    "download",
+    "steps",
+    "epochs",
+    "out",
+    "device",
+    "precision",
+    "attn",
+    "workers",
+    "log_every",
+    "save_every",
+    "compile",
+    "grad_checkpoint",
+    "fsdp",  # checkpoints hold whole tensors either way
+    "shard_group",
+    "eval_every",  # what is watched, not what is trained
+    "eval_dataset",
+    "eval_max_images",
+    "log",
+    "accum_steps",  # the same update, in micro-batches
+    "checkpoint_every",
+    "checkpoint_minutes",
+    "decode",  # where JPEGs are decoded: the same crops (pixels within a level or so)
+}
+
+# Keys a run's stoptool may not have had whose absence meant another value than today's default.
+OLD_DEFAULTS = {
+    "interpolation": "bicubic",  # crops were resized bicubic before the option came
+}
+
+
+def unresumable_difference(before: dict[str, Any], now: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first key (with its saved and its new value) in which the config `now` differs from
+    the config `before` a run was saved with, of the keys a resume may not change. A key the
+    run's stoptool did not have held its default then (or its value in `OLD_DEFAULTS`)."""
+    defaults = {**PretrainConfig().to_dict(), **OLD_DEFAULTS}
+    for key, value in now.items():
+        was = before.get(key, defaults.get(key))
+        if key not in RESUMABLE_CHANGES and was != value:
+            return key, was, value
+    return None
+
+
 def config_keys() -> dict[str, tuple[str, Any]]:
     """key -> (section name, field) for every pretraining option."""
     return {key_of(f): (name, f) for name, cls in SECTIONS.items() for f in declared(cls)}
@@ -409,6 +455,7 @@ class BenchConfig:
     vary_masks: bool = option(False, "Train: draw new masks every step, as a run does (their sampling is "
                               "timed too), and report the distinct mask shapes met and the graphs compiled.")
     mask_bucket: int = like(MaskConfig, "bucket")
+    json: str | None = option(None, "Also write the figures to this JSON file.", metavar="FILE")
 
     def validate(self) -> "BenchConfig":
         check_fields(self)

@@ -47,6 +47,7 @@ from stoptool.data.shards import (
 from stoptool.data.transfer import parse_name
 from stoptool.errors import UserError, plural
 from stoptool.io.paths import check_writable, size_text
+from stoptool.options import option
 
 Progress = Callable[[str, int, int], None]  # (split, images done, images in the split)
 Encoder = Callable[[Iterable], Iterator[tuple[bytes | None, str]]]  # images in, (JPEG or None, reason) out
@@ -57,6 +58,30 @@ UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 _SIZE = re.compile(r"(\d+(?:\.\d*)?)\s*([kmgt]i?b|b)?", re.IGNORECASE)
 CHUNK = 16  # images handed to a worker at a time: fewer round trips, order kept by imap
 
+
+
+@dataclass
+class PrepareOptions:
+    """`stoptool prepare`'s options (see `stoptool.options`)."""
+
+    src: str = option(
+        None, "An ImageFolder tree (train/ and optionally val/, one folder per class in each; or the class "
+        "folders alone, a train split), cifar10 | cifar100 (from --data-root; its test split becomes "
+        "val), or a transfer set in its release layout: clevr-count:PATH | clevr-dist:PATH | inat18:PATH | "
+        "places205:PATH.",
+        argument=True, required=True)
+    dst: str = option(None, "The directory to write: new or empty.", argument=True, required=True)
+    short_side: int = option(256, "Shrink images whose short side is longer to this many pixels, aspect kept "
+                             "(at least 16); JPEGs already this small are copied unchanged.")
+    shard_size: str = option("1GB", "Largest shard: bytes, or with a unit: 64KB, 500MB, 1GB (decimal), 1GiB "
+                             "(binary).")
+    quality: int = option(90, "JPEG quality (1 to 100) of the images re-encoded.")
+    workers: int | None = option(None, "Processes that decode and encode images; 0 = in this one. The output "
+                                 "is the same for any number.", default_text="the CPUs available")
+    seed: int = option(0, "Seed of the order images are written in (shuffled once, so every shard mixes the "
+                       "classes).", low=0, high=2**32 - 1)
+    data_root: str | None = option(None, "Where CIFAR's release archive or extracted folder lives.",
+                                   default_text="~/.cache/stoptool/data")
 
 def skipped_name(split: str) -> str:
     return f"{split}.skipped.txt"
