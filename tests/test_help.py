@@ -1,0 +1,51 @@
+"""Every command's options, as --help lists them, against the record taken before the commands
+were declared from their option dataclasses (tests/fixtures/help-options.json: flags, kind and
+the default as help states it, for each command that existed then)."""
+
+import json
+import re
+from pathlib import Path
+
+import typer.main
+
+from stoptool.cli import app
+
+RECORD = Path(__file__).parent / "fixtures" / "help-options.json"
+
+
+def _default(param) -> str:
+    """The default as help states it: its "(default: ...)" text, else the parameter's own value
+    written the way options.default_help writes one."""
+    found = re.search(r"\(default: (.*)\)$", " ".join((getattr(param, "help", None) or "").split()))
+    if found:
+        return found.group(1)
+    value = param.default
+    if value is None or value == [] or value == ():
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def listed_options(group=None, prefix: tuple = ()) -> dict[str, dict[str, dict]]:
+    """command -> "flags" -> {kind, default} for every command of the app."""
+    group = group or typer.main.get_command(app)
+    out = {}
+    for name, command in sorted(group.commands.items()):
+        path = prefix + (name,)
+        if hasattr(command, "commands"):
+            out.update(listed_options(command, path))
+            continue
+        out[" ".join(path)] = {" ".join(sorted(p.opts + p.secondary_opts)): {"kind": p.param_type_name,
+                                                                               "default": _default(p)}
+                               for p in command.params}
+    return out
+
+
+def test_every_command_lists_the_options_and_defaults_it_had():
+    before, now = json.loads(RECORD.read_text()), listed_options()
+    assert set(before) <= set(now)
+    for command, options in before.items():
+        assert now[command] == options, command
