@@ -40,6 +40,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: wrapped to the terminal, nothing cut, one style for every command
 )
 console = Console()
 err_console = Console(stderr=True)
@@ -109,13 +110,13 @@ def print_table(title: str, rows: dict) -> None:
     console.print(table)
 
 
-@app.command()
+@app.command(short_help="Pretrain an encoder: I-JEPA with StoP (σ > 0), or plain (σ = 0).")
 @user_errors
 @with_options(option_fields(), option_panels())
 def pretrain(
     config: str | None = config_option("stop-vitb16-in1k"),
     set_: list[str] = set_option("pretrain", "--set ema=[0.99,1.0] --set min_keep=null"),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Resume from the run directory's latest checkpoint."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", show_default=False, help="Resume from the run directory's latest checkpoint. (default: on)"),
     print_config: bool = print_config_option(),
     quiet: bool = quiet_option(),
     overrides: dict | None = None,
@@ -250,7 +251,7 @@ def _note_slow_bf16(precision: str, device: str) -> None:
         _note(said)
 
 
-@app.command()
+@app.command(short_help="What a checkpoint or model folder holds.")
 @user_errors
 @with_options(declared(InfoOptions))
 def info(overrides: dict | None = None):
@@ -268,7 +269,7 @@ def info(overrides: dict | None = None):
         _say(yaml.safe_dump(found.config, sort_keys=False))
 
 
-@app.command("import")
+@app.command("import", short_help="Official I-JEPA/StoP checkpoints and hub folders -> stoptool.")
 @user_errors
 @with_options(declared(ImportOptions))
 def import_cmd(overrides: dict | None = None):
@@ -282,7 +283,7 @@ def import_cmd(overrides: dict | None = None):
         _note(note)
 
 
-@app.command()
+@app.command(short_help="An encoder for timm, or a Hub folder with a model card.")
 @user_errors
 @with_options(declared(ExportOptions))
 def export(overrides: dict | None = None):
@@ -311,10 +312,13 @@ def export(overrides: dict | None = None):
 
 
 viz_app = typer.Typer(
+    short_help="The paper's figures: Fig. 4, 5, 6, masks, DAVIS masks.",
     help="Draw the paper's figures: positional similarity (Fig. 5), predicted-token heatmaps "
-    "(Fig. 6), multi-block masks, training curves (Fig. 4). PNG by default; .svg/.pdf by the "
-    "--out extension. Each figure gets a JSON file of its numbers beside it.",
+    "(Fig. 6), multi-block masks, training curves (Fig. 4), and DAVIS masks propagated by `stoptool "
+    "track`. PNG by default; .svg/.pdf by the --out extension. Each figure gets a JSON file of its "
+    "numbers beside it.",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(viz_app, name="viz")
 
@@ -323,7 +327,7 @@ def _report_figure(name: str, result) -> None:
     console.print(f"wrote {result.figure}", highlight=False, soft_wrap=True)
 
 
-@viz_app.command("similarity")
+@viz_app.command("similarity", short_help="Positional similarity maps (paper Fig. 5).")
 @user_errors
 @with_options(declared(SimilarityOptions))
 def viz_similarity(overrides: dict | None = None):
@@ -338,7 +342,7 @@ def viz_similarity(overrides: dict | None = None):
                                                  o.seed, o.dpi))
 
 
-@viz_app.command("heatmap")
+@viz_app.command("heatmap", short_help="Predicted-token heatmaps (paper Fig. 6).")
 @user_errors
 @with_options(declared(HeatmapOptions))
 def viz_heatmap(overrides: dict | None = None):
@@ -353,7 +357,7 @@ def viz_heatmap(overrides: dict | None = None):
     _report_figure("heatmap", make_heatmap(o.ckpt, o.image, o.out, o.patch, o.seed, o.temperature, o.dpi))
 
 
-@viz_app.command("masks")
+@viz_app.command("masks", short_help="Multi-block masks drawn on an image.")
 @user_errors
 @with_options(declared(MasksOptions) + declared(MaskConfig))
 def viz_masks(overrides: dict | None = None):
@@ -367,7 +371,7 @@ def viz_masks(overrides: dict | None = None):
     _report_figure("masks", make_masks(o.image, o.out, o.seed_list(), o.config, masks, o.dpi))
 
 
-@viz_app.command("curves")
+@viz_app.command("curves", short_help="Loss, lr, ‖A‖ and ‖m̃‖ over training (paper Fig. 4).")
 @user_errors
 @with_options(declared(CurvesOptions))
 def viz_curves(overrides: dict | None = None):
@@ -378,7 +382,7 @@ def viz_curves(overrides: dict | None = None):
     _report_figure("curves", make_curves([Path(r) for r in o.run_dirs], o.out, o.dpi))
 
 
-@app.command()
+@app.command(short_help="img/s, FLOPs and the share of the matmul rate.")
 @user_errors
 @with_options(declared(BenchConfig))
 def bench(overrides: dict | None = None):
@@ -407,7 +411,7 @@ def bench(overrides: dict | None = None):
         _say(f"wrote {json_out}")
 
 
-@app.command()
+@app.command(short_help="Linear, logistic and k-NN probes of frozen features.")
 @user_errors
 @with_options(declared(ProbeConfig))
 def probe(
@@ -481,7 +485,7 @@ class _SplitBar:
             self.progress.stop()
 
 
-@app.command()
+@app.command(short_help="An image set as WebDataset tar shards, read fastest.")
 @user_errors
 @with_options(declared(PrepareOptions))
 def prepare(overrides: dict | None = None):
@@ -499,7 +503,7 @@ def prepare(overrides: dict | None = None):
     _say(describe(index, Path(o.dst)))
 
 
-@app.command()
+@app.command(short_help="A grid of runs × seeds, each pretrained and probed.")
 @user_errors
 @with_options(declared(SweepOptions))
 def sweep(overrides: dict | None = None):
@@ -532,7 +536,7 @@ def sweep(overrides: dict | None = None):
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(short_help="Mean ± sd per group of a sweep, paired differences.")
 @user_errors
 @with_options(declared(ReportOptions))
 def report(overrides: dict | None = None):
@@ -558,7 +562,7 @@ def report(overrides: dict | None = None):
             _say(f"wrote {path}")
 
 
-@app.command()
+@app.command(short_help="DAVIS 2017 label propagation, J&F (Table 3).")
 @user_errors
 @with_options(declared(TrackConfig))
 def track(
@@ -584,7 +588,7 @@ def track(
         _note(note)
 
 
-@app.command()
+@app.command(short_help="Transfer-probe suites laid out as Table 4 (or 1).")
 @user_errors
 @with_options(declared(EvaluateConfig))
 def evaluate(
@@ -609,7 +613,7 @@ def evaluate(
         _note(note)
 
 
-@viz_app.command("track")
+@viz_app.command("track", short_help="Propagated DAVIS masks over the frames.")
 @user_errors
 @with_options(declared(TrackFigureOptions))
 def viz_track(overrides: dict | None = None):
@@ -626,7 +630,9 @@ def main() -> None:
         code = app(standalone_mode=False)
     except typer.TyperException as err:  # typer's usage errors (bad option, bad value, no command)
         ctx = getattr(err, "ctx", None)
-        if type(err).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+        if type(err).__name__ == "NoArgsIsHelpError":  # a group given no command: its help
+            err.show()
+        else:
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             err_console.print(f"error: {err.format_message()}{hint}", highlight=False, markup=False,
                               soft_wrap=True)

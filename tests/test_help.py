@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import typer.main
+from typer.testing import CliRunner
 
 from stoptool.cli import app
 
@@ -49,3 +50,20 @@ def test_every_command_lists_the_options_and_defaults_it_had():
     assert set(before) <= set(now)
     for command, options in before.items():
         assert now[command] == options, command
+
+
+def test_every_help_fits_80_columns_in_one_style():
+    """At 80 columns: nothing cut (no ellipsis, no truncated command summary), no <bool>
+    placeholder, defaults stated one way only ("(default: X)"), usage arguments in capitals."""
+    runner = CliRunner(env={"COLUMNS": "80"})
+    commands = [c.split() for c in listed_options()] + [[], ["viz"]]
+    for command in commands:
+        text = runner.invoke(app, [*command, "--help"]).output
+        where = " ".join(command) or "stoptool"
+        assert text.startswith("Usage: "), where
+        assert all(len(line) <= 80 for line in text.splitlines()), where
+        assert "…" not in text and "<bool>" not in text and "[default:" not in text, where
+        assert not any(line.rstrip().endswith("...") and line.startswith("  ") and not line.startswith("   ")
+                       for line in text.splitlines()), where  # (a command summary cut short)
+        usage = text.splitlines()[0]
+        assert re.sub(r"[^a-z]", "", usage.split("[OPTIONS]", 1)[-1]) == "", usage  # CKPT, [IMAGE], ...

@@ -26,7 +26,7 @@ class EvaluateConfig:
     ckpts: list[str] = option(
         [], "Encoders to evaluate: stoptool checkpoints, run directories (their latest), or timm:MODEL for a "
         "timm model with its pretrained weights (e.g. timm:vit_large_patch16_224.mae).",
-        argument=True, required=True, metavar="CKPT...")
+        argument=True, required=True, metavar="CKPT")
     suite: str = option(
         "table4", "table4 (CIFAR-100, Places205, iNat18, CLEVR/Count, CLEVR/Dist) | table1 (ImageNet: 1 %, "
         "last layer; 100 %, last layer; 100 %, last 4 layers) | a YAML file naming tasks.")

@@ -23,7 +23,7 @@ def _dpi() -> object:
 class SimilarityOptions:
     ckpts: list[str] = option(
         None, "One or more stoptool checkpoints with a predictor (.safetensors), or run directories (their "
-        "latest); e.g. an I-JEPA and a StoP checkpoint.", argument=True, required=True, metavar="CKPT...")
+        "latest); e.g. an I-JEPA and a StoP checkpoint.", argument=True, required=True, metavar="CKPT")
     sigma: float | None = option(
         None, "Noise standard deviation σ of the stochastic maps.",
         default_text="each checkpoint's σ; for one checkpoint trained with σ = 0, 0.25")
@@ -80,7 +80,7 @@ class MasksOptions:
 @dataclass
 class CurvesOptions:
     run_dirs: list[str] = option(None, "One or more run directories written by stoptool pretrain.",
-                                 argument=True, required=True)
+                                 argument=True, required=True, metavar="RUN_DIR")
     out: str | None = _out("first run", "curves")
     dpi: int = _dpi()
 
