@@ -289,7 +289,7 @@ def test_pretrain_help_states_the_config_defaults():
                  "pred_pos", "noise_on", "cov", "a_l1", "mask_mode", "num_targets", "hflip", "blur", "gray",
                  "seed", "save_every", "log_every", "warmup"):
         flag = "--" + name.replace("_", "-")
-        said = re.search(re.escape(flag) + r" <\w+> .*?\(default: ([^)]+)\)", flat)  # (its row, not a mention)
+        said = re.search(re.escape(flag) + r" <\w+> .*?\(default: ([^)]+)\)", flat)  # its row, not a mention
         assert said, flag
         assert said.group(1) == f"{cfg[name]:g}" if isinstance(cfg[name], float) \
             else said.group(1) == str(cfg[name]), (flag, said.group(1))
