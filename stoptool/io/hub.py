@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from stoptool.data.transforms import MEAN, STD
+from stoptool.data.transforms import CROP_PCT, MEAN, STD
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import (
     TIMM_ENCODER,
@@ -47,7 +47,6 @@ from stoptool.models.archs import parse_arch
 from stoptool.models.encoder import encode, timm_kwargs
 
 TARGETS = ("hf", "transformers")
-CROP_PCT = 0.875  # the probe's evaluation crop (data/transforms.center_crop)
 _LICENSE = re.compile(r"[a-z0-9][a-z0-9.+-]*")  # the Hub's license ids: mit, apache-2.0, cc-by-nc-4.0, other
 _REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 PAPERS = {

@@ -215,13 +215,19 @@ def dataset_fingerprint(data: ImageDataset) -> str:
     return h.hexdigest()
 
 
+# The rules the cached features were made by: 2 since the evaluation crop became timm's
+# (`transforms.center_crop`: floor(S / 0.875), and small images enlarged too); entries of 1 are
+# not read again.
+CACHE_VERSION = 2
+
+
 def cache_key(encoder_hash: str, data_hash: str, split: str, layers: str, img_size: int,
               precision: str, extra: dict | None = None) -> str:
     """`extra`: anything else the features depend on (a transform's `key()`, a slice of the
     set); None keeps the key of the plain evaluation features."""
     fields = {
         "encoder": encoder_hash, "data": data_hash, "split": split, "layers": layers,
-        "img_size": img_size, "precision": precision, "version": 1,
+        "img_size": img_size, "precision": precision, "version": CACHE_VERSION,
     }
     if extra:
         fields["extra"] = extra
