@@ -127,7 +127,7 @@ def pretrain(
     """
     from stoptool.config import build_config, parse_set
 
-    cfg = build_config(config, {**overrides, **parse_set(set_)})
+    cfg = build_config(config, {**overrides, **parse_set(set_)}, resume=resume and not print_config)
     if print_config:
         sys.stdout.write(cfg.to_yaml())
         return
@@ -424,7 +424,7 @@ def probe(
     cfg = build(ProbeConfig, overrides)
     _note_slow_bf16(cfg.precision, cfg.device)
     with _SplitBar("features", quiet) as bar:
-        report = run_probe(cfg, progress=bar.update)
+        report = run_probe(cfg, progress=bar.update, notify=_note)
     _print_columns(report.title(), report.COLUMNS, report.table(), left=("method", "layers"))
     _say(report.closing())
     for note in report.notes:

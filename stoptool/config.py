@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from stoptool.errors import UserError
+from stoptool.io.checkpoint import LATEST, read_meta
 from stoptool.io.paths import check_file
 from stoptool.masks import MaskConfig
 from stoptool.models.archs import (
@@ -333,13 +334,31 @@ def _unknown(key: Any, keys) -> str:
     return f"unknown config key '{key}'{hint}: see `stoptool pretrain --print-config` for every key"
 
 
-def build_config(file: str | None = None, overrides: dict[str, Any] | None = None) -> PretrainConfig:
-    """Defaults, then the config file, then the overrides (None values skipped); validated."""
+def build_config(file: str | None = None, overrides: dict[str, Any] | None = None,
+                 resume: bool = False) -> PretrainConfig:
+    """Defaults, then the config file, then the overrides (None values skipped); validated.
+    With `resume`, a run already in the run directory must be this one (`check_same_run`),
+    checked first: a new arch is named as such, not by what it implies (a mask too large)."""
     values: dict[str, Any] = {}
     if file:
         values.update(read_config_file(file))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return config_from_dict(values).validate()
+    cfg = config_from_dict(values)
+    if resume:
+        latest = cfg.run_dir() / LATEST
+        if latest.is_file():
+            check_same_run(latest, read_meta(latest).get("config", {}), cfg.to_dict())
+    return cfg.validate()
+
+
+def check_same_run(latest: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Refuse to resume the run saved in `latest` (its config `saved`) with a config `now` that
+    differs in a key a resume may not change."""
+    diff = unresumable_difference(saved, now)
+    if diff:
+        key, was, value = diff
+        raise UserError(f"'{latest}' holds a run with {key}={was!r}, not {value!r}: pass --no-resume to "
+                        "start over there, or --out for a new run directory")
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

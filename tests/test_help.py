@@ -12,6 +12,12 @@ from typer.testing import CliRunner
 from stoptool.cli import app
 
 RECORD = Path(__file__).parent / "fixtures" / "help-options.json"
+# Defaults changed on purpose since the record, each with its reason.
+CHANGED = {
+    # a checkpoint is probed on its own labelled data set, digits only where it has none
+    ("probe", "--dataset"): "the data set the checkpoint was trained on, where it has labelled train and val "
+                            "splits; else digits",
+}
 
 
 def _default(param) -> str:
@@ -47,6 +53,9 @@ def listed_options(group=None, prefix: tuple = ()) -> dict[str, dict[str, dict]]
 
 def test_every_command_lists_the_options_and_defaults_it_had():
     before, now = json.loads(RECORD.read_text()), listed_options()
+    for (command, flags), default in CHANGED.items():
+        assert before[command][flags]["default"] != default  # (a change the record does not hold yet)
+        before[command][flags]["default"] = default
     assert set(before) <= set(now)
     for command, options in before.items():
         assert now[command] == options, command

@@ -21,7 +21,7 @@ from stoptool.data.base import ArrayDataset, ImageDataset, as_rgb, open_image
 from stoptool.data.cifar import load_cifar
 from stoptool.data.count import SIZES as COUNT_SIZES
 from stoptool.data.count import count_dataset
-from stoptool.data.shards import ShardDataset, is_prepared
+from stoptool.data.shards import ShardDataset, is_prepared, members_name
 from stoptool.data.transfer import open_transfer, parse_name
 from stoptool.errors import UserError
 from stoptool.io.paths import asset, check_file
@@ -141,6 +141,18 @@ def _apply_subset(root: Path, files: list[tuple[Path, int]], subset: Path) -> tu
 def has_separator(name: str) -> bool:
     """Whether a --dataset value is written as a path (holds a directory separator)."""
     return any(sep and sep in name for sep in ("/", os.sep, os.altsep))
+
+
+def has_labelled_splits(name: str) -> bool:
+    """Whether the data set `name` has a labelled split to train a probe on and one to test it
+    on: the sets known by name, the transfer sets, an ImageFolder tree with train/ and val/ (or
+    test/), a prepared set with a val split. Looks at the layout only; opening may still fail."""
+    if name in BUILTIN or parse_name(name) is not None:
+        return True
+    root = Path(name).expanduser()
+    if is_prepared(root):
+        return (root / members_name("val")).is_file()
+    return (root / "train").is_dir() and any((root / v).is_dir() for v in ("val", "test"))
 
 
 def missing_dataset(name: str, names: str) -> UserError:

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import torch
 
-from stoptool.config import PretrainConfig, unresumable_difference
+from stoptool.config import PretrainConfig, check_same_run
 from stoptool.data.loader import stream_seed
-from stoptool.errors import UserError
 from stoptool.io.checkpoint import Checkpoint, load_checkpoint, optimizer_state
 from stoptool.models.jepa import JEPA, build_jepa
 from stoptool.train.distributed import World, own_rng_states, shard_optimizer_state, wrap_networks
@@ -23,13 +22,7 @@ from stoptool.train.step import TrainState, compile_forward
 def load_resumable(latest: Path, cfg: PretrainConfig) -> Checkpoint:
     """The run's `latest`, once it is known to be a checkpoint of this same run."""
     saved = load_checkpoint(latest)
-    diff = unresumable_difference(saved.meta.get("config", {}), cfg.to_dict())
-    if diff:
-        key, was, now = diff
-        raise UserError(
-            f"'{latest}' holds a run with {key}={was!r}, not {now!r}: pass --no-resume "
-            "to start over there, or --out for a new run directory"
-        )
+    check_same_run(latest, saved.meta.get("config", {}), cfg.to_dict())
     return saved
 
 
