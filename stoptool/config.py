@@ -104,7 +104,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = option("digits", "digits (bundled) | count (synthetic, drawn on demand) | cifar10 | "
-                          "cifar100 | a path to an ImageFolder tree (its train/ when present).")
+                          "cifar100 | a path to an ImageFolder tree (its train/ when present) or to a set "
+                          "stoptool prepare wrote (its train shards) | clevr-count:PATH | clevr-dist:PATH | "
+                          "inat18:PATH | places205:PATH (the transfer sets in their release layouts).")
     subset: str | None = option(None, "File of image paths (one per line) to keep from an ImageFolder.")
     data_root: str | None = option(None, "Where CIFAR's release archive or extracted folder lives.",
                                    default_text="~/.cache/stoptool/data")
@@ -180,8 +182,9 @@ class RuntimeConfig:
                                    low=0)
     checkpoint_minutes: float = option(30.0, "Also write latest when this many minutes of wall time have "
                                        "passed since the last write (0: never).", low=0)
-    compile: bool = option(False, "torch.compile the transformer blocks (falls back to eager, with a note, "
-                           "where it fails).")
+    compile: bool = option(False, "torch.compile the whole step's forward (both encoders, the predictor, the "
+                           "loss) as one graph, and so its backward; falls back to eager, with a note, where "
+                           "it fails.")
     grad_checkpoint: bool = option(False, "Recompute activations to save memory.")
     fsdp: bool = option(False, "Under torchrun, shard weights, gradients and optimizer state across the "
                         "processes (FSDP) instead of a whole replica in each (DDP); bf16 or fp32, not with "
@@ -469,7 +472,8 @@ class BenchConfig:
     attn: Attention = like(RuntimeConfig, "attn", help="auto | sdpa (fused) | math (plain matmuls); auto: "
                            "math for bf16 training on CPU, else sdpa.")
     grad_checkpoint: bool = like(RuntimeConfig, "grad_checkpoint", help="Recompute activations.")
-    compile: bool = like(RuntimeConfig, "compile", help="torch.compile the transformer blocks.")
+    compile: bool = like(RuntimeConfig, "compile", help="torch.compile the work timed: a training step's "
+                         "forward whole (and so its backward), or the encoder's blocks for --what extract.")
     threads: int | None = option(None, "torch threads.", positive=True, default_text="all cores")
     vary_masks: bool = option(False, "Train: draw new masks every step, as a run does (their sampling is "
                               "timed too), and report the distinct mask shapes met and the graphs compiled.")
