@@ -339,9 +339,20 @@ def write_outputs(report: Report, json_path: Path | None, md_path: Path | None) 
         write_text_atomic(md_path, markdown(report))
 
 
+def error_bars(metric: str, stats: list[dict]) -> list[list[float]]:
+    """[below, above] each mean: ± sd, cut at the ends of the metric's range (0 to 100 % for
+    an accuracy; no lower bound than 0 for the loss), where a bar would otherwise claim values
+    the metric cannot take."""
+    low, high = (0.0, float("inf")) if metric == LOSS else (0.0, 100.0)
+    below = [min(s["sd"] or 0.0, s["mean"] - low) for s in stats]
+    above = [min(s["sd"] or 0.0, high - s["mean"]) for s in stats]
+    return [below, above]
+
+
 def plot(report: Report, path: Path, dpi: int = 150) -> Path:
-    """Each metric's group means with ± sd error bars (and the single runs as dots), one panel
-    per metric; the report's JSON goes beside the figure."""
+    """Each metric's group means with ± sd error bars (cut at the metric's range, see
+    `error_bars`) and the single runs as dots, one panel per metric; the report's JSON goes
+    beside the figure."""
     from matplotlib.figure import Figure
 
     from stoptool.viz.common import save_figure
@@ -352,8 +363,8 @@ def plot(report: Report, path: Path, dpi: int = 150) -> Path:
     for ax, m in zip(axes, report.metrics):
         xs = [i for i, g in enumerate(report.groups) if m in g.stats]
         stats = [report.groups[i].stats[m] for i in xs]
-        ax.errorbar(xs, [s["mean"] for s in stats], yerr=[s["sd"] or 0.0 for s in stats], fmt="o",
-                    capsize=4, color="C0", label="mean ± sd")
+        ax.errorbar(xs, [s["mean"] for s in stats], yerr=error_bars(m, stats), fmt="o", capsize=4,
+                    color="C0", label="mean ± sd")
         for x, s in zip(xs, stats):
             ax.plot([x] * len(s["values"]), s["values"], ".", color="0.5", alpha=0.7)
         ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
