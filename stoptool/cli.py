@@ -145,8 +145,7 @@ def pretrain(
         except Interrupted as stop:
             bar.stop()
             if main_rank:
-                err_console.print(f"interrupted: checkpoint saved to {stop.checkpoint}", highlight=False, markup=False,
-                                  soft_wrap=True)
+                err_console.print(stop.line("pretrain"), highlight=False, markup=False, soft_wrap=True)
             raise typer.Exit(128 + stop.signum) from None
     if not main_rank:
         return

@@ -436,10 +436,12 @@ def test_sigterm_saves_latest_and_exits_143(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM
-    assert f"interrupted: checkpoint saved to {out / 'latest.safetensors'}" in err
     from stoptool.io.checkpoint import read_meta
 
     step = read_meta(out / "latest.safetensors")["step"]
+    total = 50 * (1347 // 8)  # 50 epochs of the digits' 1,347 training images in batches of 8
+    assert (f"interrupted at step {step} of {total}: checkpoint saved to {out / 'latest.safetensors'}; "
+            f"resume with the same command, or: stoptool pretrain --config {out / 'config.yaml'}") in err
     logged = [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert step >= 1 and logged[-1] == step  # the step in flight finished and was saved
 

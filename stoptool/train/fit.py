@@ -30,9 +30,19 @@ from stoptool.train.watch import Watch
 
 
 class Interrupted(Exception):
-    def __init__(self, signum: int, checkpoint: Path):
+    """A stop signal, honoured at a step boundary once `latest` holds step `step` of `total`."""
+
+    def __init__(self, signum: int, checkpoint: Path, step: int | None = None, total: int | None = None):
         super().__init__(f"stopped by {signal.Signals(signum).name} at a step boundary")
-        self.signum, self.checkpoint = signum, checkpoint
+        self.signum, self.checkpoint, self.step, self.total = signum, checkpoint, step, total
+
+    def line(self, command: str) -> str:
+        """What the user reads: where the run stopped, what was saved, how it goes on
+        (`command`: the stoptool command that wrote the run, e.g. "pretrain")."""
+        where = f" at step {self.step} of {self.total}" if self.step is not None else ""
+        config = self.checkpoint.parent / "config.yaml"
+        return (f"interrupted{where}: checkpoint saved to {self.checkpoint}; resume with the same command, "
+                f"or: stoptool {command} --config {config}")
 
 
 @dataclass
@@ -185,7 +195,7 @@ class _Launch:
         if stop:
             self.save(plan.latest)  # (in the foreground)
             barrier(plan.world)  # no process exits before process 0 has written latest
-            raise Interrupted(signum or signal.SIGTERM, plan.latest)
+            raise Interrupted(signum or signal.SIGTERM, plan.latest, self.step, plan.last_step)
         if step >= plan.last_step:
             return
         if step % plan.ipe == 0:
