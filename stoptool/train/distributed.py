@@ -170,6 +170,15 @@ def sum_over_ranks(value: float, world: World, device: torch.device) -> float:
     return t.item()
 
 
+def summed(t: torch.Tensor, world: World) -> torch.Tensor:
+    """`t` summed over the processes, on every process (itself in one process)."""
+    if not world.distributed:
+        return t
+    total = t.clone()
+    dist.all_reduce(total)
+    return total
+
+
 def gather_lists(items: list, world: World) -> list:
     """Every rank's `items`, one list in rank order, on every rank (small lists of strings:
     they travel pickled)."""
