@@ -58,18 +58,31 @@ def check_holds(ckpt: Checkpoint, which: str, path) -> None:
 
 def classifier_head(ckpt: Checkpoint, width: int, path) -> dict[str, torch.Tensor]:
     """The linear head of a fine-tuned classifier (`weight` [classes, width], `bias`
-    [classes]), checked against the class count its metadata records; {} for an encoder."""
+    [classes]), checked against the class count its metadata records; {} for an encoder. A
+    head norm the run trained with (a BatchNorm without scale and shift, `head_norm.*`) is
+    folded into it: the standardisation x -> (x - mean) / std it was trained behind."""
     head = ckpt.part("head")
     if ckpt.meta.get("kind") not in CLASSIFIERS:
         return {}
     classes = ckpt.meta["num_classes"]
-    want = {"weight": (classes, width), "bias": (classes,)}
-    if {k: tuple(v.shape) for k, v in head.items()} != want:
-        found = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(head.items())) or "none"
-        raise UserError(f"'{path}' is a classifier of {classes} classes on {width} features, but its head "
-                        f"holds {found} (a damaged or hand-made file)")
+    _check_shapes(head, {"weight": (classes, width), "bias": (classes,)}, f"a head of {classes} classes",
+                  path)
     check_finite({f"head.{k}": v for k, v in head.items()}, f"'{path}'")
-    return head
+    if ckpt.meta.get("head_norm", "none") == "none":
+        return head
+    stats = ckpt.part("head_norm")
+    _check_shapes(stats, {"mean": (width,), "std": (width,)}, "a head norm", path)
+    check_finite({f"head.{k}": v for k, v in stats.items()}, f"'{path}'")
+    weight = head["weight"].double() / stats["std"].double()
+    bias = head["bias"].double() - weight @ stats["mean"].double()
+    return {"weight": weight.to(head["weight"].dtype), "bias": bias.to(head["bias"].dtype)}
+
+
+def _check_shapes(tensors: dict[str, torch.Tensor], want: dict[str, tuple], what: str, path) -> None:
+    if {k: tuple(v.shape) for k, v in tensors.items()} != want:
+        found = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(tensors.items())) or "none"
+        raise UserError(f"'{path}' should hold {what} ({', '.join(f'{k} {v}' for k, v in want.items())}), "
+                        f"but holds {found} (a damaged or hand-made file)")
 
 
 def model_from_checkpoint(ckpt: Checkpoint, source: str = "checkpoint") -> JEPA:
