@@ -79,6 +79,10 @@ def bench(cfg: BenchConfig) -> dict:
         return bench_masks(cfg)
     if cfg.what == "data":
         return bench_data(cfg)
+    if cfg.what == "finetune":  # its step, and pretraining's of the same arch beside it
+        from stoptool.finetune.bench import bench_finetune
+
+        return {**bench_finetune(cfg, _timed), "pretrain": bench(replace(cfg, what="train"))}
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     if device.type == "cuda":
