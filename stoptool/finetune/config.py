@@ -66,7 +66,7 @@ class FinetuneConfig:
         "recomputed for its grid.", positive=True,
         default_text="the checkpoint's; with --random-init, as pretrain: 8 patches a side for patches of "
         "4 px or less, else 224")
-    drop_path: float = option(0.1, "Stochastic depth rate of the last block (timm's drop_path_rate; it "
+    drop_path: float = option(0.0, "Stochastic depth rate of the last block (timm's drop_path_rate; it "
                               "rises linearly over the blocks).", low=0, high=1)
     head_norm: Literal["none", "standardize"] = option(
         "standardize", "What comes between the averaged tokens and the head: none (MAE's fine-tuning) | "
@@ -82,7 +82,8 @@ class FinetuneConfig:
         None, "Keep only the training images named in this file, one per line (the 1 % ImageNet subset "
         "format: SimCLR's 1percent.txt).")
     fraction: float = option(1.0, "Class-balanced, seeded share of the training labels to use, in (0, 1].")
-    crop_scale: PAIR = option((0.5, 1.0), "Random-resized-crop area MIN,MAX (timm's scale).")
+    crop_scale: PAIR = option((1.0, 1.0), "Random-resized-crop area MIN,MAX (timm's scale; 1,1: the whole "
+                              "image).")
     hflip: float = option(0.0, "Horizontal flip probability.", low=0, high=1)
     auto_augment: str | None = option(
         None, "timm's RandAugment policy, e.g. rand-m9-mstd0.5-inc1 (MAE's); none: off.", default_text="none")
@@ -104,16 +105,16 @@ class FinetuneConfig:
                                   "take the centre crop (MAE: 0.875, i.e. 256 then 224).", positive=True,
                                   high=1)
     # -- optimization
-    epochs: int = option(10, "Epochs (the cosine spans them all).", positive=True)
+    epochs: int = option(6, "Epochs (the cosine spans them all).", positive=True)
     steps: int | None = like(OptimConfig, "steps")
     batch_size: int = like(OptimConfig, "batch_size")
     accum_steps: int = like(OptimConfig, "accum_steps")
     lr: float | None = option(None, "Peak learning rate (of the head; earlier layers get it times "
                               "layer_decay^depth).", low=0, default_text="blr × batch_size / 256")
-    blr: float = option(1e-3, "Base learning rate per 256 images, used when lr is not given (MAE's rule).",
+    blr: float = option(8e-3, "Base learning rate per 256 images, used when lr is not given (MAE's rule).",
                         low=0)
     min_lr: float = option(1e-6, "Learning rate at the end of the cosine.", low=0)
-    warmup: float = option(1.0, "Linear warmup from 0, in epochs.", low=0)
+    warmup: float = option(0.5, "Linear warmup from 0, in epochs.", low=0)
     wd: float = option(0.05, "AdamW weight decay (none on biases, norms and positions).", low=0)
     layer_decay: float = option(0.75, "Layer-wise lr decay: the block at depth d from the top learns at "
                                 "lr × layer_decay^d (1: none).", positive=True, high=1)
