@@ -285,3 +285,86 @@ def bench_data(cfg: BenchConfig) -> dict:
     out["img_per_s_per_core"] = out["img_per_s"] / cores
     out["ms_per_batch"] = out.pop("ms_per_step")
     return out
+
+
+# -- the table `stoptool bench` prints ------------------------------------------------------------
+
+
+def table_rows(cfg: BenchConfig, r: dict) -> dict:
+    """The measured figures `r` of `bench(cfg)`, row name -> text."""
+    if cfg.what == "data":
+        return _data_rows(r)
+    if cfg.what == "finetune":
+        from stoptool.finetune.bench import bench_rows
+
+        return bench_rows(r)
+    if cfg.what == "masks":
+        return {"grid": f"{r['grid']}×{r['grid']}", "batch": cfg.batch_size, "threads": 1,
+                "batches/s": _spread(r, "batches_per_s"), "ms/batch": f"{r['ms_per_batch']:.2f}"}
+    rows = {
+        "what": cfg.what, "arch": f"{cfg.arch} @ {r['img_size']}px, batch {cfg.batch_size}",
+        **({"predictor": f"{r['pred_depth']} × {r['pred_width']}"} if cfg.what == "train" else {}),
+        "device": f"{r['device']} ({r['torch_threads']} threads)", "precision": r["precision"],
+        "img/s": _spread(r, "img_per_s"), "ms/step": f"{r['ms_per_step']:.1f}",
+        "GFLOP/image": f"{r['flops_per_image'] / 1e9:.2f}",
+        "achieved": f"{r['achieved_flops'] / 1e9:.1f} GFLOP/s",
+        "matmul rate": f"{r['matmul_flops'] / 1e9:.1f} GFLOP/s ({r['precision']})",
+        "share of matmul rate": f"{100 * r['share_of_matmul_rate']:.1f} %",
+        "peak memory": f"{r['peak_memory_mib']:.0f} MiB",
+    }
+    if "compile_failed" in r:
+        rows["compile"] = f"unavailable, ran eagerly: {r['compile_failed']}"
+    rows["attention"] = r["attn"]
+    if cfg.vary_masks and "mask_shapes" in r:
+        rows["mask shapes met"] = r["mask_shapes"]
+    if "compiled_graphs" in r:
+        rows["graphs compiled"] = r["compiled_graphs"]
+    if cfg.accum_steps > 1:
+        rows["micro-batches"] = f"{cfg.accum_steps} of {cfg.batch_size // cfg.accum_steps}"
+    if "projected_hours" in r:
+        rows.update(_projection_rows(cfg, r))
+    return rows
+
+
+def _spread(r: dict, name: str) -> str:
+    """The median of repeats with their min and max: `123.4 (min 120.0, max 125.1)`."""
+    return f"{r[name]:.1f} (min {r[name + '_min']:.1f}, max {r[name + '_max']:.1f})"
+
+
+def _data_rows(r: dict) -> dict:
+    workers = f"{r['workers']} workers" if r["workers"] else "main process"
+    return {
+        "what": "data (the pretraining input pipeline)",
+        "dataset": f"{r['dataset']} ({r['dataset_images']:,} images)",
+        "pipeline": f"{r['img_size']} px crops of {r['crop_scale'][0]}–{r['crop_scale'][1]}, "
+                    f"{r['interpolation']}, decode on {r['decode']}; masks and collate",
+        "batch": f"{r['batch_size']}, {workers} ({r['cores']} core{'s' if r['cores'] > 1 else ''})",
+        "img/s": _spread(r, "img_per_s"),
+        "img/s per core": f"{r['img_per_s_per_core']:.1f}",
+        "ms/batch": f"{r['ms_per_batch']:.1f}",
+        **({"skipped": f"{r['skipped']} unreadable"} if r["skipped"] else {}),
+    }
+
+
+def _projection_rows(cfg: BenchConfig, r: dict) -> dict:
+    """A preset's whole schedule at the measured rate, as `bench --config` prints it."""
+    data = r["dataset"] + (" (ImageNet-1k train)" if r["dataset"] == "imagenet" else "")
+    rows = {
+        "preset": cfg.config,
+        "schedule": f"{r['epochs']:,} epochs × {r['iterations_per_epoch']:,} steps = {r['schedule_steps']:,} "
+                    f"steps of {r['global_batch']:,} images ({r['images_seen']:,} images)",
+        "data": f"{data}: {r['dataset_images']:,} training images",
+        "projected, 1 device": f"{_duration(r['projected_hours'])} at the img/s above",
+    }
+    if cfg.devices > 1:
+        rows[f"projected, {cfg.devices} devices"] = (
+            f"{_duration(r['projected_hours_devices'])}: a linear-scaling estimate ({cfg.devices} × the "
+            "img/s above; communication not counted)")
+    rows["not counted"] = "data loading, checkpoints, evaluation, start-up"
+    return rows
+
+
+def _duration(hours: float) -> str:
+    if hours < 1:
+        return f"{hours * 60:.1f} min"
+    return f"{hours:,.1f} h" + (f" ({hours / 24:,.1f} days)" if hours >= 48 else "")

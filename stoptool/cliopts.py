@@ -30,8 +30,8 @@ def _parameter(f: Field, panel: str | None) -> inspect.Parameter:
     else:  # strings, choices, MIN,MAX pairs
         annotation = str
     if meta.get("argument"):
-        info = typer.Argument(... if required else None, help=help_text, metavar=meta.get("metavar"),
-                              show_default=False)
+        metavar = meta.get("metavar") or key_of(f).upper()  # one style: CKPT, OUT, DIR, ...
+        info = typer.Argument(... if required else None, help=help_text, metavar=metavar, show_default=False)
     else:
         flag = flag_of(f)
         decls = meta.get("flags") or ((f"{flag}/--no-{flag[2:]}",) if kind is bool else (flag,))
@@ -72,19 +72,21 @@ def with_options(option_fields: list[Field], panels: dict[str, str] | None = Non
 
 def config_option(example: str) -> typer.models.OptionInfo:
     return typer.Option(None, "--config", metavar="PRESET|FILE",
-                        help=f"A preset name (e.g. {example}) or a YAML file; flags and --set override it.")
+                        help=f"A preset name (e.g. {example}) or a YAML file; flags and --set override it. "
+                        "(default: none)")
 
 
 def set_option(command: str, examples: str) -> typer.models.OptionInfo:
     """--set KEY=VALUE; `examples` shows two, e.g. "--set ema=[0.99,1.0] --set min_keep=null"."""
-    return typer.Option([], "--set", metavar="KEY=VALUE",
+    return typer.Option([], "--set", metavar="KEY=VALUE", show_default=False,
                         help=f"Set any config key (repeatable); VALUE is YAML, e.g. {examples}. Keys: see "
-                        f"{command} --print-config.")
+                        f"{command} --print-config. (default: none)")
 
 
 def print_config_option() -> typer.models.OptionInfo:
-    return typer.Option(False, "--print-config", help="Print the resolved config as YAML and exit.")
+    return typer.Option(False, "--print-config", show_default=False,
+                        help="Print the resolved config as YAML and exit. (default: off)")
 
 
 def quiet_option(what: str = "No progress bar.") -> typer.models.OptionInfo:
-    return typer.Option(False, "--quiet", "-q", help=what)
+    return typer.Option(False, "--quiet", "-q", show_default=False, help=f"{what} (default: off)")

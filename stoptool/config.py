@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from stoptool.errors import UserError
+from stoptool.io.checkpoint import LATEST, read_meta
 from stoptool.io.paths import check_file
 from stoptool.masks import MaskConfig
 from stoptool.models.archs import (
@@ -103,7 +104,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = option("digits", "digits (bundled) | count (synthetic, drawn on demand) | cifar10 | "
-                          "cifar100 | a path to an ImageFolder tree (its train/ when present).")
+                          "cifar100 | a path to an ImageFolder tree (its train/ when present) or to a set "
+                          "stoptool prepare wrote (its train shards) | clevr-count:PATH | clevr-dist:PATH | "
+                          "inat18:PATH | places205:PATH (the transfer sets in their release layouts).")
     subset: str | None = option(None, "File of image paths (one per line) to keep from an ImageFolder.")
     data_root: str | None = option(None, "Where CIFAR's release archive or extracted folder lives.",
                                    default_text="~/.cache/stoptool/data")
@@ -179,8 +182,9 @@ class RuntimeConfig:
                                    low=0)
     checkpoint_minutes: float = option(30.0, "Also write latest when this many minutes of wall time have "
                                        "passed since the last write (0: never).", low=0)
-    compile: bool = option(False, "torch.compile the transformer blocks (falls back to eager, with a note, "
-                           "where it fails).")
+    compile: bool = option(False, "torch.compile the whole step's forward (both encoders, the predictor, the "
+                           "loss) as one graph, and so its backward; falls back to eager, with a note, where "
+                           "it fails.")
     grad_checkpoint: bool = option(False, "Recompute activations to save memory.")
     fsdp: bool = option(False, "Under torchrun, shard weights, gradients and optimizer state across the "
                         "processes (FSDP) instead of a whole replica in each (DDP); bf16 or fp32, not with "
@@ -264,6 +268,52 @@ class PretrainConfig:
         return self
 
 
+# Keys that may change when a run is resumed; every other key must match the saved run.
+RESUMABLE_CHANGES = {
+    "init",  # how fresh weights are drawn: a resumed run loads its own
+    "data_root",
+    "download",
+    "steps",
+    "epochs",
+    "out",
+    "device",
+    "precision",
+    "attn",
+    "workers",
+    "log_every",
+    "save_every",
+    "compile",
+    "grad_checkpoint",
+    "fsdp",  # checkpoints hold whole tensors either way
+    "shard_group",
+    "eval_every",  # what is watched, not what is trained
+    "eval_dataset",
+    "eval_max_images",
+    "log",
+    "accum_steps",  # the same update, in micro-batches
+    "checkpoint_every",
+    "checkpoint_minutes",
+    "decode",  # where JPEGs are decoded: the same crops (pixels within a level or so)
+}
+
+# Keys a run's stoptool may not have had whose absence meant another value than today's default.
+OLD_DEFAULTS = {
+    "interpolation": "bicubic",  # crops were resized bicubic before the option came
+}
+
+
+def unresumable_difference(before: dict[str, Any], now: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first key (with its saved and its new value) in which the config `now` differs from
+    the config `before` a run was saved with, of the keys a resume may not change. A key the
+    run's stoptool did not have held its default then (or its value in `OLD_DEFAULTS`)."""
+    defaults = {**PretrainConfig().to_dict(), **OLD_DEFAULTS}
+    for key, value in now.items():
+        was = before.get(key, defaults.get(key))
+        if key not in RESUMABLE_CHANGES and was != value:
+            return key, was, value
+    return None
+
+
 def config_keys() -> dict[str, tuple[str, Any]]:
     """key -> (section name, field) for every pretraining option."""
     return {key_of(f): (name, f) for name, cls in SECTIONS.items() for f in declared(cls)}
@@ -287,13 +337,31 @@ def _unknown(key: Any, keys) -> str:
     return f"unknown config key '{key}'{hint}: see `stoptool pretrain --print-config` for every key"
 
 
-def build_config(file: str | None = None, overrides: dict[str, Any] | None = None) -> PretrainConfig:
-    """Defaults, then the config file, then the overrides (None values skipped); validated."""
+def build_config(file: str | None = None, overrides: dict[str, Any] | None = None,
+                 resume: bool = False) -> PretrainConfig:
+    """Defaults, then the config file, then the overrides (None values skipped); validated.
+    With `resume`, a run already in the run directory must be this one (`check_same_run`),
+    checked first: a new arch is named as such, not by what it implies (a mask too large)."""
     values: dict[str, Any] = {}
     if file:
         values.update(read_config_file(file))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return config_from_dict(values).validate()
+    cfg = config_from_dict(values)
+    if resume:
+        latest = cfg.run_dir() / LATEST
+        if latest.is_file():
+            check_same_run(latest, read_meta(latest).get("config", {}), cfg.to_dict())
+    return cfg.validate()
+
+
+def check_same_run(latest: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Refuse to resume the run saved in `latest` (its config `saved`) with a config `now` that
+    differs in a key a resume may not change."""
+    diff = unresumable_difference(saved, now)
+    if diff:
+        key, was, value = diff
+        raise UserError(f"'{latest}' holds a run with {key}={was!r}, not {value!r}: pass --no-resume to "
+                        "start over there, or --out for a new run directory")
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -405,11 +473,13 @@ class BenchConfig:
     attn: Attention = like(RuntimeConfig, "attn", help="auto | sdpa (fused) | math (plain matmuls); auto: "
                            "math for bf16 training on CPU, else sdpa.")
     grad_checkpoint: bool = like(RuntimeConfig, "grad_checkpoint", help="Recompute activations.")
-    compile: bool = like(RuntimeConfig, "compile", help="torch.compile the transformer blocks.")
+    compile: bool = like(RuntimeConfig, "compile", help="torch.compile the work timed: a training step's "
+                         "forward whole (and so its backward), or the encoder's blocks for --what extract.")
     threads: int | None = option(None, "torch threads.", positive=True, default_text="all cores")
     vary_masks: bool = option(False, "Train: draw new masks every step, as a run does (their sampling is "
                               "timed too), and report the distinct mask shapes met and the graphs compiled.")
     mask_bucket: int = like(MaskConfig, "bucket")
+    json: str | None = option(None, "Also write the figures to this JSON file.", metavar="FILE")
 
     def validate(self) -> "BenchConfig":
         check_fields(self)

@@ -207,6 +207,14 @@ def build(cls: type, values: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
+def checked(cls: type, values: dict[str, Any]) -> Any:
+    """`build`, then the checks every field states (`check_fields`): a command's options as its
+    flags gave them, each within its bounds and choices."""
+    obj = build(cls, values)
+    check_fields(obj)
+    return obj
+
+
 def as_flat(obj: Any) -> dict[str, Any]:
     """The declared fields of `obj` by key, tuples as lists (as YAML and JSON write them)."""
     out = {}

@@ -17,11 +17,28 @@ import yaml
 
 from stoptool.errors import UserError, plural
 from stoptool.io.paths import check_writable, write_report, write_text_atomic
+from stoptool.options import option
 from stoptool.runs import CONFIG, SUMMARY, parse_assignment, read_config, read_json, run_state
 from stoptool.sweep import MANIFEST, probe_metrics
-from stoptool.viz.common import check_out, save_figure
 
 LOSS = "loss"  # the final pretraining loss, from summary.json, reported beside the probe metrics
+
+
+@dataclass
+class ReportOptions:
+    """`stoptool report`'s options (see `stoptool.options`)."""
+
+    sweep_dir: str = option(None, "A sweep's directory (its --out), or any directory of run directories.",
+                            argument=True, required=True, metavar="DIR")
+    by: list[str] = option([], "Group by this config key (repeatable).", metavar="FIELD",
+                           default_text="the grid's fields other than seed")
+    baseline: str | None = option(None, "Also give each group's paired difference from the group with "
+                                  "FIELD=VALUE (its other fields equal), over the seeds both have, with a "
+                                  "95 % t-interval.", metavar="FIELD=VALUE")
+    json: str | None = option(None, "Write the groups and statistics as JSON.", metavar="FILE")
+    markdown: str | None = option(None, "Write the table as Markdown.", metavar="FILE")
+    plot: str | None = option(None, "Draw each metric's group means with ± sd error bars (.png, .svg or "
+                              ".pdf; the numbers go beside it as .json).", metavar="FILE")
 
 
 @dataclass
@@ -307,6 +324,8 @@ def check_outputs(json_path: Path | None, md_path: Path | None, plot_path: Path 
             check_writable(path)
     if plot_path is None:
         return None
+    from stoptool.viz.common import check_out  # (matplotlib: only when a figure is asked for)
+
     try:
         return check_out(plot_path, plot_path)
     except UserError as err:
@@ -320,10 +339,23 @@ def write_outputs(report: Report, json_path: Path | None, md_path: Path | None) 
         write_text_atomic(md_path, markdown(report))
 
 
+def error_bars(metric: str, stats: list[dict]) -> list[list[float]]:
+    """[below, above] each mean: ± sd, cut at the ends of the metric's range (0 to 100 % for
+    an accuracy; no lower bound than 0 for the loss), where a bar would otherwise claim values
+    the metric cannot take."""
+    low, high = (0.0, float("inf")) if metric == LOSS else (0.0, 100.0)
+    below = [min(s["sd"] or 0.0, s["mean"] - low) for s in stats]
+    above = [min(s["sd"] or 0.0, high - s["mean"]) for s in stats]
+    return [below, above]
+
+
 def plot(report: Report, path: Path, dpi: int = 150) -> Path:
-    """Each metric's group means with ± sd error bars (and the single runs as dots), one panel
-    per metric; the report's JSON goes beside the figure."""
+    """Each metric's group means with ± sd error bars (cut at the metric's range, see
+    `error_bars`) and the single runs as dots, one panel per metric; the report's JSON goes
+    beside the figure."""
     from matplotlib.figure import Figure
+
+    from stoptool.viz.common import save_figure
 
     labels = [",".join(f"{f}={_key(g.fields[f])}" for f in report.by) or "all" for g in report.groups]
     fig = Figure(figsize=(max(6.0, 1.1 * len(labels) + 1.5), 3.2 * len(report.metrics)))
@@ -331,8 +363,8 @@ def plot(report: Report, path: Path, dpi: int = 150) -> Path:
     for ax, m in zip(axes, report.metrics):
         xs = [i for i, g in enumerate(report.groups) if m in g.stats]
         stats = [report.groups[i].stats[m] for i in xs]
-        ax.errorbar(xs, [s["mean"] for s in stats], yerr=[s["sd"] or 0.0 for s in stats], fmt="o",
-                    capsize=4, color="C0", label="mean ± sd")
+        ax.errorbar(xs, [s["mean"] for s in stats], yerr=error_bars(m, stats), fmt="o", capsize=4,
+                    color="C0", label="mean ± sd")
         for x, s in zip(xs, stats):
             ax.plot([x] * len(s["values"]), s["values"], ".", color="0.5", alpha=0.7)
         ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)

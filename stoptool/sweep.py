@@ -23,20 +23,24 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from stoptool.config import PretrainConfig, build_config, preset_names, read_config_file
+from stoptool.config import (
+    PretrainConfig,
+    build_config,
+    preset_names,
+    read_config_file,
+    unresumable_difference,
+)
 from stoptool.data.datasets import BUILTIN, has_separator, open_dataset
 from stoptool.errors import UserError, plural
 from stoptool.io.checkpoint import LATEST, read_meta
 from stoptool.io.paths import check_writable, write_text_atomic
-from stoptool.options import build
-from stoptool.probe.run import ProbeConfig, run_probe
+from stoptool.options import build, option
+from stoptool.probe.config import ProbeConfig
 from stoptool.runs import PROBE_FILE, RunLock, RunState, parse_assignment, read_json, run_state
-from stoptool.train.pretrain import pretrain
-from stoptool.train.state import RESUMABLE_CHANGES
 
 SECTIONS = ("base", "grid", "probe", "description")
 # What a spec's probe section may set; the sweep itself gives the checkpoint and the output.
@@ -44,6 +48,27 @@ PROBE_KEYS = ("method", "dataset", "subset", "fraction", "layers", "seed", "data
               "batch_size", "device", "precision", "workers", "cache_dir", "cache")
 MANIFEST = "sweep.yaml"  # the spec as run, and its runs: what `stoptool report` groups by
 LOG_FILE = "sweep.log"  # a run's output when it ran in a subprocess (--parallel)
+
+
+@dataclass
+class SweepOptions:
+    """`stoptool sweep`'s options (see `stoptool.options`)."""
+
+    spec: str = option(None, "A sweep spec (YAML: base, grid, probe), or the name of a shipped one: "
+                       "table6-pred-pos, table7-noise-on, fig3-cov, sigma-grid (CPU scale on digits) and the "
+                       "same names with -in1k (full scale, on the ImageNet presets).", argument=True,
+                       required=True)
+    out: str | None = option(None, "Directory of the sweep: one run directory per grid point, named from its "
+                             "values (e.g. sigma=0.25,seed=1).", default_text="runs/sweeps/<spec name>")
+    set: list[str] = option([], "Set a base config key of every run (repeatable; VALUE is YAML), or a "
+                            "probe option as probe.KEY=VALUE, e.g. --set dataset=/data/imagenet --set "
+                            "probe.dataset=/data/imagenet.", metavar="KEY=VALUE", default_text="none")
+    dry_run: bool = option(False, "List the runs and where each stands (probed, trained, partial at step N, "
+                           "not started) and exit.", flags=("--dry-run",))
+    parallel: int = option(1, "Runs at a time, each a subprocess with cores / N threads.", low=1)
+    emit: Literal["slurm", "commands"] | None = option(
+        None, "slurm: write DIR/sweep.slurm, an array job with one task per run | commands: write "
+        "DIR/commands.txt, one line per run. Nothing runs.", default_text="none")
 
 
 @dataclass
@@ -88,6 +113,12 @@ class Outcome:
     seconds: float
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+
+    COLUMNS = ("run", "state", "seconds", "probe top-1 (%)")
+
+    def row(self) -> tuple[str, ...]:
+        top1 = ", ".join(f"{k} {v:.2f}" for k, v in self.metrics.items() if k.endswith("top1"))
+        return (self.run.name, str(self.state), f"{self.seconds:.0f}" if self.seconds else "-", top1 or "-")
 
 
 # -- the spec --------------------------------------------------------------------------------
@@ -243,11 +274,10 @@ def _check_same_run(run: Run) -> None:
     latest = run.dir / LATEST
     if not latest.is_file():
         return
-    before, now = read_meta(latest).get("config", {}), run.cfg.to_dict()
-    diff = [k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k]]
+    diff = unresumable_difference(read_meta(latest).get("config", {}), run.cfg.to_dict())
     if diff:
-        k = diff[0]
-        raise UserError(f"'{run.dir}' holds a run with {k}={before.get(k)!r}, not the spec's {now[k]!r}: "
+        key, was, now = diff
+        raise UserError(f"'{run.dir}' holds a run with {key}={was!r}, not the spec's {now!r}: "
                         "remove that directory or give the sweep another --out")
 
 
@@ -310,6 +340,9 @@ def _run_all(sweep: Sweep, found: list[RunState], parallel: int, say: Callable[[
 
 
 def _in_process(run: Run, state: RunState, say: Callable[[str], None]) -> Outcome:
+    from stoptool.probe.run import run_probe  # (heavy: timm, scikit-learn; `stoptool --help` needs neither)
+    from stoptool.train.pretrain import pretrain
+
     start = time.perf_counter()
     try:
         if state.kind != "trained":

@@ -82,14 +82,27 @@ def test_set_values_are_yaml_typed_by_their_field():
     assert isinstance(cfg.optim.epochs, int) and cfg.data.dataset == "/data/x"
 
 
+def help_rows(text: str) -> dict[str, str]:
+    """flag -> its row in a command's help (the row's wrapped lines joined)."""
+    rows, flag = {}, None
+    for line in text.splitlines():
+        start = re.match(r"\s{2}(?:-\w, )?(--[\w-]+)", line)
+        if start:
+            flag = start.group(1)
+            rows[flag] = line
+        elif flag and line.startswith(" " * 6):
+            rows[flag] += " " + line.strip()
+    return rows
+
+
 def test_every_option_is_a_flag_of_pretrain_with_its_choices_in_the_help():
-    text = re.sub(r"\s*│\s*", " ", runner.invoke(app, ["pretrain", "--help"], terminal_width=200).stdout)
+    rows = help_rows(runner.invoke(app, ["pretrain", "--help"], terminal_width=200).stdout)
     for key, (_, f) in config_keys().items():
         flag = "--" + key.replace("_", "-")
-        said = re.search(re.escape(flag) + r"\b.*?\(default: [^)]*\)", text)
+        said = re.search(r"\(default: [^)]*\)", rows.get(flag, ""))
         assert said, flag
         for choice in choices(f) or ():
-            assert choice in said.group(0), (flag, choice)
+            assert choice in rows[flag], (flag, choice)
 
 
 def test_sections_hold_each_key_once_and_the_masks_are_the_samplers_config():

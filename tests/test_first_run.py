@@ -151,3 +151,32 @@ def test_a_fresh_run_without_unreadable_images_leaves_no_skipped_txt(tmp_path):
     result = runner.invoke(app, ["pretrain", *TINY, "--steps", "1", "--no-resume", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert not (out / "skipped.txt").exists()
+
+
+def test_a_resume_with_another_arch_names_the_arch_before_what_the_new_arch_implies(tmp_path, tiny_cfg):
+    """vit_t4 at 16 px has a 4×4 grid, too small for the masks: the run's own arch is the first
+    thing wrong, and the line says so (as it does for an arch whose sizes fit)."""
+    from stoptool.io.checkpoint import LATEST, Checkpoint, save_checkpoint
+
+    run = tmp_path / "run"
+    cfg = tiny_cfg(out=str(run))
+    meta = {"kind": "pretrain", "arch": "vit_t2", "img_size": 16, "step": 3, "iterations_per_epoch": 168,
+            "config": cfg.to_dict()}
+    save_checkpoint(run / LATEST, Checkpoint(meta, {"w": torch.zeros(1)}))
+    for arch in ("vit_t4", "vit_s2"):
+        result = runner.invoke(app, ["pretrain", *TINY, "--arch", arch, "--out", str(run)])
+        assert result.exit_code == 2
+        assert result.stderr == (f"error: '{run / LATEST}' holds a run with arch='vit_t2', not '{arch}': "
+                                 "pass --no-resume to start over there, or --out for a new run directory\n")
+    fresh = runner.invoke(app, ["pretrain", *TINY, "--arch", "vit_t4", "--out", str(run), "--no-resume"])
+    assert fresh.exit_code == 2 and "patch" in fresh.stderr  # without the run, the sizes are what is wrong
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["probe", "--random-init", "--arch", "vit_t4", "--img-size", "30"], "(--img-size)"),
+    (["pretrain", *TINY, "--batch-size", "4096"], "(--batch-size)"),
+])
+def test_messages_name_the_flag_the_user_typed(tmp_path, args, flag):
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and result.stderr.rstrip().endswith(flag), result.stderr
+    assert result.stderr.count("\n") == 1

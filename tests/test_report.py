@@ -137,3 +137,11 @@ def test_a_directory_without_results_exits_2(tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path / "s")])
     assert result.exit_code == 2 and "no run in" in result.stderr
     assert "sigma=0,seed=0: trained, not probed" in result.stderr
+
+
+def test_error_bars_stop_at_the_ends_of_the_metrics_range():
+    from stoptool.report import error_bars
+
+    stats = [{"mean": 99.0, "sd": 2.5}, {"mean": 1.0, "sd": 3.0}, {"mean": 50.0, "sd": None}]
+    assert error_bars("logreg_top1", stats) == [[2.5, 1.0, 0.0], [1.0, 3.0, 0.0]]  # [below, above]
+    assert error_bars("loss", [{"mean": 0.2, "sd": 0.5}]) == [[0.2], [0.5]]

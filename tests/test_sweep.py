@@ -132,7 +132,8 @@ def test_an_unknown_spec_name_or_a_bad_set_exits_2(tmp_path):
     result = sweep("sigma-grid", "--out", tmp_path / "out", "--set", "sigma=0.1", "--dry-run")
     assert result.exit_code == 2 and "sigma is a grid field" in result.stderr
     result = sweep("sigma-grid", "--out", tmp_path / "out", "--emit", "pbs")
-    assert result.exit_code == 2 and "--emit takes slurm or commands" in result.stderr
+    said = "emit must be one of slurm, commands, got 'pbs' (--emit)"
+    assert result.exit_code == 2 and said in result.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -3,8 +3,10 @@ small interface of `stoptool.data.base`: `len`, `load(i)` -> RGB PIL image, `lab
 
 Bundled and offline: scikit-learn's digits, and `count`, a synthetic counting set drawn on
 demand (`stoptool.data.count`). On disk: CIFAR-10/100 in the release format
-(`stoptool.data.cifar`) and any ImageFolder tree (`root/class/img.jpg`), optionally
-restricted by a subset file of relative paths.
+(`stoptool.data.cifar`), any ImageFolder tree (`root/class/img.jpg`), optionally
+restricted by a subset file of relative paths, and the transfer sets of the paper's Table 4 in
+their own release layouts, by a prefixed name (`clevr-count:PATH`, `clevr-dist:PATH`,
+`inat18:PATH`, `places205:PATH`; `stoptool.data.transfer`).
 """
 
 import importlib.util
@@ -19,7 +21,8 @@ from stoptool.data.base import ArrayDataset, ImageDataset, as_rgb, open_image
 from stoptool.data.cifar import load_cifar
 from stoptool.data.count import SIZES as COUNT_SIZES
 from stoptool.data.count import count_dataset
-from stoptool.data.shards import ShardDataset, is_prepared
+from stoptool.data.shards import ShardDataset, is_prepared, members_name
+from stoptool.data.transfer import open_transfer, parse_name
 from stoptool.errors import UserError
 from stoptool.io.paths import asset, check_file
 
@@ -140,6 +143,18 @@ def has_separator(name: str) -> bool:
     return any(sep and sep in name for sep in ("/", os.sep, os.altsep))
 
 
+def has_labelled_splits(name: str) -> bool:
+    """Whether the data set `name` has a labelled split to train a probe on and one to test it
+    on: the sets known by name, the transfer sets, an ImageFolder tree with train/ and val/ (or
+    test/), a prepared set with a val split. Looks at the layout only; opening may still fail."""
+    if name in BUILTIN or parse_name(name) is not None:
+        return True
+    root = Path(name).expanduser()
+    if is_prepared(root):
+        return (root / members_name("val")).is_file()
+    return (root / "train").is_dir() and any((root / v).is_dir() for v in ("val", "test"))
+
+
 def missing_dataset(name: str, names: str) -> UserError:
     """The error for a --dataset value that is neither a known name nor an existing path:
     written as a path, it is a path that does not exist; else `names` lists what would do."""
@@ -157,10 +172,14 @@ def train_images(name: str, subset: str | None = None, root: str | Path | None =
 
 def open_dataset(name: str, split: str = "train", subset: str | None = None,
                  root: str | Path | None = None, download: bool = False) -> ImageDataset:
-    """`digits`, `count`, `cifar10`/`cifar100` (from `root`, see `stoptool.data.cifar`), or a
-    path to an ImageFolder tree (its `split` sub-directory when present)."""
-    if name in BUILTIN and subset is not None:
+    """`digits`, `count`, `cifar10`/`cifar100` (from `root`, see `stoptool.data.cifar`), a
+    transfer set `KIND:PATH` (`stoptool.data.transfer`), or a path to an ImageFolder tree (its
+    `split` sub-directory when present)."""
+    transfer = parse_name(name)
+    if (name in BUILTIN or transfer) and subset is not None:
         raise UserError(f"subset keeps images of an ImageFolder tree; {name} has none to name")
+    if transfer is not None:
+        return _transfer(*transfer, split)
     if name == "digits":
         return digits(split)
     if name == "count":
@@ -183,3 +202,13 @@ def open_dataset(name: str, split: str = "train", subset: str | None = None,
     if (path / split).is_dir():
         path = path / split
     return FolderDataset(path, subset)
+
+
+def _transfer(kind: str, path: str, split: str) -> ImageDataset:
+    """A transfer set from its release; Places205 may also come as train/ and val/ class
+    folders (its images sorted into one folder per class)."""
+    root = Path(path).expanduser()
+    folder = root / ("train" if split == "train" else "val")
+    if kind == "places205" and not (root / "trainvalsplit_places205").is_dir() and folder.is_dir():
+        return FolderDataset(folder)
+    return open_transfer(kind, root, split)

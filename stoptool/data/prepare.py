@@ -3,7 +3,9 @@ images shrunk to the short side training crops from, so that an epoch reads a fe
 in order instead of a million small ones.
 
 Sources: an ImageFolder tree (`train/` and optionally `val/`, or the class folders alone, a
-train split) or CIFAR-10/100 (its test split becomes `val`). Each split is shuffled once, with
+train split), CIFAR-10/100 (its test split becomes `val`), or a transfer set in its release
+layout (`clevr-count:PATH`, `clevr-dist:PATH`, `inat18:PATH`, `places205:PATH`; its train and
+val splits, labels from the release's lists). Each split is shuffled once, with
 the seed, so that every shard mixes the classes. A JPEG already small enough is copied byte for
 byte (no second generation of JPEG loss); any other image is decoded (a large JPEG at a reduced
 scale where that still leaves enough pixels), shrunk and encoded as JPEG. Images that cannot be
@@ -31,7 +33,7 @@ from PIL import Image
 
 from stoptool.data.base import ImageDataset, as_rgb, open_image
 from stoptool.data.cifar import load_cifar
-from stoptool.data.datasets import FolderDataset
+from stoptool.data.datasets import FolderDataset, open_dataset
 from stoptool.data.shards import (
     FORMAT,
     INDEX,
@@ -42,8 +44,10 @@ from stoptool.data.shards import (
     members_name,
     shard_name,
 )
+from stoptool.data.transfer import parse_name
 from stoptool.errors import UserError, plural
 from stoptool.io.paths import check_writable, size_text
+from stoptool.options import option
 
 Progress = Callable[[str, int, int], None]  # (split, images done, images in the split)
 Encoder = Callable[[Iterable], Iterator[tuple[bytes | None, str]]]  # images in, (JPEG or None, reason) out
@@ -54,6 +58,30 @@ UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 _SIZE = re.compile(r"(\d+(?:\.\d*)?)\s*([kmgt]i?b|b)?", re.IGNORECASE)
 CHUNK = 16  # images handed to a worker at a time: fewer round trips, order kept by imap
 
+
+
+@dataclass
+class PrepareOptions:
+    """`stoptool prepare`'s options (see `stoptool.options`)."""
+
+    src: str = option(
+        None, "An ImageFolder tree (train/ and optionally val/, one folder per class in each; or the class "
+        "folders alone, a train split), cifar10 | cifar100 (from --data-root; its test split becomes "
+        "val), or a transfer set in its release layout: clevr-count:PATH | clevr-dist:PATH | inat18:PATH | "
+        "places205:PATH.",
+        argument=True, required=True)
+    dst: str = option(None, "The directory to write: new or empty.", argument=True, required=True)
+    short_side: int = option(256, "Shrink images whose short side is longer to this many pixels, aspect kept "
+                             "(at least 16); JPEGs already this small are copied unchanged.")
+    shard_size: str = option("1GB", "Largest shard: bytes, or with a unit: 64KB, 500MB, 1GB (decimal), 1GiB "
+                             "(binary).")
+    quality: int = option(90, "JPEG quality (1 to 100) of the images re-encoded.")
+    workers: int | None = option(None, "Processes that decode and encode images; 0 = in this one. The output "
+                                 "is the same for any number.", default_text="the CPUs available")
+    seed: int = option(0, "Seed of the order images are written in (shuffled once, so every shard mixes the "
+                       "classes).", low=0, high=2**32 - 1)
+    data_root: str | None = option(None, "Where CIFAR's release archive or extracted folder lives.",
+                                   default_text="~/.cache/stoptool/data")
 
 def skipped_name(split: str) -> str:
     return f"{split}.skipped.txt"
@@ -172,6 +200,12 @@ def open_source(src: str | Path, data_root: str | Path | None = None
     if str(src) in CIFAR:
         train, val = (load_cifar(str(src), split, data_root) for split in ("train", "test"))
         return {"train": Source(train), "val": Source(val)}, list(train.classes), str(src)
+    if parse_name(str(src)) is not None:  # a transfer set: its release's lists give files and labels
+        splits = {split: open_dataset(str(src), split) for split in ("train", "val")}
+        sources = {split: Source(data, data.root) for split, data in splits.items()}
+        _check_same_classes(sources["train"], sources["val"])
+        kind, path = parse_name(str(src))
+        return sources, list(splits["train"].classes), f"{kind}:{Path(path).expanduser().resolve()}"
     path = Path(src).expanduser()
     if not path.is_dir():
         raise UserError(f"source '{path}' is not a directory: give an ImageFolder tree (train/ and val/, "
@@ -329,7 +363,8 @@ def _ignore_interrupts() -> None:
 def prepare(src: str | Path, dst: str | Path, short_side: int = 256, shard_size: int | str = 10**9,
             quality: int = 90, seed: int = 0, workers: int | None = None,
             data_root: str | Path | None = None, progress: Progress | None = None) -> dict:
-    """Write `src` (an ImageFolder tree, cifar10 or cifar100) into the new directory `dst` as a
+    """Write `src` (an ImageFolder tree, cifar10, cifar100 or a transfer set KIND:PATH) into the
+    new directory `dst` as a
     prepared set; returns its index. `workers` defaults to the CPUs this process may use;
     `progress(split, done, total)` is called as images are written."""
     settings = check_settings(short_side, shard_size, quality, seed)

@@ -82,14 +82,22 @@ def resized_crop(img: Image.Image, box: tuple[int, int, int, int], size: int,
     return out[0].contiguous()
 
 
-def center_crop(img: Image.Image, size: int, crop_ratio: float = 0.875) -> Image.Image:
-    """Evaluation transform: resize the short side to size / crop_ratio, take the centre."""
+CROP_PCT = 0.875  # the evaluation crop's share of the resized short side (timm's default)
+
+
+def center_crop(img: Image.Image, size: int, crop_pct: float = CROP_PCT) -> Image.Image:
+    """The evaluation transform, the one rule for every image the probes, the online k-NN and
+    the evaluations see, and the one an exported folder declares to timm (interpolation
+    bicubic, crop_pct, crop_mode center): timm's own, so a model loaded there sees the same
+    pixels. The short side is resized (bicubic) to floor(size / crop_pct) and the long side in
+    proportion, rounded down; then the centre size × size is taken, its offsets rounded half to
+    even. (Images smaller than that are enlarged to it too.)"""
     w, h = img.size
-    short = size / crop_ratio if min(w, h) > size else size
-    scale = short / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
+    short = math.floor(size / crop_pct)
+    new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    if new != (w, h):
+        img = img.resize(new, Image.BICUBIC)
+    left, top = round((new[0] - size) / 2), round((new[1] - size) / 2)
     return img.crop((left, top, left + size, top + size))
 
 

@@ -134,23 +134,6 @@ class FinetuneResult:
         }
 
 
-def describe_classifier(meta: dict) -> dict[str, object]:
-    """What `stoptool info` shows of a fine-tuned classifier's checkpoint, row name -> value."""
-    names = meta.get("classes") or []
-    shown = ", ".join(str(c) for c in names[:5]) + (", ..." if len(names) > 5 else "")
-    rows: dict[str, object] = {"classes": f"{meta['num_classes']}" + (f" ({shown})" if shown else "")}
-    done = meta.get("finetuned") or {}
-    if done:
-        count = done.get("train_images")
-        used = f"{count:,} training images" if isinstance(count, int) else "training images"
-        if done.get("subset"):
-            used += f" (subset {done['subset']})"
-        elif done.get("fraction", 1) < 1:
-            used += f" ({done['fraction']:g} of the labels)"
-        rows["fine-tuned"] = f"from {done.get('from', '?')} on {done.get('dataset', '?')}, {used}"
-    return rows
-
-
 def finetune(cfg: FinetuneConfig, resume: bool = True, progress=None, notify=None) -> FinetuneResult:
     """Fine-tune per `cfg` (`by_size` is applied here, once the encoder's arch is known).
 

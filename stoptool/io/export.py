@@ -46,6 +46,12 @@ class Exported:
     line: str  # the Python that loads it with timm.create_model
     report: Path  # the JSON written beside it
 
+    def rows(self) -> dict[str, Any]:
+        """The table `stoptool export --to timm` prints."""
+        m = self.meta
+        return {"file": self.out, "encoder": m["which"], "arch": m["arch"], "img_size": m["img_size"],
+                "params": f"{self.params:,}", "timm model": m["timm_model"], "report": self.report}
+
 
 def timm_model_args(arch: str, img_size: int, num_classes: int = 0) -> tuple[str, dict[str, Any]]:
     """A registered model name and the keyword arguments that make it this encoder (with a

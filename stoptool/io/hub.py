@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from stoptool.data.transforms import MEAN, STD
+from stoptool.data.transforms import CROP_PCT, MEAN, STD
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import (
     TIMM_CLASSIFIER,
@@ -52,7 +52,6 @@ from stoptool.models.archs import parse_arch
 from stoptool.models.encoder import encode, timm_kwargs
 
 TARGETS = ("hf", "transformers")
-CROP_PCT = 0.875  # the probe's evaluation crop (data/transforms.center_crop)
 _LICENSE = re.compile(r"[a-z0-9][a-z0-9.+-]*")  # the Hub's license ids: mit, apache-2.0, cc-by-nc-4.0, other
 _REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 PAPERS = {
@@ -73,6 +72,17 @@ class Published:
     probes: int  # probe results in the model card
     notes: list[str] = field(default_factory=list)
     url: str | None = None  # where --push put it
+
+    def rows(self) -> dict[str, Any]:
+        """The table `stoptool export --to hf|transformers` prints."""
+        f = self.facts
+        rows = {"folder": self.out, "layout": "timm (local-dir / hf-hub)" if self.to == "hf"
+                else "transformers IJepaModel", "encoder": f["which"], "arch": f["arch"],
+                "img_size": f["img_size"], "params": f"{self.params:,}", "probe results": self.probes,
+                "report": self.report}
+        if self.url:
+            rows["uploaded to"] = self.url
+        return rows
 
 
 def folder_report_path(out: Path) -> Path:

@@ -65,6 +65,22 @@ class Imported:
     notes: list[str] = field(default_factory=list)
     report: Path | None = None  # the JSON written beside `out`
 
+    def rows(self) -> dict[str, Any]:
+        """The table `stoptool import` prints."""
+        meta = self.meta
+        rows = {"checkpoint": self.out, "source": meta["source"], "arch": meta["arch"],
+                "img_size": meta["img_size"], "patch": meta["patch"]}
+        if "method" in meta:
+            rows["kind"] = f"{meta['method']}: {meta['method_from']}"
+        if "predictor" in self.parts:
+            rows.update({"sigma": meta["sigma"], "predictor": f"{meta['pred_depth']} × {meta['pred_width']}",
+                         "pred_pos": meta["pred_pos"], "m̃ from": meta["mask_token_from"]})
+        if "epoch" in meta:
+            rows["epoch"] = meta["epoch"]
+        rows.update({f"{part} params": f"{n:,}" for part, n in self.params.items()})
+        rows["report"] = self.report
+        return rows
+
 
 def default_sigma(method: str, arch: str) -> float:
     """σ the released runs used: 0 for I-JEPA; 0.25 for StoP ViT-B/L, 0.2 for ViT-H."""

@@ -47,14 +47,16 @@ def check_img_size(arch: str, img_size: int, what: str = "image size") -> int:
     gives at most MAX_GRID patches a side."""
     patch = parse_arch(arch)[1]
     if img_size <= 0 or img_size % patch:
-        raise UserError(f"{what} {img_size} is not a positive multiple of the patch size {patch} of {arch}")
+        raise UserError(f"{what} {img_size} is not a positive multiple of the patch size {patch} of {arch}",
+                        key="img_size")
     check_grid(img_size // patch, f"{what} {img_size}")
     return patch
 
 
 def check_grid(grid: int, what: str) -> None:
     if grid > MAX_GRID:  # past it, sampling masks alone needs gigabytes
-        raise UserError(f"{what} makes a {grid}×{grid} grid of patches; at most {MAX_GRID} a side work")
+        raise UserError(f"{what} makes a {grid}×{grid} grid of patches; at most {MAX_GRID} a side work",
+                        key="img_size")
 
 
 def default_img_size(arch: str) -> int:

@@ -22,9 +22,12 @@ class ProbeConfig:
     ckpt: str | None = option(
         None, "A stoptool checkpoint (pretrain, imported or encoder-only), or a run directory (its latest).",
         argument=True, default_text="none")
-    dataset: str = option(
-        "digits", "digits (bundled) | count (synthetic, drawn on demand) | cifar10 | cifar100 | PATH with "
-        "train/ and val/ (or test/) ImageFolder trees.")
+    dataset: str | None = option(
+        None, "digits (bundled) | count (synthetic, drawn on demand) | cifar10 | cifar100 | PATH with "
+        "train/ and val/ (or test/) ImageFolder trees, or a set stoptool prepare wrote | clevr-count:PATH | "
+        "clevr-dist:PATH | inat18:PATH | places205:PATH (the transfer sets in their release layouts).",
+        default_text="the data set the checkpoint was trained on, where it has labelled train and val "
+        "splits; else digits")
     data_root: str | None = option(None, "Where CIFAR's release archive or extracted folder lives.",
                                    default_text="~/.cache/stoptool/data")
     download: bool = option(False, "Fetch the CIFAR archive into --data-root when it is missing.",

@@ -7,7 +7,7 @@ feature is extracted or any file written.
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -17,10 +17,12 @@ from stoptool.data.datasets import (
     ArrayDataset,
     FolderDataset,
     ImageDataset,
+    has_labelled_splits,
     missing_dataset,
     open_dataset,
 )
 from stoptool.data.shards import is_prepared
+from stoptool.data.transfer import parse_name
 from stoptool.errors import UserError
 from stoptool.io.paths import check_writable, write_report
 from stoptool.models.archs import check_img_size, default_img_size, default_init
@@ -83,6 +85,7 @@ class Encoder:
     img_size: int
     source: str  # checkpoint path or "random-init"
     meta: dict
+    trained_on: tuple[str, str | None] | None = None  # (dataset, data_root) of the run, where it says
 
 
 def load_encoder(cfg: ProbeConfig) -> Encoder:
@@ -119,7 +122,27 @@ def load_encoder(cfg: ProbeConfig) -> Encoder:
         resized.load_state_dict(state, strict=False)
         net, img_size = resized, cfg.img_size
     keep = ("kind", "arch", "img_size", "sigma", "step", "epoch", "source")
-    return Encoder(net.eval(), arch, img_size, str(cfg.ckpt), {k: meta[k] for k in keep if k in meta})
+    trained = meta.get("config") or {}
+    return Encoder(net.eval(), arch, img_size, str(cfg.ckpt), {k: meta[k] for k in keep if k in meta},
+                   (trained["dataset"], trained.get("data_root")) if trained.get("dataset") else None)
+
+
+def choose_data(cfg: ProbeConfig, enc: Encoder) -> tuple[ProbeConfig, str | None]:
+    """`cfg` with its data set decided when none was given, and the line that says which: the
+    set the encoder was trained on where it has labelled train and val splits, else digits."""
+    if cfg.dataset is not None or cfg.train_dir or cfg.val_dir:
+        return cfg, None
+    if enc.trained_on is not None and has_labelled_splits(enc.trained_on[0]):
+        name, root = enc.trained_on
+        chosen = replace(cfg, dataset=name, data_root=cfg.data_root or root)
+        return chosen, f"probing on {name}, the data set the encoder was trained on (its labelled splits)"
+    if cfg.random_init:
+        why = "give --dataset to choose another"
+    elif enc.trained_on is not None:
+        why = f"the data set the encoder was trained on, '{enc.trained_on[0]}', has no labelled val split"
+    else:
+        why = "the checkpoint does not name the data set it was trained on"
+    return replace(cfg, dataset="digits"), f"probing on the bundled digits: {why}"
 
 
 def open_splits(cfg: ProbeConfig) -> tuple[ImageDataset, ImageDataset, str]:
@@ -130,6 +153,9 @@ def open_splits(cfg: ProbeConfig) -> tuple[ImageDataset, ImageDataset, str]:
         train = FolderDataset(cfg.train_dir, cfg.subset)
         test = FolderDataset(cfg.val_dir)
         tag = Path(cfg.train_dir).resolve().parent.name or "folder"
+    elif parse_name(cfg.dataset) is not None:  # a transfer set, read in its release layout
+        train, test = (open_dataset(cfg.dataset, split, cfg.subset) for split in ("train", "val"))
+        tag = parse_name(cfg.dataset)[0]
     elif cfg.dataset in BUILTIN:
         if cfg.subset is not None:
             raise UserError("subset keeps images of an ImageFolder tree; use it with a PATH data set",
@@ -206,12 +232,15 @@ def get_features(enc: Encoder, data: ImageDataset, split: str, cfg: ProbeConfig,
     return feats
 
 
-def run_probe(cfg: ProbeConfig, progress: Callable[[str, int, int], None] | None = None) -> ProbeReport:
-    """Probe per `cfg`. `progress(split, done, total)` is called during feature extraction."""
+def run_probe(cfg: ProbeConfig, progress: Callable[[str, int, int], None] | None = None,
+              notify: Callable[[str], None] | None = None) -> ProbeReport:
+    """Probe per `cfg`. `progress(split, done, total)` is called during feature extraction;
+    `notify(line)` first hears which data set is probed, where none was given."""
     cfg.validate()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device, fp16=False)
     enc = load_encoder(cfg)
+    cfg, said = choose_data(cfg, enc)
     train, test, tag = open_splits(cfg)
     json_path = default_json_path(cfg, enc, tag)
     if json_path.exists() and json_path.is_dir():
@@ -223,6 +252,8 @@ def run_probe(cfg: ProbeConfig, progress: Callable[[str, int, int], None] | None
             raise UserError(f"feature cache '{cache_dir}' is not a directory", key="cache_dir")
         check_writable(cache_dir / "features.npz")
 
+    if said and notify:  # (once every input is checked: a refusal prints alone)
+        notify(said)
     enc_hash = encoder_fingerprint(enc.net)
     extracted: list[str] = []
     f_train = get_features(enc, train, "train", cfg, device, precision, enc_hash, progress, extracted)

@@ -268,7 +268,7 @@ def _training_data(cfg: PretrainConfig, notify=None) -> ImageDataset:
     check_readable(data)
     if len(data) < cfg.optim.batch_size:
         raise UserError(f"the data set has {plural(len(data), 'image')}, "
-                        f"fewer than the batch size {cfg.optim.batch_size}")
+                        f"fewer than the batch size {cfg.optim.batch_size}", key="batch_size")
     return data
 
 

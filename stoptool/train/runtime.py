@@ -56,6 +56,15 @@ def cpu_has_fast_bf16() -> bool:
         return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def slow_precision(precision: str, device: str) -> str | None:
+    """Why `precision` asked for on `device` would crawl, where it would: bf16 on a CPU without
+    bf16 instructions runs many times slower than fp32. None where it is fine."""
+    if precision == "bf16" and resolve_device(device).type == "cpu" and not cpu_has_fast_bf16():
+        return ("this CPU has neither AMX nor AVX-512 BF16, so bf16 runs many times slower than fp32 here; "
+                "--precision auto picks fp32")
+    return None
+
+
 def gpu_has_bf16(device: torch.device) -> bool:
     """bf16 in hardware: compute capability 8.0 and up (Ampere on). Older GPUs emulate it
     (slowly), which `torch.cuda.is_bf16_supported()` counts as support."""

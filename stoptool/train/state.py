@@ -9,9 +9,8 @@ from pathlib import Path
 
 import torch
 
-from stoptool.config import PretrainConfig
+from stoptool.config import PretrainConfig, check_same_run
 from stoptool.data.loader import stream_seed
-from stoptool.errors import UserError
 from stoptool.io.checkpoint import Checkpoint, load_checkpoint, optimizer_state
 from stoptool.models.jepa import JEPA, build_jepa
 from stoptool.train.distributed import World, own_rng_states, shard_optimizer_state, wrap_networks
@@ -19,54 +18,11 @@ from stoptool.train.optim import make_optimizer, make_scaler, use_fused_like
 from stoptool.train.runtime import prepare_model
 from stoptool.train.step import TrainState, compile_forward
 
-# Keys that may change when a run is resumed; every other key must match the saved run.
-RESUMABLE_CHANGES = {
-    "init",  # how fresh weights are drawn: a resumed run loads its own
-    "data_root",
-    "download",
-    "steps",
-    "epochs",
-    "out",
-    "device",
-    "precision",
-    "attn",
-    "workers",
-    "log_every",
-    "save_every",
-    "compile",
-    "grad_checkpoint",
-    "fsdp",  # checkpoints hold whole tensors either way
-    "shard_group",
-    "eval_every",  # what is watched, not what is trained
-    "eval_dataset",
-    "eval_max_images",
-    "log",
-    "accum_steps",  # the same update, in micro-batches
-    "checkpoint_every",
-    "checkpoint_minutes",
-    "decode",  # where JPEGs are decoded: the same crops (pixels within a level or so)
-}
-
-# Keys a run's stoptool may not have had whose absence meant another value than today's default.
-OLD_DEFAULTS = {
-    "interpolation": "bicubic",  # crops were resized bicubic before the option came
-}
-
 
 def load_resumable(latest: Path, cfg: PretrainConfig) -> Checkpoint:
     """The run's `latest`, once it is known to be a checkpoint of this same run."""
     saved = load_checkpoint(latest)
-    before, now = saved.meta.get("config", {}), cfg.to_dict()
-    # a key the run's stoptool did not have held its default, unless it is one of OLD_DEFAULTS
-    defaults = {**PretrainConfig().to_dict(), **OLD_DEFAULTS}
-    was = {k: before.get(k, defaults.get(k)) for k in now}
-    diff = [k for k in now if k not in RESUMABLE_CHANGES and was[k] != now[k]]
-    if diff:
-        k = diff[0]
-        raise UserError(
-            f"'{latest}' holds a run with {k}={was[k]!r}, not {now[k]!r}: pass --no-resume "
-            "to start over there, or --out for a new run directory"
-        )
+    check_same_run(latest, saved.meta.get("config", {}), cfg.to_dict())
     return saved
 
 

@@ -18,7 +18,6 @@ import statistics
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,8 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from stoptool.data.datasets import BUILTIN, ArrayDataset, ImageDataset
-from stoptool.data.shards import is_prepared
+from stoptool.data.datasets import ArrayDataset, ImageDataset, has_labelled_splits
 from stoptool.errors import UserError
 from stoptool.probe.features import EvalImages, collate_eval
 from stoptool.probe.knn import knn_probe
@@ -234,11 +232,8 @@ def eval_splits(cfg, explicit: bool):
     set the user named are theirs to hear of."""
     d = cfg.data
     name = cfg.watch.eval_dataset or d.dataset
-    if not explicit and name not in BUILTIN:
-        root = Path(name).expanduser()
-        folders = (root / "train").is_dir() and any((root / v).is_dir() for v in ("val", "test"))
-        if not (folders or is_prepared(root)):
-            return None
+    if not explicit and not has_labelled_splits(name):
+        return None
     try:
         return open_splits(ProbeConfig(dataset=name, data_root=d.data_root))
     except UserError:

@@ -37,6 +37,7 @@ EXTRA_PANELS = (
     ("rankme", "RankMe (target features)"),
 )
 FIGSIZE = (10.0, 7.0)
+FEW_POINTS = 5  # a run logged at fewer steps than this draws straight lines between them: said so
 
 
 @dataclass
@@ -53,6 +54,15 @@ class Run:
     def series(self, key: str) -> tuple[list[int], list[float]]:
         pairs = [(r["step"], r[key]) for r in self.rows if key in r and "step" in r]
         return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def sparse_note(self) -> str | None:
+        """What to say of a run logged at too few steps for a curve, with the flag that gives more."""
+        steps = self.series("loss")[0]
+        if len(steps) >= FEW_POINTS:
+            return None
+        every = max(1, (steps[-1] if steps else 1) // 25)
+        return (f"{self.label}: {len(steps)} logged step{'s' * (len(steps) != 1)}, so its lines are straight "
+                f"between them; pretrain with --log-every {every} for a curve")
 
 
 def read_run(run_dir: str | Path) -> Run:
@@ -124,8 +134,8 @@ def draw_curves(runs: Sequence[Run], title: str = "") -> Figure:
     for ax, (key, name) in zip(axes, panels):
         for run in ordered:
             steps, values = run.series(key)
-            ax.plot(steps, values, label=run.label, linewidth=1.5, marker="o" if key == "knn_top1" else None,
-                    markersize=3)
+            dots = key == "knn_top1" or run.sparse_note() is not None  # (the points are all there is)
+            ax.plot(steps, values, label=run.label, linewidth=1.5, marker="o" if dots else None, markersize=3)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -133,6 +143,10 @@ def draw_curves(runs: Sequence[Run], title: str = "") -> Figure:
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     handles, labels = next(iter(fig.axes)).get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), fontsize=9)
+    notes = [n for n in (run.sparse_note() for run in ordered) if n]
+    if notes:
+        fig.text(0.5, 0.0, "\n".join(notes), ha="center", va="bottom", fontsize=8, color="0.35")
+        fig.get_layout_engine().set(rect=(0, 0.04 * len(notes), 1, 1 - 0.04 * len(notes)))
     return fig
 
 
@@ -156,4 +170,6 @@ def make_curves(
             f"step {last.get('step')}  loss {last['loss']:.4f}  ‖A‖ {last['A_norm']:.3f}  "
             f"‖m̃‖ {last['mask_token_norm']:.3f}"
         )
+        if r.sparse_note():
+            rows[f"note ({r.label})"] = r.sparse_note().split(": ", 1)[1]
     return FigureResult(path, write_json(path.with_suffix(".json"), data), rows)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib import colormaps
+from matplotlib import colormaps, patheffects
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
@@ -151,25 +151,46 @@ def figure_size(n_patches: int) -> tuple[float, float]:
     return (n_patches + 1) * PANEL_INCHES + 0.8, PANEL_INCHES + 0.9 + LEGEND_INCHES
 
 
-QUERY_FACE = "0.35"  # the legend draws the white box of the query patch on a dark face, as on a heatmap
+# The query patch's box: white with a dark rim, so that it reads on the light and the dark
+# parts of a heatmap and on the figure's white ground, where its legend entry sits.
+QUERY_RIM = [patheffects.Stroke(linewidth=3.4, foreground="0.1"), patheffects.Normal()]
 
 
-def legend_handles(n_targets: int) -> list[Patch]:
-    """One entry per mark of the figure: the query patch, the context, each target block."""
+def distinct_blocks(tgt_idx: torch.Tensor) -> list[list[int]]:
+    """The target blocks grouped by their patches: each group lists the (0-based) blocks that
+    cover the same patches, which draw as one outline (the first's colour)."""
+    groups: dict[tuple, list[int]] = {}
+    for m, block in enumerate(tgt_idx):
+        groups.setdefault(tuple(sorted(int(i) for i in block)), []).append(m)
+    return list(groups.values())
+
+
+def block_color(m: int) -> str:
+    return TARGET_COLORS[m % len(TARGET_COLORS)]
+
+
+def legend_handles(tgt_idx: torch.Tensor) -> list[Patch]:
+    """One entry per mark the panels show, as they show it: the query patch's box, the
+    context's outline, and one outline per distinct target block (blocks sampled onto the same
+    patches share it, and its entry names them all)."""
+    def label(group: list[int]) -> str:
+        names = " = ".join(str(m + 1) for m in group)
+        return f"target block {names}" + (" (the same patches)" if len(group) > 1 else "")
+
     return [
-        Patch(facecolor=QUERY_FACE, edgecolor="white", linewidth=2.2,
+        Patch(facecolor="none", edgecolor="white", linewidth=2.2, path_effects=QUERY_RIM,
               label="masked patch whose prediction is mapped"),
         Patch(facecolor="none", edgecolor=CONTEXT_COLOR, linewidth=1.6,
               label="context block (targets removed)"),
-        *[Patch(facecolor="none", edgecolor=TARGET_COLORS[m % len(TARGET_COLORS)], linewidth=1.6,
-                label=f"target block {m + 1}") for m in range(n_targets)],
+        *[Patch(facecolor="none", edgecolor=block_color(group[0]), linewidth=1.6, label=label(group))
+          for group in distinct_blocks(tgt_idx)],
     ]
 
 
 def _draw_mask(ax, ctx_idx, tgt_idx, grid: int, width: float = 1.6) -> None:
     outline(ax, cells_of(ctx_idx, grid), CONTEXT_COLOR, width)
-    for m, block in enumerate(tgt_idx):
-        outline(ax, cells_of(block, grid), TARGET_COLORS[m % len(TARGET_COLORS)], width)
+    for group in distinct_blocks(tgt_idx):
+        outline(ax, cells_of(tgt_idx[group[0]], grid), block_color(group[0]), width)
 
 
 def draw_heatmap(
@@ -199,11 +220,11 @@ def draw_heatmap(
         rgba[..., 3] = 0.15 + 0.75 * colors.norm(p.numpy())
         ax.imshow(rgba, extent=(0, 1, 1, 0), interpolation="nearest")
         _draw_mask(ax, ctx_idx, tgt_idx, grid, width=1.0)
-        outline(ax, cells_of([patch], grid), "white", 2.2)
+        outline(ax, cells_of([patch], grid), "white", 2.2, path_effects=QUERY_RIM)
         ax.set_xlim(0, 1)
         ax.set_ylim(1, 0)
     fig.colorbar(colors, ax=axes[1:].tolist(), shrink=0.85).set_label("probability")
-    handles = legend_handles(len(tgt_idx))
+    handles = legend_handles(tgt_idx)
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False,
                handlelength=1.1, handleheight=1.1, columnspacing=1.2)  # square marks, as the patches are
     return fig

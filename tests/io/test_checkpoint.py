@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from stoptool.errors import UserError
+from stoptool.errors import UserError, WriteFailed
 from stoptool.io.checkpoint import (
     Checkpoint,
     load_checkpoint,
@@ -136,8 +136,12 @@ def test_a_write_that_fails_midway_leaves_the_old_checkpoint_whole(tmp_path, mon
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ck, "save_file", dies_halfway)
-    with pytest.raises(OSError):
+    # one line for the user: the file, the reason, what it needed (three float32s) and what is free
+    said = (rf"^cannot write '{path}': no space left on device "
+            r"\(needed 12 bytes, [\d.]+ [KMGT]?B(ytes)? free\)$")
+    with pytest.raises(WriteFailed, match=said) as info:
         save_checkpoint(path, Checkpoint({**TINY_META, "step": 2}, {"encoder.w": torch.zeros(3)}))
+    assert info.value.exit_code == 1 and info.value.needed == 12
     back = load_checkpoint(path)
     assert back.meta["step"] == 1 and torch.equal(back.tensors["encoder.w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["latest.safetensors"]  # no temporary left

@@ -134,7 +134,7 @@ def test_bad_requests_are_one_line_errors(tmp_path, tiny_run):
     runner = CliRunner()
     run, out = str(tiny_run[0]), str(tmp_path / "out.safetensors")
     for args, message in (
-        (["export", run, "--to", "onnx", out], "--to must be timm"),
+        (["export", run, "--to", "onnx", out], "to must be one of timm, hf, transformers, got 'onnx' (--to)"),
         (["export", str(tmp_path / "missing.safetensors"), out], "does not exist"),
         (["export", run, run], "the input itself"),
         (["export", run, str(tmp_path)], "is a directory"),

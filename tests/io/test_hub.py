@@ -77,6 +77,34 @@ def one_line_error(result, text):
 # -- the folders load, with the encoder's features ----------------------------------------
 
 
+@pytest.mark.parametrize("arch,img", [("vit_t4", 32), ("vit_t4", 48), ("vit_t16", 224), ("vit_t16", 448)])
+def test_the_folder_preprocesses_each_image_as_stoptool_does(tmp_path, arch, img, monkeypatch):
+    """timm's own preprocessing for the folder (its pretrained_cfg through resolve_data_config
+    and create_transform) gives the features stoptool's evaluation transform gives, for images
+    larger, smaller and of other shapes than the input, at sizes where 256/224 is not exact."""
+    from PIL import Image
+
+    from stoptool.io.paths import asset
+    from stoptool.models import archs
+    from stoptool.probe.features import ImageTransform, pooled_features
+
+    monkeypatch.setitem(archs.ARCHS, "t", archs.ArchSpec(48, 2, 3))  # two narrow blocks: pixels matter here
+    model = make_checkpoint(tmp_path / "c.safetensors", arch, img)
+    folder = export_folder(tmp_path / "c.safetensors", tmp_path / "hf", to="hf").out
+    theirs = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    timm_transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=theirs))
+    rng = torch.Generator().manual_seed(0)
+    photos = [Image.open(asset("china.jpg")).convert("RGB")]  # 640 × 427
+    photos += [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=rng, dtype=torch.uint8).numpy())
+               for h, w in ((53, 37), (20, 20), (31, 90))]
+    ours = ImageTransform(img)
+    x_timm = torch.stack([timm_transform(p) for p in photos])
+    x_ours = torch.stack([ours(p, i) for i, p in enumerate(photos)])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x_timm), pooled_features(model.target_encoder, x_ours, "last"),
+                                   rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch,img", ARCH_PAIRS)
 def test_timm_local_dir_equals_the_timm_file_and_stoptools_encoder(tmp_path, runs, arch, img):
     path, model = runs[arch]
@@ -331,7 +359,8 @@ def test_bad_requests_are_one_line_errors_and_write_nothing(tmp_path, runs, monk
         (["export", run, "--to", "hf", str(tmp_path / "file")], "exists and is not a folder"),
         (["export", str(encoder_only), "--to", "hf", str(tmp_path / "o"), "--which", "context"],
          "holds only the target encoder; take which=target (--which)"),
-        (["export", run, "--to", "onnx", str(tmp_path / "o")], "--to must be timm, hf or transformers"),
+        (["export", run, "--to", "onnx", str(tmp_path / "o")],
+         "to must be one of timm, hf, transformers, got 'onnx' (--to)"),
         (["export", run, "--to", "hf", str(tmp_path / "o"), "--license", "MIT License"], "(--license)"),
         (["export", run, "--to", "hf", str(tmp_path / "o"), "--push", "no-org"],
          "ORG/NAME, got 'no-org' (--push)"),

@@ -285,3 +285,29 @@ def test_random_init_baseline_uses_pretrains_default_image_size(arch):
     enc = probe_run.load_encoder(probe_run.ProbeConfig(random_init=True, arch=arch))
     expected = {"vit_t2": 16, "vit_t4": 32, "vit_t8": 224}[arch]
     assert enc.img_size == ModelConfig(arch=arch).img_size == expected
+
+
+def test_a_checkpoint_is_probed_on_its_own_data_where_that_has_labels(tmp_path, folder, tiny_cfg):
+    """Without --dataset: the run's own labelled set (an ImageFolder tree's val/, digits), said
+    in the first line; digits, with the reason, where the run's set has no val split."""
+    no_val = tmp_path / "no-val"
+    (no_val / "a").mkdir(parents=True)
+    for trained_on, probed, test_images in ((str(folder), folder.name, 12), ("digits", "digits", 450),
+                                            (str(no_val), "digits", 450)):
+        cfg = tiny_cfg(dataset=trained_on)
+        ckpt = tmp_path / probed / f"{len(trained_on)}.safetensors"
+        model = build_jepa(cfg.model)
+        meta = {"kind": "pretrain", **model_meta(cfg), "config": cfg.to_dict(), "step": 0, "epoch": 0}
+        save_checkpoint(ckpt, Checkpoint(meta, model_tensors(model)))
+        result = probe(str(ckpt), "--method", "knn", cache_dir=tmp_path / "c")
+        assert result.exit_code == 0, result.output
+        first = result.stderr.splitlines()[0]
+        if trained_on == str(no_val):
+            assert first == (f"note: probing on the bundled digits: the data set the encoder was trained on, "
+                             f"'{no_val}', has no labelled val split")
+        else:
+            assert first == (f"note: probing on {trained_on}, the data set the encoder was trained on "
+                             "(its labelled splits)")
+        assert f"on {probed}" in result.stdout  # the table's title
+        doc = json.loads(ckpt.with_name(f"{ckpt.stem}.probe-{probed}.json").read_text())
+        assert (doc["dataset"], doc["test_images"]) == (probed, test_images)

@@ -104,3 +104,23 @@ def test_knn_and_rankme_get_panels_when_a_run_logged_them(tiny_run, tmp_path):
     # a run without the online k-NN (tiny_run logs rankme, not knn_top1) gets no k-NN panel
     titles = [ax.get_title() for ax in draw_curves([read_run(tiny_run)]).axes if ax.get_visible()]
     assert titles == [name for _, name in PANELS] + ["RankMe (target features)"]
+
+
+def test_a_run_logged_at_few_steps_is_drawn_as_points_and_says_which_flag_gives_a_curve(tmp_path):
+    from stoptool.viz.curves import make_curves
+
+    run = tmp_path / "short"
+    run.mkdir()
+    rows = [{"step": s, "loss": 1.0 / s, "lr": 1e-3, "A_norm": 2.0, "mask_token_norm": 0.5} for s in (10, 60)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "config.yaml").write_text("sigma: 0.25\n")
+    result = make_curves([run], tmp_path / "c.png")
+    said = "2 logged steps, so its lines are straight between them; pretrain with --log-every 2 for a curve"
+    assert result.rows["note (σ = 0.25 (short))"] == said
+    fig = draw_curves([read_run(run)])
+    assert fig.texts[-1].get_text() == f"σ = 0.25 (short): {said}"  # on the figure too
+    assert all(line.get_marker() == "o" for ax in fig.axes[:4] for line in ax.lines)
+    longer = [{**rows[0], "step": s} for s in range(10, 70, 10)]  # six logged steps: a curve; the title alone
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in longer))
+    assert len(draw_curves([read_run(run)]).texts) == 1 and "note (σ = 0.25 (short))" not in make_curves(
+        [run], tmp_path / "d.png").rows

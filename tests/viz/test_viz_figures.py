@@ -157,7 +157,7 @@ def one_line_error(args, message):
         (["--queries", "9,9"], "outside the 8×8 patch grid"),
         (["--queries", "a;b"], "queries takes ROW,COL pairs"),
         (["--sigma", "-1"], "sigma must be >= 0 (it is the noise standard deviation), got -1.0 (--sigma)"),
-        (["--sigma", "nan"], "sigma must be >= 0"),
+        (["--sigma", "nan"], "sigma must be a finite number, got nan (--sigma)"),
         (["--draws", "0"], "draws must be between 1 and 1,000,000, got 0 (--draws)"),
         (["--draws", "1000001"], "draws must be between 1 and 1,000,000, got 1000001 (--draws)"),
     ],
@@ -177,7 +177,7 @@ def test_similarity_needs_a_checkpoint(tmp_path):
     "args, message",
     [
         (["--temperature", "0"], "temperature must be positive, got 0.0 (--temperature)"),
-        (["--temperature", "nan"], "temperature must be positive"),
+        (["--temperature", "nan"], "temperature must be a finite number, got nan (--temperature)"),
         (["--patch", "8,0"], "outside the 8×8 patch grid"),
     ],
 )
@@ -204,9 +204,9 @@ def test_heatmap_unreadable_image(tiny_ckpt, tmp_path):
     "args, message",
     [
         (["--img-size", "30", "--patch", "4"], "not a positive multiple of the patch size 4"),
-        (["--seeds", "a,b"], "--seeds takes integers"),
-        (["--seeds", "0,-1"], "--seeds must each be between 0 and 4294967295"),
-        (["--seeds", "99999999999999999999"], "--seeds must each be between 0 and 4294967295"),
+        (["--seeds", "a,b"], "seeds takes integers separated by commas, got 'a,b' (--seeds)"),
+        (["--seeds", "0,-1"], "seeds must each be between 0 and 4294967295, got '0,-1' (--seeds)"),
+        (["--seeds", "99999999999999999999"], "seeds must each be between 0 and 4294967295"),
         (["--target-scale", "0.3,0.1"], "target_scale must satisfy"),
         (["--config", "no-such-preset"], "unknown preset"),
     ],

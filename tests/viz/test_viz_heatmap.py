@@ -116,12 +116,40 @@ def test_the_legend_names_every_mark_in_its_colour(setup):
     fig = draw_heatmap(display, probs, patches, ctx, tgt, 0.1)
     (legend,) = fig.legends
     labels = [t.get_text() for t in legend.get_texts()]
-    assert labels == ["masked patch whose prediction is mapped", "context block (targets removed)",
-                      *[f"target block {m + 1}" for m in range(len(tgt))]]
+    # (this mask's blocks 1 and 3 happen to cover the same patches: one outline, one entry)
+    groups: dict[frozenset, list[int]] = {}
+    for m, block in enumerate(tgt):
+        groups.setdefault(frozenset(block.tolist()), []).append(m)
+    assert sorted(len(g) for g in groups.values()) == [1, 1, 2]
+    same = " (the same patches)"
+    named = [f"target block {' = '.join(str(m + 1) for m in g)}" + (same if len(g) > 1 else "")
+             for g in groups.values()]
+    assert labels == ["masked patch whose prediction is mapped", "context block (targets removed)", *named]
     edges = [h.get_edgecolor() for h in legend.legend_handles]
-    expected = ["white", CONTEXT_COLOR, *[TARGET_COLORS[m % len(TARGET_COLORS)] for m in range(len(tgt))]]
+    expected = ["white", CONTEXT_COLOR, *[TARGET_COLORS[g[0] % len(TARGET_COLORS)] for g in groups.values()]]
     assert edges == [to_rgba(c) for c in expected]
+    # the query patch's entry is drawn as the panels draw the patch: a white box, no fill, a dark rim
+    query = legend.legend_handles[0]
+    assert query.get_facecolor()[3] == 0 and query.get_path_effects()
+    boxes = [c for c in fig.axes[1].collections if c.get_path_effects()]
+    assert len(boxes) == 1 and to_rgba(boxes[0].get_edgecolor()[0]) == to_rgba("white")
     titles = [ax.get_title() for ax in fig.axes[1:1 + len(patches)]]
     for title, patch in zip(titles, patches, strict=True):
         r, c = divmod(patch, GRID)
         assert title.startswith(f"patch ({r}, {c}) of target {locate(tgt, patch, GRID).block + 1}  max ")
+
+
+def test_target_blocks_sampled_onto_the_same_patches_are_one_outline_and_one_entry(setup):
+    import numpy as np
+
+    from stoptool.viz.heatmap import draw_heatmap
+
+    model, image, ctx, tgt = setup
+    other = next(b for b in tgt if set(b.tolist()) != set(tgt[0].tolist()))
+    same = torch.stack([tgt[0], other, tgt[0].flip(0)])  # block 3 is block 1 again, in another order
+    patches = [p.index for p in block_centres(same, GRID)][:2]
+    probs = heatmap_probs(model, image, ctx, same, patches)
+    fig = draw_heatmap(np.zeros((64, 64, 3), dtype=np.uint8), probs, patches, ctx, same, 0.1)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()][2:]
+    assert labels == ["target block 1 = 3 (the same patches)", "target block 2"]
+    assert len(fig.axes[0].collections) == 3  # the mask panel: the context and two block outlines
