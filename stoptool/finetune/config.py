@@ -52,7 +52,8 @@ class FinetuneConfig:
     # -- the encoder
     ckpt: str | None = option(
         None, "The encoder to fine-tune: a stoptool checkpoint (pretrain, imported official, exported, or "
-        "fine-tuned) or a run directory (its latest).", argument=True, default_text="none")
+        "fine-tuned), a run directory (its latest), or timm:NAME, timm's model with its published weights "
+        "(e.g. timm:vit_large_patch16_224.mae, a baseline).", argument=True, default_text="none")
     which: Literal["target", "context"] = option(
         "target", "Which encoder of a pretrain checkpoint: target (EMA, the one the paper evaluates) | "
         "context.")
@@ -256,6 +257,8 @@ def source_name(cfg: FinetuneConfig) -> str:
     checkpoint file's stem; `random-<arch>` for --random-init."""
     if cfg.random_init or cfg.ckpt is None:
         return f"random-{cfg.arch}"
+    if cfg.ckpt.startswith("timm:"):
+        return "timm-" + cfg.ckpt[len("timm:"):]
     path = Path(cfg.ckpt)
     if path.name == "latest.safetensors" or path.is_dir():
         path = path.parent if path.name == "latest.safetensors" else path

@@ -19,6 +19,8 @@ from stoptool.errors import UserError
 from stoptool.finetune.config import FinetuneConfig
 from stoptool.io.checkpoint import read_meta, resolve_checkpoint
 from stoptool.io.export import read_encoder
+from stoptool.io.timm_source import TimmEncoder, check_name, check_source, is_timm, load_timm
+from stoptool.io.timm_source import describe as describe_timm
 from stoptool.models.archs import check_img_size, default_img_size, default_init, parse_arch
 from stoptool.models.encoder import build_encoder, timm_kwargs
 from stoptool.models.pos_embed import sincos_2d
@@ -62,6 +64,9 @@ def describe_source(cfg: FinetuneConfig) -> tuple[str, int]:
     other than stoptool checkpoints enter here and in `load_source`."""
     if cfg.random_init:
         arch, img_size = cfg.arch, cfg.img_size or default_img_size(cfg.arch)
+    elif is_timm(cfg.ckpt):
+        shape = timm_shape(cfg.ckpt, cfg.img_size)
+        arch, img_size = shape.arch, shape.img_size
     else:
         meta = read_meta(resolve_checkpoint(cfg.ckpt))
         arch, img_size = meta["arch"], cfg.img_size or meta["img_size"]
@@ -76,6 +81,8 @@ def load_source(cfg: FinetuneConfig) -> Source:
     """The encoder `cfg` names, checked and read: the `which` encoder of a stoptool checkpoint
     (any kind `stoptool info` reads), or an untrained one of `arch` drawn from `seed`."""
     arch, img_size = describe_source(cfg)
+    if is_timm(cfg.ckpt):
+        return timm_source(cfg.ckpt, arch, img_size)
     if cfg.random_init:
         torch.manual_seed(cfg.seed)
         init = cfg.init or default_init(arch)
@@ -97,6 +104,59 @@ def load_source(cfg: FinetuneConfig) -> Source:
     return Source(arch, img_size, build, facts)
 
 
+def timm_shape(arg: str, img_size: int | None) -> TimmEncoder:
+    """What timm's model `arg` = `timm:NAME` is, built without weights on the meta device (no
+    memory, nothing read): its patch and image size, and the stoptool arch of its width and
+    depth, which the recipe's size-dependent values are keyed by."""
+    name = check_name(arg)
+    with torch.device("meta"):
+        described = describe_timm(build_timm(name, img_size, pretrained=False), name, arg, pretrained=False)
+    if described.arch is None:
+        raise UserError(f"{arg} has no stoptool arch of its width and depth ({described.meta['width']} × "
+                        f"{described.meta['depth']}), which the recipe's by_size values are keyed by; "
+                        "give a ViT-T/S/B/L/H/G model")
+    return described
+
+
+def timm_source(arg: str, arch: str, img_size: int) -> Source:
+    """timm's model `arg` with its published weights (the local caches first, as `evaluate`
+    reads them), to be fine-tuned as timm builds it: its own tokens, pooling and layer
+    grouping for the decay, its own input normalisation, a new head."""
+    check_source(arg)
+    name = check_name(arg)
+    encoder = load_timm(arg, img_size)
+    state = {k: v for k, v in encoder.net.state_dict().items() if not k.startswith("head.")}
+    del encoder.net
+
+    def build(classes: int, drop_path: float) -> torch.nn.Module:
+        model = build_timm(name, img_size, pretrained=False, num_classes=classes, drop_path_rate=drop_path)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if set(missing) - {"head.weight", "head.bias"} or unexpected:
+            raise UserError(f"{arg}: its weights do not fit the classifier timm builds (missing "
+                            f"{sorted(missing)[:3]}, unexpected {unexpected[:3]})")
+        _init_head(model)
+        return model
+
+    published = {k: v for k, v in encoder.meta.items() if k in ("tag", "hf_hub_id")}
+    facts = {"source": encoder.source, "timm_model": name, "arch": arch, "img_size": img_size,
+             "patch": encoder.patch_size, **published}
+    return Source(arch, img_size, build, facts, encoder.mean, encoder.std)
+
+
+def build_timm(name: str, img_size: int | None, pretrained: bool = False, **kwargs) -> torch.nn.Module:
+    """timm's model `name` (no weights: they are loaded by the caller), at `img_size` if given."""
+    import timm
+
+    extra = {"img_size": img_size} if img_size is not None else {}
+    return timm.create_model(name, pretrained=pretrained, **extra, **kwargs)
+
+
+def _init_head(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        trunc_normal_(model.head.weight, std=HEAD_STD)
+        model.head.bias.zero_()
+
+
 def build_classifier(arch: str, img_size: int, state: dict[str, torch.Tensor] | None, num_classes: int,
                      drop_path: float = 0.0) -> Classifier:
     """The classifier of `arch` at `img_size` with the encoder weights `state` (None: left as
@@ -109,9 +169,7 @@ def build_classifier(arch: str, img_size: int, state: dict[str, torch.Tensor] | 
             lacking = sorted(set(missing) - {"head.weight", "head.bias"})[:3]
             raise UserError(f"the encoder's weights do not fit {arch} at {img_size} px (missing {lacking}, "
                             f"unexpected {unexpected[:3]})")
-    with torch.no_grad():
-        trunc_normal_(model.head.weight, std=HEAD_STD)
-        model.head.bias.zero_()
+    _init_head(model)
     model.pos_embed.requires_grad_(False)
     return model
 

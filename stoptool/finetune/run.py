@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from stoptool.config import RESUMABLE_CHANGES
 from stoptool.data.datasets import ArrayDataset
 from stoptool.data.loader import check_readable
 from stoptool.data.transforms import MEAN, STD
@@ -36,6 +37,7 @@ from stoptool.finetune.model import (
     Source,
     add_head_norm,
     build_classifier,
+    build_timm,
     classifier_state,
     classifier_tensors,
     describe_source,
@@ -52,6 +54,7 @@ from stoptool.io.checkpoint import (
     resolve_checkpoint,
 )
 from stoptool.io.paths import check_writable, write_report, write_text_atomic
+from stoptool.io.timm_source import is_timm
 from stoptool.models.archs import parse_arch
 from stoptool.runs import CONFIG, SUMMARY, schedule_steps
 from stoptool.train.checkpointer import Checkpointer
@@ -82,7 +85,7 @@ from stoptool.train.runtime import (
     set_attention,
 )
 from stoptool.train.schedules import Schedules
-from stoptool.train.state import RESUMABLE_CHANGES, restore_rng
+from stoptool.train.state import restore_rng
 from stoptool.train.watch import Alarms, Watch, sample
 
 RESULT = "finetune.json"  # the run's result, beside summary.json
@@ -141,7 +144,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = True, progress=None, notify=Non
     every process calls this; they train one classifier together, the batch being global."""
     arch, _ = describe_source(cfg)
     cfg = cfg.for_arch(arch).validate()
-    if not cfg.random_init:  # where it is, whatever the working directory of a resumed launch
+    if not cfg.random_init and not is_timm(cfg.ckpt):  # where it is, whatever the working directory
         cfg = dataclasses.replace(cfg, ckpt=str(resolve_checkpoint(cfg.ckpt).resolve()))
     world = world_from_env()
     check_batch(world, cfg.batch_size, cfg.accum_steps)
@@ -253,13 +256,14 @@ def _train(run: Launch, splits: Splits, shape, source: Source | None,
     if saved is not None and run.notify:
         run.notify(f"resuming {cfg.run_dir()} from step {step} of {last_step} (epoch {step // ipe})")
     state = _state(run, model, nets, saved)
+    started = source.facts if source is not None else saved.meta
     del saved  # the whole checkpoint, in every process's memory until here
     plan = _plan(cfg, ipe, last_step, world, device)
     if world.main:
         for torn in plan.run_dir.glob(".*.safetensors.*.tmp"):  # being written when a process was killed
             torn.unlink(missing_ok=True)
         write_text_atomic(plan.run_dir / CONFIG, cfg.to_yaml())
-    meta = _meta(cfg, splits, shape, source, norm, ipe, run.precision)
+    meta = _meta(cfg, splits, shape, started, norm, ipe, run.precision)
     ckpt = Checkpointer(state, meta, ipe, world, device, tensors=classifier_tensors)
     batches = train_loader(splits.train, splits.indices, train_transform(cfg, shape[1], *norm),
                            make_mixup(cfg, len(splits.classes)), cfg.batch_size, cfg.seed, step, last_step,
@@ -294,6 +298,9 @@ def _classifier(cfg: FinetuneConfig, shape, classes: int, source: Source | None,
     torch.manual_seed(cfg.seed)
     if saved is None:
         model = source.build(classes, cfg.drop_path)
+    elif "timm_model" in saved.meta:  # fine-tuned from timm's model: timm builds it again
+        model = build_timm(saved.meta["timm_model"], shape[1], num_classes=classes,
+                           drop_path_rate=cfg.drop_path)
     else:  # its weights are loaded below
         model = build_classifier(*shape, None, classes, cfg.drop_path)
     if cfg.head_norm == "standardize":  # (its statistics: measured below, or the run's)
@@ -371,12 +378,11 @@ def _normalisation(source: Source | None, saved: Checkpoint | None) -> tuple[tup
     return tuple(saved.meta.get("mean", MEAN)), tuple(saved.meta.get("std", STD))
 
 
-def _meta(cfg: FinetuneConfig, splits: Splits, shape, source: Source | None, norm, ipe: int,
-          precision: str) -> dict:
+def _meta(cfg: FinetuneConfig, splits: Splits, shape, start: dict, norm, ipe: int, precision: str) -> dict:
     """What every checkpoint of the run says: the classifier's shape, classes and input
-    normalisation, the encoder it started from, the data, the config."""
+    normalisation, the encoder it started from (`start`: the source's facts, or resuming, the
+    run's own metadata), the data, the config."""
     arch, img_size = shape
-    start = source.facts if source is not None else {}
     done = {"from": cfg.ckpt or "random-init", "dataset": splits.tag,
             "train_images": int(len(splits.indices)), "fraction": cfg.fraction,
             **({"subset": cfg.subset} if cfg.subset else {})}
@@ -384,7 +390,7 @@ def _meta(cfg: FinetuneConfig, splits: Splits, shape, source: Source | None, nor
             "num_classes": len(splits.classes), "classes": splits.classes, "which": cfg.which,
             "mean": list(norm[0]), "std": list(norm[1]),
             "head_norm": cfg.head_norm,
-            **{k: start[k] for k in ("sigma", "method") if k in start}, "finetuned": done,
+            **{k: start[k] for k in ("sigma", "method", "timm_model") if k in start}, "finetuned": done,
             "config": cfg.to_dict(), "data": splits.describe(), "iterations_per_epoch": ipe,
             "precision": precision}
 
@@ -420,7 +426,8 @@ def _finish(run: Launch, splits: Splits, shape, model, ipe: int, fitted: Fitted,
         run.notify("the processes ended with different weights; rank 0's were saved")
     speed = round(fitted.images_per_second, 1) if fitted.images_per_second else None
     scores = evaluation.last
-    info = {"encoder": cfg.ckpt or "random-init", "which": "random-init" if cfg.random_init else cfg.which,
+    which = "random-init" if cfg.random_init else "timm" if is_timm(cfg.ckpt) else cfg.which
+    info = {"encoder": cfg.ckpt or "random-init", "which": which,
             "arch": shape[0], "img_size": shape[1], "dataset": splits.tag, "classes": len(splits.classes),
             "train_images": int(len(splits.indices)), "fraction": cfg.fraction, "val_split": splits.val.name,
             "subset": cfg.subset}

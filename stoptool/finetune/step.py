@@ -55,11 +55,14 @@ def finetune_step(state: FinetuneState, batch: Batch, hp: Hyper) -> StepResult:
     set_lr(state.optimizer, hp.lr)
     state.optimizer.zero_grad(set_to_none=True)
     loss = accumulate_gradients(state, batch)
-    norm = state.guard.inspect(state.optimizer, state.scaler, loss, bool(state.clip_grad), batch.measure)
+    grads = state.guard.inspect(state.optimizer, state.scaler, loss, bool(state.clip_grad), batch.measure)
     if state.clip_grad:
-        torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.clip_grad)
+        if grads is None:  # (fp16 on an unmeasured step: the norms were not taken)
+            torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.clip_grad)
+        else:
+            grads.clip_(state.model.parameters(), state.clip_grad)
     optimizer_step(state.optimizer, state.scaler, state.guard.skip(state.scaler))
-    return StepResult(loss, norm)
+    return StepResult(loss, grads.norm if grads is not None else None)
 
 
 def accumulate_gradients(state: FinetuneState, batch: Batch) -> torch.Tensor:

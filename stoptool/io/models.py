@@ -44,11 +44,20 @@ def encoder_part(ckpt: Checkpoint, which: str, path) -> str:
     held = [w for w, part in WHICH.items() if ckpt.has(part)]
     if not held:
         raise UserError(f"'{path}' holds no encoder weights")
+    check_stoptool_encoder(ckpt.meta, path)
     if ckpt.meta.get("kind") in CLASSIFIERS:
         return WHICH[held[0]]
     if ckpt.has(WHICH[which]):
         return WHICH[which]
     raise UserError(f"'{path}' holds only the {held[0]} encoder; take which={held[0]}", key="which")
+
+
+def check_stoptool_encoder(meta: dict, path) -> None:
+    """Refuse a classifier `stoptool finetune` trained from a timm model (`timm:NAME`): its
+    weights are that model's (class token, its own blocks), not an encoder of a stoptool arch."""
+    if "timm_model" in meta and meta.get("kind") in CLASSIFIERS:
+        raise UserError(f"'{path}' is timm's {meta['timm_model']} fine-tuned, not a stoptool encoder: "
+                        "stoptool finetune resumes it; other commands read stoptool's encoders")
 
 
 def check_holds(ckpt: Checkpoint, which: str, path) -> None:
@@ -87,6 +96,7 @@ def _check_shapes(tensors: dict[str, torch.Tensor], want: dict[str, tuple], what
 
 def model_from_checkpoint(ckpt: Checkpoint, source: str = "checkpoint") -> JEPA:
     meta = ckpt.meta
+    check_stoptool_encoder(meta, source)
     if ckpt.has("predictor"):
         fields = {
             "arch": meta["arch"], "img_size": meta["img_size"], "sigma": meta.get("sigma", 0.0),
