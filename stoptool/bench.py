@@ -79,6 +79,10 @@ def bench(cfg: BenchConfig) -> dict:
         return bench_masks(cfg)
     if cfg.what == "data":
         return bench_data(cfg)
+    if cfg.what == "finetune":  # its step, and pretraining's of the same arch beside it
+        from stoptool.finetune.bench import bench_finetune
+
+        return {**bench_finetune(cfg, _timed), "pretrain": bench(replace(cfg, what="train"))}
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     if device.type == "cuda":
@@ -290,6 +294,10 @@ def table_rows(cfg: BenchConfig, r: dict) -> dict:
     """The measured figures `r` of `bench(cfg)`, row name -> text."""
     if cfg.what == "data":
         return _data_rows(r)
+    if cfg.what == "finetune":
+        from stoptool.finetune.bench import bench_rows
+
+        return bench_rows(r)
     if cfg.what == "masks":
         return {"grid": f"{r['grid']}×{r['grid']}", "batch": cfg.batch_size, "threads": 1,
                 "batches/s": _spread(r, "batches_per_s"), "ms/batch": f"{r['ms_per_batch']:.2f}"}

@@ -19,6 +19,8 @@ from stoptool.config import BenchConfig, option_fields, option_panels
 from stoptool.data.prepare import PrepareOptions
 from stoptool.errors import UserError
 from stoptool.evaluate.config import EvaluateConfig
+from stoptool.finetune.config import cli_fields as finetune_fields
+from stoptool.finetune.config import panels as finetune_panels
 from stoptool.io.options import ExportOptions, ImportOptions, InfoOptions
 from stoptool.io.paths import check_writable
 from stoptool.masks import MaskConfig
@@ -168,11 +170,11 @@ def _speed(row: dict) -> str:
 
 
 class _ProgressBar:
-    """A rich progress bar fed by the training loop's progress callback; where stderr is not a
-    terminal (a cluster's log file, a pipe), one plain line per logged row instead."""
+    """A rich progress bar fed by the training loop's progress callback, labelled `label`; where
+    stderr is not a terminal (a cluster's log file, a pipe), one plain line per logged row instead."""
 
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
+    def __init__(self, quiet: bool, label: str = "pretrain"):
+        self.quiet, self.label = quiet, label
         self.progress = None
         self.task = None
         self.fields = {"loss": "-", "lr": "-", "ips": "-", "epoch": "-"}
@@ -191,7 +193,7 @@ class _ProgressBar:
 
             # the bar takes what the text leaves, so the numbers fit an 80-column terminal
             self.progress = Progress(
-                TextColumn("[bold]pretrain"), BarColumn(bar_width=None), MofNCompleteColumn(),
+                TextColumn(f"[bold]{self.label}"), BarColumn(bar_width=None), MofNCompleteColumn(),
                 TextColumn("epoch {task.fields[epoch]}"), TextColumn("loss {task.fields[loss]}"),
                 TextColumn("lr {task.fields[lr]}"), TextColumn("{task.fields[ips]} img/s"),
                 TextColumn("ETA"), TimeRemainingColumn(compact=True),
@@ -207,7 +209,7 @@ class _ProgressBar:
             return
         if self.task is None:  # shown from the first step on: an error in the checks before it prints alone
             self.progress.start()
-            self.task = self.progress.add_task("pretrain", total=total, completed=step, **self.fields)
+            self.task = self.progress.add_task(self.label, total=total, completed=step, **self.fields)
         if row is not None:
             self.fields = {
                 "loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}",
@@ -226,9 +228,10 @@ class _ProgressBar:
         parts = [f"step {step}/{total}", f"epoch {row['epoch']:.2f}", f"loss {row['loss']:.4f}",
                  f"lr {row['lr']:.2e}", f"{_speed(row)} img/s",
                  f"ETA {datetime.timedelta(seconds=round(eta))}" if eta is not None else "ETA -"]
-        if "knn_top1" in row:
-            parts.append(f"knn_top1 {100 * row['knn_top1']:.2f}")
-        sys.stderr.write("pretrain " + "  ".join(parts) + "\n")
+        for key in ("knn_top1", "val_top1"):  # an evaluation's result, where it ran
+            if key in row:
+                parts.append(f"{key} {100 * row[key]:.2f}")
+        sys.stderr.write(f"{self.label} " + "  ".join(parts) + "\n")
         sys.stderr.flush()
 
     def stop(self):
@@ -621,6 +624,54 @@ def viz_track(overrides: dict | None = None):
 
     o = checked(TrackFigureOptions, overrides)
     _report_figure("track", make_track(o.run_or_dir, o.seq, o.davis, o.frames, o.gif, o.out, o.dpi))
+
+
+@app.command(short_help="Fine-tune an encoder end to end with a linear head (Table 5).")
+@user_errors
+@with_options(finetune_fields(), finetune_panels())
+def finetune(
+    config: str | None = config_option("finetune-in1k-1pct"),
+    set_: list[str] = set_option("finetune", "--set lr=3e-5 --set by_size={h: {wd: 0.4}}"),
+    resume: bool = typer.Option(True, "--resume/--no-resume", show_default=False, help="Resume from the run directory's latest checkpoint. (default: on)"),
+    print_config: bool = print_config_option(),
+    quiet: bool = quiet_option(),
+    overrides: dict | None = None,
+):
+    """Fine-tune an encoder end to end with a new linear head on labelled images (the paper's Table 5), and report top-1 and top-5 on the val (or test) split, as a table and JSON.
+
+    Presets: finetune-in1k-1pct (I-JEPA's 1 % recipe: give --subset 1percent.txt) and finetune-in1k (MAE's); without one, a CPU-sized run on digits. Every option is also a config key (--set KEY=VALUE, presets, YAML files). Under torchrun (torchrun --nproc-per-node N -m stoptool finetune ...) the processes train one classifier data-parallel; --batch-size is the global batch.
+    """
+    from stoptool.finetune.config import build_finetune_config, parse_set
+
+    cfg = build_finetune_config(config, {**overrides, **parse_set(set_)})
+    if print_config:
+        from stoptool.finetune.model import describe_source
+
+        known = cfg.random_init or cfg.ckpt is not None  # the size-dependent values need the encoder's arch
+        sys.stdout.write((cfg.for_arch(describe_source(cfg)[0]) if known else cfg).to_yaml())
+        return
+    from stoptool.finetune.run import finetune as run_finetune
+    from stoptool.train.distributed import world_from_env
+    from stoptool.train.fit import Interrupted
+
+    main_rank = world_from_env().main  # under torchrun, rank 0 alone reports
+    if main_rank:
+        _note_slow_bf16(cfg.precision, cfg.device)
+    with _ProgressBar(quiet or not main_rank, label="finetune") as bar:
+        try:
+            result = run_finetune(cfg, resume=resume, progress=bar.update, notify=_note if main_rank else None)
+        except Interrupted as stop:
+            bar.stop()
+            if main_rank:
+                err_console.print(f"interrupted: checkpoint saved to {stop.checkpoint}", highlight=False, markup=False,
+                                  soft_wrap=True)
+            raise typer.Exit(128 + stop.signum) from None
+    if not main_rank:
+        return
+    if result.already_done:
+        _say(f"run in {result.run_dir} is already complete at step {result.step}; its weights evaluated again "
+             "(--steps/--epochs go further, --no-resume starts over)")
+    print_table("finetune", result.rows())
 
 
 def main() -> None:

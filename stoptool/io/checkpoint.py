@@ -2,9 +2,11 @@
 
 Tensor names are prefixed by their part: `encoder.`, `target_encoder.`, `predictor.`,
 `opt.state.<i>.<name>` (AdamW moments) and the random states `rng.cpu` (`rng.cuda` on a GPU;
-under torchrun `rng.cpu.rank<r>` and `rng.cuda.rank<r>` for the other processes too). The
-metadata block holds `{"format": "stoptool", "meta": "<json>"}`, where the JSON names what the
-file holds (`kind`: `pretrain`, `imported` or `timm-encoder`), the arch, image size, patch, σ,
+under torchrun `rng.cpu.rank<r>` and `rng.cuda.rank<r>` for the other processes too); a
+fine-tuned classifier holds its encoder under `encoder.` and its linear layer under `head.`.
+The metadata block holds `{"format": "stoptool", "meta": "<json>"}`, where the JSON names what
+the file holds (`kind`: `pretrain`, `imported`, `finetune`, or, exported for timm,
+`timm-encoder` and `timm-classifier`), the arch, image size, patch, σ,
 ablation flags, step, epoch, config, data description and stoptool version; `sha256` is the
 digest of every tensor's name and bytes, checked whenever the tensors are read, so a file
 damaged after it was written is refused instead of loaded. Writes go to a temporary file that
@@ -29,6 +31,8 @@ from stoptool.models.archs import Covariance, NoiseOn, PredPos
 
 FORMAT = "stoptool"
 TIMM_ENCODER = "timm-encoder"  # the `kind` of an encoder exported for timm
+TIMM_CLASSIFIER = "timm-classifier"  # a fine-tuned classifier (encoder and head) exported for timm
+FINETUNE = "finetune"  # a `stoptool finetune` run's checkpoint: encoder and head, trained end to end
 
 
 @dataclass
@@ -55,12 +59,14 @@ def stoptool_view(ckpt: Checkpoint) -> Checkpoint:
     """`ckpt` with its tensors under the usual part prefixes.
 
     An exported timm file names its tensors as timm does (`blocks.0.attn.qkv.weight`); it
-    holds the target encoder, or the context encoder when exported with which="context".
+    holds the target encoder, or the context encoder when exported with which="context"; an
+    exported classifier's linear layer (`head.*`) keeps its name.
     """
-    if ckpt.meta.get("kind") != TIMM_ENCODER:
+    if ckpt.meta.get("kind") not in (TIMM_ENCODER, TIMM_CLASSIFIER):
         return ckpt
     part = "encoder" if ckpt.meta.get("which") == "context" else "target_encoder"
-    return Checkpoint(ckpt.meta, {f"{part}.{k}": v for k, v in ckpt.tensors.items()}, ckpt.digest)
+    named = {k if k.startswith("head.") else f"{part}.{k}": v for k, v in ckpt.tensors.items()}
+    return Checkpoint(ckpt.meta, named, ckpt.digest)
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -136,7 +142,8 @@ def _open(path: str | Path, tensors: bool) -> Checkpoint:
     return Checkpoint(meta, data, raw.get("sha256") if tensors else None)
 
 
-KINDS = ("pretrain", "imported", TIMM_ENCODER)
+KINDS = ("pretrain", "imported", FINETUNE, TIMM_ENCODER, TIMM_CLASSIFIER)
+RESUMABLE = ("pretrain", FINETUNE)  # kinds a run resumes from
 # read off the types the Predictor's arguments are declared with: an option the model gains
 # is accepted here with it
 PREDICTOR_CHOICES = {
@@ -148,7 +155,7 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
     """The metadata values the loaders act on have their types and ranges: the checksum covers
     the tensors only, so an edited metadata block is caught here, not deep in a command."""
     def bad(key: str, want: str) -> UserError:
-        value = meta[key]
+        value = meta.get(key)
         return UserError(f"'{path}' has metadata {key} = {value!r}, not {want} (a damaged or hand-made file)")
 
     if meta.get("kind", "pretrain") not in KINDS:
@@ -160,7 +167,7 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
         value = meta.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise bad(key, "a positive integer")
-    if meta.get("kind", "pretrain") == "pretrain":  # what a resume reads
+    if meta.get("kind", "pretrain") in RESUMABLE:  # what a resume reads
         for key, least in (("step", 0), ("epoch", 0), ("iterations_per_epoch", 1)):
             value = meta.get(key, least)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -172,6 +179,10 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
             raise bad(key, "one of " + ", ".join(choices))
     if meta.get("which", "target") not in ("target", "context"):
         raise bad("which", "target or context")
+    if meta.get("kind") in (FINETUNE, TIMM_CLASSIFIER):  # the head's shape is read from it
+        value = meta.get("num_classes")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise bad("num_classes", "an integer >= 2")
 
 
 def optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict]]:

@@ -9,6 +9,10 @@
   the weights under the names of its files, `io/folders.py`). Needs transformers: before
   writing, the installed version loads a one-block copy and must give timm's features.
 
+A fine-tuned classifier (`stoptool finetune`) goes to `hf` whole, encoder and linear head
+(`num_classes` and the class names in `config.json`), so timm gives its logits; to
+`transformers`, whose `IJepaModel` has no head, as its encoder alone.
+
 Both get a `README.md` model card: what the model is, how it was trained (from the
 checkpoint's metadata), the probe results written beside the checkpoint for this very encoder,
 how to load it, and the citation. The folder is filled beside its destination and moved into
@@ -32,6 +36,7 @@ from safetensors.torch import save_file
 from stoptool.data.transforms import CROP_PCT, MEAN, STD
 from stoptool.errors import UserError
 from stoptool.io.checkpoint import (
+    TIMM_CLASSIFIER,
     TIMM_ENCODER,
     Checkpoint,
     atomic_save_file,
@@ -135,7 +140,14 @@ def export_folder(ckpt_path: str | Path, out: str | Path, to: str = "hf", which:
     check_request(to, which, license, push)
     check_folder_out(out, force)
     tensors, facts, meta = read_encoder(ckpt_path, which)
-    probes, notes = probe_results([given, ckpt_path], tensors_digest(tensors))
+    notes = []
+    if to == "transformers" and "head.weight" in tensors:
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("head.")}
+        facts = {k: v for k, v in facts.items() if k not in ("num_classes", "classes")}
+        notes.append("transformers' IJepaModel has no classification head: the folder holds the fine-tuned "
+                     "encoder alone (--to hf keeps the head)")
+    probes, found = probe_results([given, ckpt_path], tensors_digest(tensors))
+    notes += found
     params = sum(t.numel() for t in tensors.values())
     card = model_card(to, facts, meta, params, probes, push or "ORG/NAME", license)
 
@@ -195,28 +207,31 @@ def method_of(facts: dict[str, Any]) -> str | None:
 def timm_config(facts: dict[str, Any], license: str | None = None) -> dict[str, Any]:
     """`config.json` for `timm.create_model("local-dir:...")`: a registered ViT made this encoder
     by `model_args`, and the evaluation preprocessing in `pretrained_cfg`."""
-    arch, img = facts["arch"], facts["img_size"]
+    arch, img, classes = facts["arch"], facts["img_size"], facts.get("num_classes", 0)
     name, _ = timm_model_args(arch, img)
     args = {k: v for k, v in timm_kwargs(arch, img).items() if k not in ("norm_layer", "num_classes")}
     pretrained_cfg: dict[str, Any] = {
         "custom_load": False, "input_size": [3, img, img], "fixed_input_size": True,
         "interpolation": "bicubic", "crop_pct": CROP_PCT, "crop_mode": "center",
-        "mean": list(MEAN), "std": list(STD), "num_classes": 0,
+        "mean": list(MEAN), "std": list(STD), "num_classes": classes,
         "first_conv": "patch_embed.proj", "classifier": "head",
     }
+    if facts.get("classes"):
+        pretrained_cfg["label_names"] = list(facts["classes"])
     method = method_of(facts)
     if method:
         pretrained_cfg["paper_name"], pretrained_cfg["paper_ids"] = PAPERS[method]
     if license:
         pretrained_cfg["license"] = license
-    return {"architecture": name, "num_classes": 0, "num_features": args["embed_dim"],
+    return {"architecture": name, "num_classes": classes, "num_features": args["embed_dim"],
             "global_pool": "avg", "model_args": args, "pretrained_cfg": pretrained_cfg}
 
 
 def write_timm_folder(tmp: Path, tensors: dict[str, torch.Tensor], facts: dict[str, Any],
                       license: str | None) -> None:
-    name, kwargs = timm_model_args(facts["arch"], facts["img_size"])
-    meta = {"kind": TIMM_ENCODER, **facts, "timm_model": name, "timm_kwargs": kwargs}
+    name, kwargs = timm_model_args(facts["arch"], facts["img_size"], facts.get("num_classes", 0))
+    kind = TIMM_CLASSIFIER if "head.weight" in tensors else TIMM_ENCODER
+    meta = {"kind": kind, **facts, "timm_model": name, "timm_kwargs": kwargs}
     save_checkpoint(tmp / WEIGHTS, Checkpoint(meta, tensors))  # what --to timm writes
     write_text_atomic(tmp / CONFIG, json.dumps(timm_config(facts, license), indent=2) + "\n")
 
@@ -386,10 +401,24 @@ def _probe_table(probes: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _finetuned_text(facts: dict[str, Any]) -> str:
+    """A paragraph on the classifier's fine-tuning, for a fine-tuned one ("" for an encoder)."""
+    if not facts.get("num_classes"):
+        return ""
+    done = facts.get("finetuned") if isinstance(facts.get("finetuned"), dict) else {}
+    data = done.get("dataset", "a labelled set")
+    return (f"\nThen fine-tuned end to end with labels (`stoptool finetune`), with a linear head of "
+            f"{facts['num_classes']} classes on the averaged tokens, on {data}: `model(x)` gives the class "
+            "logits.\n")
+
+
 def _load_text(to: str, facts: dict[str, Any], repo: str) -> str:
     spec, patch = parse_arch(facts["arch"])
     img = facts["img_size"]
     n, d = (img // patch) ** 2, spec.width
+    classes = facts.get("num_classes")
+    output = (f"logits = model(x)  # [1, {classes}]: the classes' scores" if classes
+              else f"features = model(x)  # [1, {d}]: the patch tokens after the final LayerNorm, averaged")
     if to == "hf":
         return f'''```python
 import timm
@@ -402,7 +431,7 @@ transform = timm.data.create_transform(**config)  # resize, centre crop, ImageNe
 image = Image.new("RGB", ({img}, {img}))  # your image
 x = transform(image).unsqueeze(0)
 with torch.no_grad():
-    features = model(x)  # [1, {d}]: the patch tokens after the final LayerNorm, averaged
+    {output}
     tokens = model.forward_features(x)  # [1, {n}, {d}]: every patch token
 ```
 '''
@@ -446,7 +475,8 @@ def model_card(to: str, facts: dict[str, Any], meta: dict[str, Any], params: int
     """`README.md`: YAML front matter for the Hub, then what the model is and how to use it."""
     library = "timm" if to == "hf" else "transformers"
     front = ["---", f"library_name: {library}"] + ([f"license: {license}"] if license else [])
-    front += ["pipeline_tag: image-feature-extraction", "tags:"]
+    classes = facts.get("num_classes")
+    front += [f"pipeline_tag: {'image-classification' if classes else 'image-feature-extraction'}", "tags:"]
     front += [f"- {t}" for t in ("stop", "ijepa", "self-supervised", "masked-image-modeling",
                                  "vision-transformer", "image-feature-extraction", library)]
     how, which = _what_text(facts)
@@ -463,7 +493,7 @@ A Vision Transformer ({_arch_name(facts['arch'])}, {img} × {img} px input, no c
 without labels by masked image modeling in feature space: {how}. This is {which}.
 Its output is the patch tokens after the final LayerNorm; average them for one
 {spec.width}-dimensional feature per image (timm's `global_pool="avg"`).
-
+{_finetuned_text(facts)}
 Exported with stoptool (`stoptool export --to {to}`).
 
 ## Training

@@ -8,7 +8,7 @@ from typing import Any
 from stoptool.io.checkpoint import load_checkpoint, resolve_checkpoint, stoptool_view
 from stoptool.io.folders import describe_folder, is_model_folder
 
-PARTS = ("encoder", "target_encoder", "predictor")
+PARTS = ("encoder", "target_encoder", "predictor", "head")
 SHOWN = ("arch", "img_size", "patch", "sigma", "pred_depth", "pred_width", "pred_pos", "noise_on", "cov",
          "a_l1", "step", "epoch", "precision", "source", "method", "mask_token_from", "which", "timm_model",
          "stoptool_version")
@@ -37,6 +37,8 @@ def describe(path: str | Path) -> Description:
         rows["method"] = f"{meta['method']} ({meta['method_from']})"
     if "data" in meta:
         rows["data"] = ", ".join(f"{k}={v}" for k, v in meta["data"].items())
+    if "num_classes" in meta:  # a fine-tuned classifier
+        rows.update(describe_classifier(meta))
     for part in PARTS:
         if ck.has(part):
             rows[f"{part} params"] = f"{sum(t.numel() for t in ck.part(part).values()):,}"
@@ -46,3 +48,20 @@ def describe(path: str | Path) -> Description:
                               else "none (written before checkpoints carried one)")
     data = {**meta, "tensors_sha256": ck.digest}
     return Description(f"checkpoint {path.name}", rows, data, meta.get("config"))
+
+
+def describe_classifier(meta: dict) -> dict[str, object]:
+    """What `stoptool info` shows of a fine-tuned classifier's checkpoint, row name -> value."""
+    names = meta.get("classes") or []
+    shown = ", ".join(str(c) for c in names[:5]) + (", ..." if len(names) > 5 else "")
+    rows: dict[str, object] = {"classes": f"{meta['num_classes']}" + (f" ({shown})" if shown else "")}
+    done = meta.get("finetuned") or {}
+    if done:
+        count = done.get("train_images")
+        used = f"{count:,} training images" if isinstance(count, int) else "training images"
+        if done.get("subset"):
+            used += f" (subset {done['subset']})"
+        elif done.get("fraction", 1) < 1:
+            used += f" ({done['fraction']:g} of the labels)"
+        rows["fine-tuned"] = f"from {done.get('from', '?')} on {done.get('dataset', '?')}, {used}"
+    return rows

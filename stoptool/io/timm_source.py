@@ -93,10 +93,10 @@ def load_timm(arg: str, img_size: int | None = None) -> TimmEncoder:
         raise UserError(f"{arg}: {err}", key="img_size") from None
     except (OSError, RuntimeError, ValueError) as err:
         raise UserError(f"{arg}: its weights could not be loaded: {str(err).splitlines()[0][:200]}") from None
-    return _describe(net.eval(), name, arg, pretrained)
+    return describe(net.eval(), name, arg, pretrained)
 
 
-def _describe(net: torch.nn.Module, name: str, arg: str, pretrained: bool) -> TimmEncoder:
+def describe(net: torch.nn.Module, name: str, arg: str, pretrained: bool) -> TimmEncoder:
     if not all(hasattr(net, a) for a in ("forward_intermediates", "num_prefix_tokens", "patch_embed")):
         raise UserError(f"{arg} is not a vision transformer whose patch tokens can be pooled "
                         f"({type(net).__name__}); give a ViT-style timm model")

@@ -6,6 +6,7 @@ under FSDP so are the weight shards); process 0 alone writes.
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,14 +27,17 @@ def model_tensors(model, keep: bool = True) -> dict[str, torch.Tensor]:
 
 
 class Checkpointer:
-    """Saves `state` with the run's metadata (`meta`: what every checkpoint of the run says).
+    """Saves `state` with the run's metadata (`meta`: what every checkpoint of the run says);
+    `tensors(model, keep)` names the weights (pretraining's three networks by default, see
+    `model_tensors`).
 
     A background save copies every tensor to the host first (the step may go on changing the
     weights), then writes the file in a thread; one write is in flight at a time, and each file
     appears whole or not at all (written beside, then renamed)."""
 
-    def __init__(self, state: TrainState, meta: dict, ipe: int, world: World, device: torch.device):
-        self.state, self.meta, self.ipe = state, meta, ipe
+    def __init__(self, state: TrainState, meta: dict, ipe: int, world: World, device: torch.device,
+                 tensors: Callable[..., dict[str, torch.Tensor]] = model_tensors):
+        self.state, self.meta, self.ipe, self.tensors = state, meta, ipe, tensors
         self.world, self.device = world, device
         self._writer: threading.Thread | None = None
         self._failure: BaseException | None = None
@@ -83,7 +87,7 @@ class Checkpointer:
         if not world.main and not state.nets.sharded:
             return None
         # under FSDP every rank takes part in gathering the tensors; rank 0 alone keeps them
-        tensors = model_tensors(state.model, keep=world.main)
+        tensors = self.tensors(state.model, keep=world.main)
         opt = whole_state(state.optimizer.state_dict(), keep=world.main) if with_state else None
         if not world.main:
             return None

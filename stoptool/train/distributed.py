@@ -19,8 +19,10 @@ All average the same gradients; checkpoints hold whole tensors either way.
 import inspect
 import os
 import warnings
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -30,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from stoptool.errors import UserError, plural
 from stoptool.models.encoder import encode
 from stoptool.models.jepa import JEPA, predict
+from stoptool.runs import RunLock
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -120,6 +123,29 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+@contextmanager
+def run_lock(run_dir: Path, command: str, world: World, device: torch.device, notify=None) -> Iterator[None]:
+    """The run directory, held by process 0 for the whole launch of `command` (see
+    `runs.RunLock`): a second launch into it is refused at once, in every process of it."""
+    lock = RunLock(run_dir, command) if world.main else None
+    refused = None
+    if lock is not None:
+        try:
+            note = lock.acquire()
+            if note and notify:
+                notify(note)
+        except UserError as err:
+            refused = err
+    if any_rank((refused is not None,), world, device)[0]:
+        raise refused or UserError(f"process 0 could not take the run directory '{run_dir}' (its message "
+                                   "says why)")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def check_same_step(step: int, world: World, device: torch.device) -> None:
     """Every rank must resume from the same checkpoint: the run directory has to be on a
     filesystem all nodes share."""
@@ -142,6 +168,15 @@ def sum_over_ranks(value: float, world: World, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item()
+
+
+def summed(t: torch.Tensor, world: World) -> torch.Tensor:
+    """`t` summed over the processes, on every process (itself in one process)."""
+    if not world.distributed:
+        return t
+    total = t.clone()
+    dist.all_reduce(total)
+    return total
 
 
 def gather_lists(items: list, world: World) -> list:
@@ -303,7 +338,7 @@ def wrap_networks(model: JEPA, world: World, device: torch.device, fsdp: bool = 
     return Nets(model, online, TargetNet(model.target_encoder), world)
 
 
-def data_parallel(online: OnlineNet, world: World, device: torch.device) -> nn.Module:
+def data_parallel(online: nn.Module, world: World, device: torch.device) -> nn.Module:
     """`online` wrapped for gradient averaging across ranks (itself when there is one rank)."""
     if not world.distributed:
         return online

@@ -1,4 +1,5 @@
 """The training loop: batches in, steps taken, rows logged, checkpoints written, signals heard.
+Pretraining runs it with `train_step`; fine-tuning (`stoptool.finetune`) with a step of its own.
 
     for each batch: lr, wd, m from the schedules -> train_step (not waited for)
                     -> every `log_every` steps: read the loss and the guard, log a row
@@ -102,28 +103,35 @@ class _StopFlag:
 
 @dataclass
 class Report:
-    """Where a run reports: its loggers, what it watches, and a progress callback
-    progress(step, total, row | None)."""
+    """Where a run reports: its loggers, what it watches, a progress callback
+    progress(step, total, row | None), and the row a logged step writes,
+    row(model, step, ipe, window, batch_size, hp) (pretraining's `metrics_row` by default)."""
 
     log: Loggers
     watch: Watch = field(default_factory=Watch)
     progress: Callable | None = None
+    row: Callable[..., dict] = metrics_row
 
 
 def fit(plan: Plan, state: TrainState, loader, step: int, ckpt: Checkpointer, report: Report,
-        step_fn: Callable | None = None) -> Fitted:
-    """Train from `step` over `loader`'s batches; `step_fn(state, batch, hp)` runs each step
+        step_fn: Callable | None = None, inputs: Callable = StepInputs) -> Fitted:
+    """Train from `step` over `loader`'s batches: each is its tensors, then the number of images
+    skipped on the way; `inputs(*tensors)`, once they are on the device, is what the step takes
+    (default: images, context and target indices). `step_fn(state, batch, hp)` runs each step
     (default `train_step`; `compile_guard` gives it with a fallback to the eager forward)."""
     run = _Launch(plan, state, ckpt, report, step, step_fn or train_step)
-    if step == 0 and report.watch.evaluate is not None:  # the initial weights
-        report.log.write({"step": 0, "epoch": 0.0, **report.watch.evaluate(state.nets), "time": time.time()})
+    evaluate = report.watch.evaluate
+    # the initial weights, where the evaluation means something for them (fine-tuning's
+    # untrained head does not)
+    if step == 0 and evaluate is not None and getattr(evaluate, "at_start", True):
+        report.log.write({"step": 0, "epoch": 0.0, **evaluate(state.nets), "time": time.time()})
     try:
         with _StopFlag() as stop:
             waited = time.perf_counter()
-            for images, ctx_idx, tgt_idx, n_skipped in loader:
+            for *tensors, n_skipped in loader:
                 data_s = time.perf_counter() - waited
-                moved = (t.to(plan.device, non_blocking=True) for t in (images, ctx_idx, tgt_idx))
-                run.step_once(StepInputs(*moved), data_s, n_skipped)
+                moved = (t.to(plan.device, non_blocking=True) for t in tensors)
+                run.step_once(inputs(*moved), data_s, n_skipped)
                 run.after_step(stop.signum)
                 waited = time.perf_counter()
             run.save(plan.latest)  # in the foreground: the run is over once it has landed
@@ -165,7 +173,7 @@ class _Launch:
         written to the loggers, then checked for alarms. Reading its loss waits for the
         device, so the guard is read here too."""
         plan, state, report = self.plan, self.state, self.report
-        row = metrics_row(state.model, self.step, plan.ipe, self.window, plan.batch_size, hp)
+        row = report.row(state.model, self.step, plan.ipe, self.window, plan.batch_size, hp)
         state.guard.check(self.first_step)
         self.last_loss, self.loss_steps = row["loss"], (self.window.first_step, self.step)
         self.window = Window()
@@ -229,10 +237,11 @@ class _Launch:
         raise UserError(f"training stopped at step {step}: {err}; {kept} ({hint})") from None
 
 
-def compile_guard(first_step: int, notify=None) -> Callable:
-    """`train_step`, falling back to the eager forward (with a note) where torch.compile fails
-    in a step: a graph first met there, a broken kernel cache. Steps after a fallback run eagerly.
-    `first_step` is the step of the first call (for the note)."""
+def compile_guard(first_step: int, notify=None, step: Callable = train_step) -> Callable:
+    """`step` (`train_step`, or fine-tuning's), falling back to the eager forward (with a note)
+    where torch.compile fails in a step: a graph first met there, a broken kernel cache. Steps
+    after a fallback run eagerly. `first_step` is the step of the first call (for the note); the
+    state's `forward` is what was compiled."""
     run = {"compiled": True, "step": first_step}
 
     def failed(reason: str) -> None:
@@ -243,9 +252,9 @@ def compile_guard(first_step: int, notify=None) -> Callable:
     def step_fn(state: TrainState, batch: StepInputs, hp) -> StepResult:
         try:
             if not run["compiled"]:
-                return train_step(state, batch, hp)
+                return step(state, batch, hp)
             undo = partial(setattr, state, "forward", None)  # (the retried step clears the gradients)
-            return eager_on_compile_failure(partial(train_step, state, batch, hp), undo, failed)
+            return eager_on_compile_failure(partial(step, state, batch, hp), undo, failed)
         finally:
             run["step"] += 1
 

@@ -95,14 +95,14 @@ class JsonlLog:
 
 
 class CsvLog:
-    """metrics.csv, with the fixed header CSV_COLUMNS."""
+    """metrics.csv, with a fixed header: `columns` (pretraining's CSV_COLUMNS unless told)."""
 
-    def __init__(self, run_dir: Path, resume_step: int, **_):
+    def __init__(self, run_dir: Path, resume_step: int, columns: tuple[str, ...] = CSV_COLUMNS, **_):
         self.path = path = run_dir / CSV
         _keep_rows(path, resume_step, _csv_step, header=1)
         fresh = not path.exists() or path.stat().st_size == 0
         self._file = open(path, "a", newline="")
-        self._writer = csv.DictWriter(self._file, CSV_COLUMNS, extrasaction="ignore")
+        self._writer = csv.DictWriter(self._file, columns, extrasaction="ignore")
         if fresh:
             self._writer.writeheader()
 
@@ -182,13 +182,15 @@ def check_loggers(names) -> None:
 
 
 class Loggers:
-    """The run's loggers: process 0's; other processes get none (`names` empty)."""
+    """The run's loggers: process 0's; other processes get none (`names` empty). `columns` is
+    metrics.csv's header (a fine-tuning run logs other numbers than pretraining)."""
 
-    def __init__(self, names, run_dir: Path, resume_step: int, config: dict | None = None):
+    def __init__(self, names, run_dir: Path, resume_step: int, config: dict | None = None,
+                 columns: tuple[str, ...] = CSV_COLUMNS):
         self._logs = []
         for name in names:
             with writing(run_dir / FILES[name]):  # a full disk or a read-only run: one line naming it
-                self._logs.append(KINDS[name](run_dir, resume_step, config=config))
+                self._logs.append(KINDS[name](run_dir, resume_step, config=config, columns=columns))
 
     def write(self, row: dict) -> None:
         for log in self._logs:
@@ -248,26 +250,33 @@ class Speed:
         return (self.now[1] - self.start[1]) * self.batch / elapsed if elapsed > 0 else None
 
 
-def metrics_row(model: JEPA, step: int, ipe: int, window: Window, batch: int, hp) -> dict:
+def window_row(step: int, ipe: int, window: Window, batch: int, values: dict) -> dict:
     """The row after `step`: the window's mean loss (reading it waits for the device, so the
-    window's wall time is the device's), speed and timings, the schedules' values, and ‖A‖,
-    ‖m̃‖ (paper Fig. 4)."""
+    window's wall time is the device's), then `values` (the schedules', the model's), then
+    speed and timings."""
     n = max(1, window.steps)
     loss = window.loss.item() / n if window.loss is not None else math.nan
     elapsed = time.perf_counter() - window.start
-    pred = model.predictor
     return {
         "step": step,
         "epoch": round(step / ipe, 3),
         "loss": loss,
-        "lr": hp.lr,
-        "wd": hp.wd,
-        "momentum": hp.momentum,
-        "A_norm": whole(pred.A.detach()).float().norm().item(),
-        "mask_token_norm": whole(pred.mask_token.detach()).float().norm().item(),
+        **values,
         "img_per_s": window.steps * batch / elapsed if elapsed > 0 else math.nan,
         "step_s": elapsed / n,
         "data_s": window.data_s / n,
         "time": time.time(),
     }
 
+
+def metrics_row(model: JEPA, step: int, ipe: int, window: Window, batch: int, hp) -> dict:
+    """Pretraining's row after `step` (`window_row`): the schedules' values, and ‖A‖, ‖m̃‖
+    (paper Fig. 4)."""
+    pred = model.predictor
+    return window_row(step, ipe, window, batch, {
+        "lr": hp.lr,
+        "wd": hp.wd,
+        "momentum": hp.momentum,
+        "A_norm": whole(pred.A.detach()).float().norm().item(),
+        "mask_token_norm": whole(pred.mask_token.detach()).float().norm().item(),
+    })

@@ -152,7 +152,7 @@ def test_a_write_that_fails_midway_leaves_the_old_checkpoint_whole(tmp_path, mon
     [
         ("sigma", "abc", "a number >= 0"),
         ("sigma", -1, "a number >= 0"),
-        ("kind", "weird", "one of pretrain, imported, timm-encoder"),
+        ("kind", "weird", "one of pretrain, imported, finetune, timm-encoder, timm-classifier"),
         ("pred_width", "x", "a positive integer"),
         ("img_size", 0, "a positive integer"),
         ("noise_on", "everywhere", "one of masked, context, both"),
