@@ -528,7 +528,9 @@ def sweep(overrides: dict | None = None):
     try:
         outcomes = run_sweep(plan, o.parallel, notify=_note)
     except Interrupted as stop:
-        err_console.print(f"interrupted: checkpoint saved to {stop.checkpoint}; run the sweep again to resume", highlight=False, markup=False, soft_wrap=True)
+        where = f" at step {stop.step} of {stop.total}" if stop.step is not None else ""
+        err_console.print(f"interrupted{where}: checkpoint saved to {stop.checkpoint}; run the sweep again to resume",
+                          highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(128 + stop.signum) from None
     _print_columns(f"sweep {plan.label} in {plan.out}", Outcome.COLUMNS, [o.row() for o in outcomes], fold=True)
     _say(f"summarize with: stoptool report {plan.out}")
@@ -663,8 +665,7 @@ def finetune(
         except Interrupted as stop:
             bar.stop()
             if main_rank:
-                err_console.print(f"interrupted: checkpoint saved to {stop.checkpoint}", highlight=False, markup=False,
-                                  soft_wrap=True)
+                err_console.print(stop.line("finetune"), highlight=False, markup=False, soft_wrap=True)
             raise typer.Exit(128 + stop.signum) from None
     if not main_rank:
         return

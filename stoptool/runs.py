@@ -9,7 +9,8 @@ probed it. Every command that asks where a run stands asks this module:
 - `run_state`: not started, training (a live process holds the directory), partial, failed,
   trained or probed, read from the files alone (no data set is opened);
 - `RunLock`: one writer per run directory at a time;
-- `parse_assignment`: the `KEY=VALUE` items of `--set` and `--baseline`.
+- `parse_assignment`: the `KEY=VALUE` items of `--set` and `--baseline`;
+- `RunClock`: a run's wall-clock, this launch's and the whole run's over its launches.
 """
 
 import errno
@@ -18,7 +19,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 PROBE_FILE = "probe.json"  # a sweep's probe results of the run
 LOCK = ".stoptool.lock"
+RUN_SECONDS = "run_seconds"  # a checkpoint's record of the run's wall-clock up to it, all launches
 
 
 def schedule_steps(epochs: int, iterations_per_epoch: int, steps: int | None = None) -> int:
@@ -304,3 +306,33 @@ def _alive(holder: Holder) -> bool:
     except PermissionError:  # another user's live process
         return True
     return True
+
+
+@dataclass
+class RunClock:
+    """A run's wall-clock over its launches: this launch's seconds since `start`, and the whole
+    run's, `before` (the launches before this one, as the checkpoint resumed from recorded it;
+    None where it did not) plus this launch's."""
+
+    before: float | None = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def resuming(cls, meta: dict | None, start: float) -> "RunClock":
+        """The clock of a launch that started at `start` from a checkpoint's metadata (None: fresh)."""
+        return cls(0.0 if meta is None else meta.get(RUN_SECONDS), start)
+
+    def launch(self) -> float:
+        return time.perf_counter() - self.start
+
+    def whole(self) -> float | None:
+        return None if self.before is None else self.before + self.launch()
+
+    def text(self, launch: float | None = None) -> str:
+        """The closing table's wall-clock: one figure for a run of one launch, else both, labelled."""
+        launch = self.launch() if launch is None else launch
+        if self.before == 0.0:
+            return f"{launch:.1f} s"
+        whole = "not recorded by the checkpoint resumed from" if self.before is None else \
+            f"{self.before + launch:.1f} s"
+        return f"{launch:.1f} s this launch, whole run {whole}"

@@ -56,7 +56,7 @@ from stoptool.io.checkpoint import (
 from stoptool.io.paths import check_writable, write_report, write_text_atomic
 from stoptool.io.timm_source import is_timm
 from stoptool.models.archs import parse_arch
-from stoptool.runs import CONFIG, SUMMARY, schedule_steps
+from stoptool.runs import CONFIG, SUMMARY, RunClock, schedule_steps
 from stoptool.train.checkpointer import Checkpointer
 from stoptool.train.distributed import (
     Nets,
@@ -112,6 +112,7 @@ class FinetuneResult:
     already_done: bool = False
     skipped_images: int = 0
     notes: list[str] = field(default_factory=list)
+    wall_clock: str | None = None  # as the table says it: this launch's, and the whole run's if resumed
 
     def rows(self) -> dict[str, object]:
         """The closing table, row name -> value."""
@@ -130,7 +131,7 @@ class FinetuneResult:
             "final loss": f"{self.loss:.4f}" if self.loss is not None else "-",
             "top-1": f"{100 * s['val_top1']:.2f} %",
             "top-5": top5,
-            "wall-clock": f"{self.seconds:.1f} s",
+            "wall-clock": self.wall_clock or f"{self.seconds:.1f} s",
             "img/s": self.images_per_second if self.images_per_second is not None else "-",
             **({"skipped images": f"{self.skipped_images} (unreadable)"} if self.skipped_images else {}),
             "result": self.json_path,
@@ -235,6 +236,7 @@ def _train(run: Launch, splits: Splits, shape, source: Source | None,
            saved: Checkpoint | None) -> FinetuneResult:
     """The launch, in the run directory it holds: build or resume, fit, evaluate, summarise."""
     cfg, world, device = run.cfg, run.world, run.device
+    clock = RunClock.resuming(saved.meta if saved is not None else None, run.start)
     model, step = _classifier(cfg, shape, len(splits.classes), source, saved)
     model.to(device).train()
     check_same_step(step, world, device)
@@ -264,7 +266,7 @@ def _train(run: Launch, splits: Splits, shape, source: Source | None,
             torn.unlink(missing_ok=True)
         write_text_atomic(plan.run_dir / CONFIG, cfg.to_yaml())
     meta = _meta(cfg, splits, shape, started, norm, ipe, run.precision)
-    ckpt = Checkpointer(state, meta, ipe, world, device, tensors=classifier_tensors)
+    ckpt = Checkpointer(state, meta, ipe, world, device, tensors=classifier_tensors, clock=clock)
     batches = train_loader(splits.train, splits.indices, train_transform(cfg, shape[1], *norm),
                            make_mixup(cfg, len(splits.classes)), cfg.batch_size, cfg.seed, step, last_step,
                            workers=workers, pin_memory=device.type == "cuda", rank=world.rank,
@@ -289,7 +291,7 @@ def _train(run: Launch, splits: Splits, shape, source: Source | None,
     _list_skipped(list(loader.names), plan.run_dir, world, step)
     facts = {"workers": workers, "alarms": report.watch.alarms.fired,
              "stall_s": round(ckpt.longest_stall_s, 4)}
-    return _finish(run, splits, shape, model, ipe, fitted, evaluation, facts)
+    return _finish(run, splits, shape, model, ipe, fitted, evaluation, facts, clock=clock)
 
 
 def _classifier(cfg: FinetuneConfig, shape, classes: int, source: Source | None, saved: Checkpoint | None):
@@ -416,10 +418,11 @@ def _list_skipped(names: list[str], run_dir: Path, world: World, first_step: int
 
 
 def _finish(run: Launch, splits: Splits, shape, model, ipe: int, fitted: Fitted, evaluation: Evaluation,
-            facts: dict, already_done: bool = False) -> FinetuneResult:
+            facts: dict, already_done: bool = False, clock: RunClock | None = None) -> FinetuneResult:
     """summary.json and the result (finetune.json), by process 0, once every process has finished."""
     cfg, world, device = run.cfg, run.world, run.device
     run_dir, step, seconds = cfg.run_dir(), fitted.step, time.perf_counter() - run.start
+    whole = clock.whole() if clock is not None else None
     in_sync = replicas_agree(model, world, device)
     skipped = round(sum_over_ranks(fitted.skipped, world, device))
     if not in_sync and run.notify:
@@ -436,14 +439,16 @@ def _finish(run: Launch, splits: Splits, shape, model, ipe: int, fitted: Fitted,
                     subset_unmatched=len(splits.train.subset_unmatched))
     json_path = run_dir / RESULT
     result = FinetuneResult(run_dir, run_dir / LATEST, step, step // ipe, fitted.loss, seconds, speed, scores,
-                            info, json_path, already_done, skipped)
+                            info, json_path, already_done, skipped,
+                            wall_clock=clock.text(seconds) if clock is not None else None)
     if not world.main:
         return result
     where = {"precision": run.precision, "device": str(device), "world_size": world.size}
     if not already_done:
         write_report(run_dir / SUMMARY, {
             "step": step, "epoch": step // ipe, "loss": fitted.loss, "loss_steps": fitted.loss_steps,
-            "seconds": round(seconds, 2), "images_per_second": speed, "skipped_images": skipped, **scores,
+            "seconds": round(seconds, 2), "run_seconds": None if whole is None else round(whole, 2),
+            "images_per_second": speed, "skipped_images": skipped, **scores,
             "checkpoint": str(run_dir / LATEST), **where, **facts,
             **({"replicas_in_sync": in_sync} if world.distributed else {}), "environment": environment()})
     write_report(json_path, {**info, "step": step, "epoch": step // ipe, "top1": scores["val_top1"],

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from stoptool.io.checkpoint import Checkpoint, optimizer_tensors, save_checkpoint
+from stoptool.runs import RUN_SECONDS, RunClock
 from stoptool.train.distributed import World, rng_states, whole_state
 from stoptool.train.step import TrainState
 
@@ -29,16 +30,18 @@ def model_tensors(model, keep: bool = True) -> dict[str, torch.Tensor]:
 class Checkpointer:
     """Saves `state` with the run's metadata (`meta`: what every checkpoint of the run says);
     `tensors(model, keep)` names the weights (pretraining's three networks by default, see
-    `model_tensors`).
+    `model_tensors`); `clock`, the run's wall-clock, recorded in each checkpoint so that a
+    resumed run can tell its whole length.
 
     A background save copies every tensor to the host first (the step may go on changing the
     weights), then writes the file in a thread; one write is in flight at a time, and each file
     appears whole or not at all (written beside, then renamed)."""
 
     def __init__(self, state: TrainState, meta: dict, ipe: int, world: World, device: torch.device,
-                 tensors: Callable[..., dict[str, torch.Tensor]] = model_tensors):
+                 tensors: Callable[..., dict[str, torch.Tensor]] = model_tensors,
+                 clock: RunClock | None = None):
         self.state, self.meta, self.ipe, self.tensors = state, meta, ipe, tensors
-        self.world, self.device = world, device
+        self.world, self.device, self.clock = world, device, clock
         self._writer: threading.Thread | None = None
         self._failure: BaseException | None = None
         self.longest_stall_s = 0.0  # the longest a save held up the loop
@@ -92,6 +95,9 @@ class Checkpointer:
         if not world.main:
             return None
         extra = {"step": step, "epoch": step // self.ipe}
+        whole = self.clock.whole() if self.clock is not None else None
+        if whole is not None:
+            extra[RUN_SECONDS] = round(whole, 2)
         if with_state:
             opt_tensors, groups = optimizer_tensors(opt)
             tensors.update(opt_tensors)

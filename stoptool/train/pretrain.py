@@ -20,7 +20,7 @@ from stoptool.flops import train_step_flops
 from stoptool.io.checkpoint import LATEST, read_meta
 from stoptool.io.paths import check_writable, write_report, write_text_atomic
 from stoptool.masks import MaskSampler
-from stoptool.runs import CONFIG, SUMMARY, RunLock, schedule_steps
+from stoptool.runs import CONFIG, SUMMARY, RunClock, RunLock, schedule_steps
 from stoptool.train.checkpointer import Checkpointer
 from stoptool.train.distributed import (
     any_rank,
@@ -56,11 +56,12 @@ class RunResult:
     step: int
     epoch: int
     loss: float | None  # the last logged row's: the mean over the steps `loss_steps`
-    seconds: float  # wall-clock of the whole launch, start-up included
+    seconds: float  # wall-clock of this launch, start-up included
     images_per_second: float | None  # over the steps after the launch's first, evaluations left out
     already_done: bool = False
     skipped_images: int = 0  # unreadable images passed over (summed over the processes)
     loss_steps: tuple[int, int] | None = None
+    wall_clock: str | None = None  # as the table says it: this launch's, and the whole run's if resumed
 
     def rows(self) -> dict[str, object]:
         """The closing table, row name -> value."""
@@ -70,7 +71,7 @@ class RunResult:
             "steps": self.step,
             "epochs": self.epoch,
             "final loss": self.final_loss(),
-            "wall-clock": f"{self.seconds:.1f} s",
+            "wall-clock": self.wall_clock or f"{self.seconds:.1f} s",
             "img/s": self.images_per_second if self.images_per_second is not None else "-",
             **({"skipped images": f"{self.skipped_images} (unreadable), listed in {self.run_dir / SKIPPED}"}
                if self.skipped_images else {}),
@@ -142,6 +143,7 @@ def _train(cfg: PretrainConfig, resume, progress, notify, world, device, precisi
     run_dir = cfg.run_dir()
     latest = run_dir / LATEST
     saved = load_resumable(latest, cfg) if resume and latest.exists() else None
+    clock = RunClock.resuming(saved.meta if saved is not None else None, start)
     model, step = build_model(cfg, device, saved)
     check_same_step(step, world, device)
     restore_rng(saved, world, cfg.runtime.seed, step, device)
@@ -160,7 +162,7 @@ def _train(cfg: PretrainConfig, resume, progress, notify, world, device, precisi
                 rt.save_every, run_dir, world, device, rt.checkpoint_every, rt.checkpoint_minutes)
     meta = {"kind": "pretrain", **model_meta(cfg), "config": cfg.to_dict(), "data": data.describe(),
             "iterations_per_epoch": ipe, "precision": precision}
-    ckpt = Checkpointer(state, meta, ipe, world, device)
+    ckpt = Checkpointer(state, meta, ipe, world, device, clock=clock)
     loader, workers = _loader(cfg, data, step, last_step, world, device, notify)
     step_fn = compile_guard(step, notify) if compiled and not world.distributed else None
     report = _report(cfg, plan, data, step, precision, notify, progress)
@@ -175,11 +177,10 @@ def _train(cfg: PretrainConfig, resume, progress, notify, world, device, precisi
         raise
     finally:
         report.log.close()
-    seconds = time.perf_counter() - start
     _list_skipped(list(loader.names), plan, step)
     facts = {"precision": precision, "workers": workers, "alarms": report.watch.alarms.fired,
              "stall_s": round(ckpt.longest_stall_s, 4)}
-    return _finish(cfg, plan, state, fitted, step, seconds, facts, notify)
+    return _finish(cfg, plan, state, fitted, step, clock, facts, notify)
 
 
 @contextmanager
@@ -312,7 +313,7 @@ def _list_skipped(names: list[str], plan: Plan, first_step: int) -> None:
         path.unlink()
 
 
-def _finish(cfg: PretrainConfig, plan: Plan, state, fitted: Fitted, first_step: int, seconds: float,
+def _finish(cfg: PretrainConfig, plan: Plan, state, fitted: Fitted, first_step: int, clock: RunClock,
             facts: dict, notify) -> RunResult:
     """The run's summary (summary.json, by process 0) once every process has finished."""
     world, device, step = plan.world, plan.device, fitted.step
@@ -322,13 +323,15 @@ def _finish(cfg: PretrainConfig, plan: Plan, state, fitted: Fitted, first_step: 
     if not in_sync and notify:
         notify("the processes ended with different weights; rank 0's were saved")
     speed = round(fitted.images_per_second, 1) if fitted.images_per_second else None
+    seconds, whole = clock.launch(), clock.whole()
     result = RunResult(plan.run_dir, plan.latest, step, step // plan.ipe, fitted.loss, seconds, speed,
-                       skipped_images=skipped, loss_steps=fitted.loss_steps)
+                       skipped_images=skipped, loss_steps=fitted.loss_steps, wall_clock=clock.text(seconds))
     if not world.main:
         return result
     summary = {
         "step": step, "epoch": step // plan.ipe, "loss": fitted.loss, "loss_steps": fitted.loss_steps,
-        "seconds": round(seconds, 2), "images_per_second": speed, "skipped_images": skipped,
+        "seconds": round(seconds, 2), "run_seconds": None if whole is None else round(whole, 2),
+        "images_per_second": speed, "skipped_images": skipped,
         "checkpoint_stall_s": facts["stall_s"],
         "checkpoint": str(plan.latest), "precision": facts["precision"], "device": str(device),
         "workers": facts["workers"], "world_size": world.size, "alarms": facts["alarms"],

@@ -60,6 +60,15 @@ def test_resumed_run_reaches_the_same_weights(tiny_cfg, image_folder, tmp_path):
             assert torch.equal(a[key], b[key]), key
     rows = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    # the wall-clock: a run of one launch says one figure; a resumed one, this launch's and the whole run's
+    assert full.rows()["wall-clock"] == f"{full.seconds:.1f} s"
+    summary = json.loads((tmp_path / "part" / "summary.json").read_text())
+    before = saved.meta["run_seconds"]  # the first launch's, up to its checkpoint at step 4
+    assert 0 < before <= part.seconds
+    assert summary["seconds"] == round(resumed.seconds, 2)
+    assert summary["run_seconds"] == pytest.approx(before + resumed.seconds, abs=0.02)
+    assert resumed.rows()["wall-clock"] == (f"{resumed.seconds:.1f} s this launch, whole run "
+                                            f"{before + resumed.seconds:.1f} s")
 
 
 def test_resume_refuses_a_different_run(tiny_cfg, image_folder, tmp_path):
