@@ -19,6 +19,7 @@ from stoptool.data.datasets import open_dataset, train_images
 from stoptool.data.device_decode import check_device, pretrain_transform
 from stoptool.data.loader import SkipReport, pretrain_loader
 from stoptool.data.prepare import available_cpus
+from stoptool.dispatch import count_ops, labelled_step
 from stoptool.errors import UserError
 from stoptool.flops import encoder_flops, train_step_flops
 from stoptool.masks import MaskSampler
@@ -93,7 +94,7 @@ def bench(cfg: BenchConfig) -> dict:
     torch.manual_seed(0)
     model = build_jepa(m).to(device)
     prepared = prepare_model(model, device, precision, cfg.attn, cfg.grad_checkpoint, cfg.compile,
-                             training=cfg.what == "train")
+                             training=cfg.what in ("train", "host"))
     result = {
         "what": cfg.what,
         **{k: v for k, v in asdict(cfg).items() if k != "what"},
@@ -112,6 +113,8 @@ def bench(cfg: BenchConfig) -> dict:
     images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
     work = _extract_work if cfg.what == "extract" else _train_work
     run, flops, facts, undo = work(cfg, pcfg, model, prepared, images)
+    if cfg.what == "host":  # the labels are read by the profile alone; the timed steps run plain
+        facts["labelled"] = labelled_step(run.state)
     if prepared.compiled:
         eager_run = run
         run = lambda: eager_on_compile_failure(eager_run, undo, compile_failed)  # noqa: E731
@@ -122,6 +125,8 @@ def bench(cfg: BenchConfig) -> dict:
         raise UserError(f"a batch of {cfg.batch_size} does not fit in the memory of {device}: time a smaller "
                         "one (--batch-size, or --devices N with --config)", key="batch_size") from None
     result.update(_summary(seconds, cfg.batch_size, "img"), **facts)
+    if cfg.what == "host":
+        return _host(result, run, prepared.compiled, graphs)
     if prepared.compiled:
         result["compiled_graphs"] = compiled_graphs() - graphs  # warm-up steps included
     result["peak_memory_mib"] = _peak_memory_mib(device)  # before the matmuls below add theirs
@@ -137,6 +142,18 @@ def bench(cfg: BenchConfig) -> dict:
 
 MODEL_KEYS = ("arch", "img_size", "batch_size", "sigma", "pred_width", "pred_depth", "accum_steps",
               "mask_bucket")
+
+
+def _host(result: dict, run, compiled: bool, graphs_before: int) -> dict:
+    """`bench --what host`: one step's operators counted by origin (`stoptool/dispatch.py`), the
+    host ms a step (the timed steps above), and with --compile the graphs it ran."""
+    with result.pop("labelled"):
+        counted = count_ops(run)
+    result.update(ops_per_step=counted.total, ops_by_group=counted.by_group,
+                  ops_by_name=dict(list(counted.by_op.items())[:12]))
+    if compiled:
+        result["compiled_graphs"] = compiled_graphs() - graphs_before
+    return result
 
 
 def _run_config(cfg: BenchConfig):
@@ -208,6 +225,7 @@ def _train_work(cfg: BenchConfig, pcfg, model, prepared: Prepared, images):
     def step():
         return train_step(state, draw() if cfg.vary_masks else batch, hp)
 
+    step.state = state
     return step, counted.total, facts, partial(setattr, state, "forward", None)
 
 
@@ -298,6 +316,8 @@ def table_rows(cfg: BenchConfig, r: dict) -> dict:
         from stoptool.finetune.bench import bench_rows
 
         return bench_rows(r)
+    if cfg.what == "host":
+        return _host_rows(cfg, r)
     if cfg.what == "masks":
         return {"grid": f"{r['grid']}×{r['grid']}", "batch": cfg.batch_size, "threads": 1,
                 "batches/s": _spread(r, "batches_per_s"), "ms/batch": f"{r['ms_per_batch']:.2f}"}
@@ -323,6 +343,21 @@ def table_rows(cfg: BenchConfig, r: dict) -> dict:
         rows["micro-batches"] = f"{cfg.accum_steps} of {cfg.batch_size // cfg.accum_steps}"
     if "projected_hours" in r:
         rows.update(_projection_rows(cfg, r))
+    return rows
+
+
+def _host_rows(cfg: BenchConfig, r: dict) -> dict:
+    rows = {"arch": f"{cfg.arch} @ {r['img_size']}px, batch {cfg.batch_size}",
+            "predictor": f"{r['pred_depth']} × {r['pred_width']}",
+            "device": f"{r['device']} ({r['torch_threads']} threads)", "precision": r["precision"],
+            "operators a step": f"{r['ops_per_step']:,}"}
+    rows.update({f"  {group}": n for group, n in r["ops_by_group"].items()})
+    rows["most dispatched"] = ", ".join(f"{name[6:]} {n}" for name, n in list(r["ops_by_name"].items())[:6])
+    rows["ms/step"] = f"{r['ms_per_step']:.1f} (min {1000 * cfg.batch_size / r['img_per_s_max']:.1f})"
+    if "compiled_graphs" in r:
+        rows["graphs compiled"] = r["compiled_graphs"]
+    if "compile_failed" in r:
+        rows["compile"] = f"unavailable, ran eagerly: {r['compile_failed']}"
     return rows
 
 

@@ -453,10 +453,11 @@ class BenchConfig:
     steps: int = option(5, "Timed steps per repeat.", positive=True)
     warmup: int = option(2, "Untimed warm-up steps.", low=0)
     repeats: int = option(3, "Repeats; the median is reported with min and max.", positive=True)
-    what: Literal["train", "extract", "masks", "data", "finetune"] = option(
+    what: Literal["train", "extract", "masks", "data", "finetune", "host"] = option(
         "train", "train (whole step) | extract (probe features) | masks (mask sampler) | data (the "
         "pretraining input pipeline alone: decode, crop, augment, masks, collate) | finetune (the "
-        "finetune-in1k step and its augmentation, beside the pretraining step).")
+        "finetune-in1k step and its augmentation, beside the pretraining step) | host (the operators "
+        "one training step dispatches, by origin, and its ms on one thread: give a tiny --img-size).")
     dataset: str = like(DataConfig, "dataset", help="With --what data: the images to read (a name, an "
                         "ImageFolder tree or a prepared set).")
     data_root: str | None = like(DataConfig, "data_root")

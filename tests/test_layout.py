@@ -24,7 +24,8 @@ LAYERS = [
     # the evaluations beyond the linear probe: fine-tuning (Table 5), transfer probes (Table 4),
     # video label propagation (Table 3)
     ["stoptool.finetune", "stoptool.evaluate", "stoptool.track"],
-    ["stoptool.viz", "stoptool.bench", "stoptool.sweep", "stoptool.report", "stoptool.demo"],
+    ["stoptool.viz", "stoptool.bench", "stoptool.dispatch", "stoptool.sweep", "stoptool.report",
+     "stoptool.demo"],
     ["stoptool.cli", "stoptool.cliopts", "stoptool.__main__"],
 ]
 ROOT = "stoptool"

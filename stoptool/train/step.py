@@ -102,7 +102,7 @@ def accumulate_gradients(state: TrainState, batch: StepInputs) -> tuple[torch.Te
     for i, part in enumerate(parts):
         with state.nets.no_sync() if i < n - 1 else nullcontext():
             loss, features = forward(*part)
-            state.scaler.scale(loss / n if n > 1 else loss).backward()
+            state.nets.backward(state.scaler.scale(loss / n if n > 1 else loss))
         if batch.measure:
             pooled.append(features.detach())
         total = loss.detach() if total is None else total + loss.detach()
