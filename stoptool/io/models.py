@@ -104,10 +104,10 @@ def model_from_checkpoint(ckpt: Checkpoint, source: str = "checkpoint") -> JEPA:
             "pred_pos": meta.get("pred_pos", "sincos"), "noise_on": meta.get("noise_on", "masked"),
             "cov": meta.get("cov", "learned"),
         }
-        model = build_jepa(SimpleNamespace(**fields))
+        model = build_jepa(SimpleNamespace(**fields), drawn=False)  # every weight is loaded below
         model.predictor.load_state_dict(ckpt.part("predictor"))
     else:
-        model = JEPA(build_encoder(meta["arch"], meta["img_size"]), None)
+        model = JEPA(build_encoder(meta["arch"], meta["img_size"], drawn=False), None)
     if not ckpt.has("encoder") and not ckpt.has("target_encoder"):
         raise UserError(f"{source} holds no encoder weights")
     encoder_part = "encoder" if ckpt.has("encoder") else "target_encoder"

@@ -54,7 +54,10 @@ def init_like_released_code(module: nn.Module, std: float = 0.02) -> None:
             nn.init.zeros_(m.bias)
 
 
-def build_encoder(arch: str, img_size: int, init: str | None = None) -> VisionTransformer:
+def build_encoder(arch: str, img_size: int, init: str | None = None, drawn: bool = True) -> VisionTransformer:
+    """The encoder of `arch` at `img_size`, its weights drawn by `init`; `drawn=False` skips
+    the draw (timm's trunc-normal init is most of the build's time) for a caller that loads
+    every weight next. The positions are set either way."""
     spec = parse_arch(arch)[0]
     patch = check_img_size(arch, img_size)
     init = init or default_init(arch)
@@ -63,8 +66,11 @@ def build_encoder(arch: str, img_size: int, init: str | None = None) -> VisionTr
     # timm: trunc-normal linears, PyTorch's default for the patch convolution, and (fix_init)
     # each block's output projections divided by sqrt(2 * layer)
     # (stoptool's Block is timm's, its idle dropouts off the call path: the same weights and names)
-    model = VisionTransformer(**timm_kwargs(arch, img_size), fix_init=init == "timm", block_fn=Block)
-    if init == "released":
+    if not drawn:
+        model = VisionTransformer(**timm_kwargs(arch, img_size), block_fn=Block, weight_init="skip")
+    else:
+        model = VisionTransformer(**timm_kwargs(arch, img_size), fix_init=init == "timm", block_fn=Block)
+    if drawn and init == "released":
         init_like_released_code(model)
     grid = img_size // patch
     with torch.no_grad():

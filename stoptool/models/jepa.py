@@ -27,11 +27,12 @@ class JEPA(nn.Module):
         self.predictor = predictor
 
 
-def build_jepa(cfg) -> JEPA:
-    """Build from a PretrainConfig (or anything with the same model fields)."""
+def build_jepa(cfg, drawn: bool = True) -> JEPA:
+    """Build from a PretrainConfig (or anything with the same model fields); `drawn=False`
+    for weights that are loaded next (see `build_encoder`)."""
     spec, patch = parse_arch(cfg.arch)
     init = getattr(cfg, "init", None) or default_init(cfg.arch)
-    encoder = build_encoder(cfg.arch, cfg.img_size, init)
+    encoder = build_encoder(cfg.arch, cfg.img_size, init, drawn)
     predictor = Predictor(
         grid=cfg.img_size // patch,
         embed_dim=spec.width,
@@ -43,5 +44,6 @@ def build_jepa(cfg) -> JEPA:
         cov=cfg.cov,
         pred_pos=cfg.pred_pos,
         init=init,
+        drawn=drawn,
     )
     return JEPA(encoder, predictor)

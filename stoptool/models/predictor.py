@@ -42,6 +42,7 @@ class Predictor(nn.Module):
         pred_pos: PredPos = "sincos",
         init_std: float = 0.02,
         init: str = "released",
+        drawn: bool = True,
     ):
         super().__init__()
         self.grid, self.embed_dim, self.pred_dim = grid, embed_dim, pred_dim
@@ -58,9 +59,16 @@ class Predictor(nn.Module):
         self.predictor_norm = norm(pred_dim)
         self.predictor_proj = nn.Linear(pred_dim, embed_dim)
         self.grad_checkpointing = False
-        self._init_weights(init_std, init)
+        self._init_weights(init_std, init, drawn)
 
-    def _init_weights(self, std: float, init: str) -> None:
+    def _init_weights(self, std: float, init: str, drawn: bool = True) -> None:
+        """The weights drawn as `init` says; `drawn=False`: only the fixed positions set (every
+        other weight is loaded next, see `build_encoder`)."""
+        if not drawn:
+            if self.pred_pos == "sincos":
+                with torch.no_grad():
+                    self.predictor_pos_embed.copy_(sincos_2d(self.pred_dim, self.grid)[None])
+            return
         init_like_released_code(self, std)
         if init == "timm":  # depth-rescaled output projections, as the encoder's timm init
             for layer, block in enumerate(self.predictor_blocks, start=1):

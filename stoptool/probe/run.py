@@ -117,7 +117,7 @@ def load_encoder(cfg: ProbeConfig) -> Encoder:
         check_img_size(arch, cfg.img_size, "img_size")
         # The positions are fixed sine-cosine, so the encoder is exact at any grid: rebuild
         # it for the new size and keep every trained weight.
-        resized = build_encoder(arch, cfg.img_size)
+        resized = build_encoder(arch, cfg.img_size, drawn=False)  # (the positions are made for the size)
         state = {k: v for k, v in net.state_dict().items() if k != "pos_embed"}
         resized.load_state_dict(state, strict=False)
         net, img_size = resized, cfg.img_size

@@ -29,7 +29,7 @@ def load_resumable(latest: Path, cfg: PretrainConfig) -> Checkpoint:
 def build_model(cfg: PretrainConfig, device: torch.device, saved: Checkpoint | None) -> tuple[JEPA, int]:
     """The model drawn from the run's seed, with the saved weights if resuming; and its step."""
     torch.manual_seed(cfg.runtime.seed)
-    model = build_jepa(cfg.model).to(device)
+    model = build_jepa(cfg.model, drawn=saved is None).to(device)
     if saved is None:
         return model, 0
     for part in ("encoder", "target_encoder", "predictor"):
