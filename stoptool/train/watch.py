@@ -11,7 +11,8 @@
   jump (over 3× the median of the last 20 logged losses), a non-finite loss, data-bound steps
   (the step waits on the loader for more than half its time).
 - Online k-NN: `stoptool probe --method knn`'s protocol (target encoder, evaluation transform,
-  last layer pooled, cosine, k = 20, T = 0.07) on a bounded, seeded sample of a labelled set.
+  last layer pooled, whitened by the bank, cosine, k = 20, T = 0.07; see `probe/knn.py` for why
+  whitened) on a bounded, seeded sample of a labelled set.
 """
 
 import statistics

@@ -1,5 +1,5 @@
 """The three probes on synthetic features: separable -> ~1, shuffled labels -> chance;
-k-NN against a brute-force reference."""
+k-NN (whitened and raw) against a brute-force reference written from the definition."""
 
 import numpy as np
 import pytest
@@ -88,6 +88,18 @@ def test_features_too_large_for_the_gpu_are_sent_a_minibatch_at_a_time(monkeypat
     assert streamed["top1"] == whole["top1"] and streamed["top5"] == whole["top5"]
 
 
+def whiten_by_definition(x_train, x_test, eps=1e-3):
+    """PCA whitening by the training split, from its singular value decomposition (the code
+    under test uses the covariance's eigenvectors): minus the mean, each principal direction
+    over its standard deviation plus eps × the largest."""
+    x_train, x_test = np.asarray(x_train, np.float64), np.asarray(x_test, np.float64)
+    mean = x_train.mean(0)
+    _, s, vt = np.linalg.svd(x_train - mean, full_matrices=False)
+    std = s / np.sqrt(len(x_train))
+    w = vt.T / (std + eps * std[0])
+    return (x_train - mean) @ w, (x_test - mean) @ w
+
+
 def brute_force_knn(x_train, y_train, x_test, k, temperature, classes):
     """One test image at a time, in plain Python, straight from the definition."""
     out = np.zeros((len(x_test), classes))
@@ -98,18 +110,58 @@ def brute_force_knn(x_train, y_train, x_test, k, temperature, classes):
     return out
 
 
-def test_knn_equals_brute_force():
+@pytest.mark.parametrize("features", ["whitened", "raw"])
+def test_knn_equals_brute_force(features):
     rng = np.random.default_rng(4)
-    x_tr = rng.normal(size=(120, 8)).astype(np.float32)
+    mix = rng.normal(size=(8, 8)) * np.logspace(0, -3, 8)[:, None]  # correlated, unequal variances
+    x_tr = (rng.normal(size=(120, 8)) @ mix + 5.0).astype(np.float32)
     y_tr = rng.integers(0, 7, 120)
-    x_te = rng.normal(size=(40, 8)).astype(np.float32)
+    x_te = (rng.normal(size=(40, 8)) @ mix + 5.0).astype(np.float32)
     y_te = rng.integers(0, 7, 40)
-    fast = knn_scores(x_tr, y_tr, x_te, 7, k=20, temperature=0.07, chunk=16)
-    ref = brute_force_knn(x_tr, y_tr, x_te, 20, 0.07, 7)
+    fast = knn_scores(x_tr, y_tr, x_te, 7, k=20, temperature=0.07, features=features, chunk=16)
+    ref = brute_force_knn(*((whiten_by_definition(x_tr, x_te)[0], y_tr, whiten_by_definition(x_tr, x_te)[1])
+                            if features == "whitened" else (x_tr, y_tr, x_te)), 20, 0.07, 7)
     np.testing.assert_allclose(fast, ref, rtol=1e-4)
-    res = knn_probe(x_tr, y_tr, x_te, y_te, 7)
+    res = knn_probe(x_tr, y_tr, x_te, y_te, 7, features=features)
     assert res["top1"] == topk_accuracy(ref, y_te, 1)
     assert res["top5"] == topk_accuracy(ref, y_te, 5)
+    assert res["params"] == {"k": 20, "temperature": 0.07, "features": features}
+
+
+def test_whitened_knn_ignores_a_shared_vector_rotations_and_scale():
+    """The votes depend on the features' arrangement only: adding one vector to every feature,
+    rotating them all and scaling them all changes nothing, where it changes the raw cosine."""
+    x_tr, y_tr, x_te, _ = separable(seed=5, n_train=300, n_test=100, dim=12)
+    rng = np.random.default_rng(6)
+    rotation, _ = np.linalg.qr(rng.normal(size=(12, 12)))
+    shift = rng.normal(size=12) * 40.0
+
+    def moved(x):
+        return ((x @ rotation) * 7.0 + shift).astype(np.float32)
+
+    for features, same in (("whitened", True), ("raw", False)):
+        a = knn_scores(x_tr, y_tr, x_te, CLASSES, features=features)
+        b = knn_scores(moved(x_tr), y_tr, moved(x_te), CLASSES, features=features)
+        assert np.allclose(a, b, rtol=1e-3) == same, features
+
+
+def test_whitened_knn_finds_the_class_where_a_few_large_directions_hide_it():
+    """Features as an average-pooled encoder can give: a large mean shared by every image and
+    two directions of large variance that carry no class, the class in small directions. The
+    raw cosine sees the large directions and lands near chance; whitened, it finds the class."""
+    rng = np.random.default_rng(7)
+    means = rng.normal(0, 1, (CLASSES, 10))
+
+    def draw(n):
+        y = rng.integers(0, CLASSES, n)
+        small = 0.05 * (means[y] + 0.3 * rng.normal(size=(n, 10)))  # the class, at a 20th of the scale
+        large = rng.normal(size=(n, 2)) * 3.0  # no class in it
+        return (np.hstack([small, large]) + 20.0).astype(np.float32), y
+
+    (x_tr, y_tr), (x_te, y_te) = draw(600), draw(300)
+    raw = knn_probe(x_tr, y_tr, x_te, y_te, CLASSES, features="raw")["top1"]
+    whitened = knn_probe(x_tr, y_tr, x_te, y_te, CLASSES)["top1"]
+    assert raw < 0.3 and whitened > 0.9, (raw, whitened)
 
 
 def test_topk_accuracy():

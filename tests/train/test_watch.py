@@ -102,6 +102,7 @@ def test_online_knn_equals_probe_knn_on_the_saved_weights(tiny_cfg, labelled, tm
     assert probed.exit_code == 0, probed.output
     row = json.loads((tmp_path / "p.json").read_text())["results"][0]
     assert evals[-1]["knn_top1"] == row["top1"] and evals[-1]["knn_top5"] == row["top5"]
+    assert row["params"]["features"] == "whitened"  # the probe's k-NN, which the online one is
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["alarms"] == []  # a healthy run raises none
 
