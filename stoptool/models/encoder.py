@@ -15,6 +15,7 @@ from torch import nn
 
 from stoptool.errors import UserError
 from stoptool.models.archs import INITS, check_img_size, default_init, parse_arch
+from stoptool.models.blocks import Block
 from stoptool.models.pos_embed import sincos_2d
 
 
@@ -61,7 +62,8 @@ def build_encoder(arch: str, img_size: int, init: str | None = None) -> VisionTr
         raise UserError(f"init must be one of {', '.join(INITS)}, got '{init}'")
     # timm: trunc-normal linears, PyTorch's default for the patch convolution, and (fix_init)
     # each block's output projections divided by sqrt(2 * layer)
-    model = VisionTransformer(**timm_kwargs(arch, img_size), fix_init=init == "timm")
+    # (stoptool's Block is timm's, its idle dropouts off the call path: the same weights and names)
+    model = VisionTransformer(**timm_kwargs(arch, img_size), fix_init=init == "timm", block_fn=Block)
     if init == "released":
         init_like_released_code(model)
     grid = img_size // patch

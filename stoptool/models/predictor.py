@@ -19,11 +19,11 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
-from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from stoptool.models.archs import Covariance, NoiseOn, PredPos
+from stoptool.models.blocks import Block
 from stoptool.models.encoder import init_like_released_code
 from stoptool.models.pos_embed import sincos_2d
 

@@ -272,9 +272,11 @@ class Nets:
 
     def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The target encoder's weights and the context encoder's, as this process holds them
-        (its shards under FSDP, where both encoders are sharded alike): the EMA's operands."""
+        (its shards under FSDP, where both encoders are sharded alike): the EMA's operands.
+        The context encoder's weights are read through `.data`, which dispatches nothing (a
+        `detach` would be one operator per weight and step)."""
         target = [local(p) for p in self.model.target_encoder.parameters()]
-        online = [local(p.detach()) for p in self.model.encoder.parameters()]
+        online = [local(p.data) for p in self.model.encoder.parameters()]
         return target, online
 
 

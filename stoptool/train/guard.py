@@ -9,6 +9,7 @@ and a non-finite loss there is caught on the host at once.
 """
 
 import math
+from functools import cached_property
 
 import torch
 
@@ -43,10 +44,10 @@ class Guard:
         self.good += (self.bad == 0).long()
 
     def inspect(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor,
-                unscale: bool, measure: bool) -> torch.Tensor | None:
-        """Look at a step's loss and gradients before they are applied; return the gradient norm
-        (before clipping) where it was computed: always outside fp16, and on measured steps.
-        `unscale`: the gradients must be the true ones next (to clip them)."""
+                unscale: bool, measure: bool) -> "Gradients | None":
+        """Look at a step's loss and gradients before they are applied; return the gradients with
+        their norms (before clipping) where those were computed: always outside fp16, and on
+        measured steps. `unscale`: the gradients must be the true ones next (to clip them)."""
         scaled = scaler.is_enabled()
         if scaled and not math.isfinite(loss.item()):
             raise NonFiniteLoss(f"loss is {loss.item()}")
@@ -54,10 +55,10 @@ class Guard:
             scaler.unscale_(optimizer)
         if scaled and not measure:  # (in fp16 the scaler checks the gradients itself)
             return None
-        norm = grad_norm(p for g in optimizer.param_groups for p in g["params"])
+        grads = Gradients.of(p for g in optimizer.param_groups for p in g["params"])
         if not scaled:
-            self.record(loss, norm)
-        return norm
+            self.record(loss, grads.norm)
+        return grads
 
     def skip(self, scaler: torch.amp.GradScaler) -> torch.Tensor | None:
         """The flag the optimizer and the EMA read: None in fp16, whose scaler decides."""
@@ -71,13 +72,39 @@ class Guard:
             raise NonFiniteLoss(f"{what} is {self.value.item()}", step=first_step + int(self.good.item()))
 
 
+class Gradients:
+    """The gradients of some parameters and their 2-norms, each norm computed once, in one
+    foreach operator, for the guard, the logged gradient norm and the clipping alike (torch's
+    `get_total_norm` adds a copy per tensor; these are its numbers without them)."""
+
+    def __init__(self, params: list[torch.Tensor], norms: list[torch.Tensor]):
+        self.params, self.norms = params, norms
+
+    @classmethod
+    def of(cls, parameters) -> "Gradients":
+        params = [p for p in parameters if p.grad is not None]
+        return cls(params, torch._foreach_norm([p.grad for p in params], 2.0) if params else [])
+
+    @cached_property
+    def norm(self) -> torch.Tensor:
+        """The total 2-norm (whole, under FSDP too), on the device."""
+        if not self.norms:
+            return torch.zeros(())
+        return whole(torch.linalg.vector_norm(torch.stack(self.norms), 2.0))
+
+    def clip_(self, parameters, max_norm: float) -> None:
+        """Scale the gradients of `parameters` (those of them held here) so that their total norm
+        is at most `max_norm`, as torch's clip_grad_norm_ does: by min(1, max_norm / (norm + 1e-6))."""
+        keep = {id(p) for p in parameters}
+        kept = [(p, n) for p, n in zip(self.params, self.norms, strict=True) if id(p) in keep]
+        part = Gradients([p for p, _ in kept], [n for _, n in kept])
+        coef = torch.clamp(max_norm / (part.norm + 1e-6), max=1.0)
+        torch._foreach_mul_([p.grad for p in part.params], coef)
+
+
 def grad_norm(parameters) -> torch.Tensor:
     """The total 2-norm of the gradients of `parameters` (whole, under FSDP too), on the device."""
-    params = list(parameters)
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros((), device=params[0].device if params else None)
-    return whole(torch.nn.utils.get_total_norm(grads))
+    return Gradients.of(parameters).norm
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,

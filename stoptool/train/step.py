@@ -21,7 +21,7 @@ from stoptool.data.transforms import normalize
 from stoptool.models.jepa import JEPA
 from stoptool.train import runtime
 from stoptool.train.distributed import Nets
-from stoptool.train.guard import Guard, optimizer_step
+from stoptool.train.guard import Gradients, Guard, optimizer_step
 from stoptool.train.optim import make_optimizer, make_scaler, set_hyperparams
 from stoptool.train.schedules import Hyper
 
@@ -71,13 +71,23 @@ def train_step(state: TrainState, batch: StepInputs, hp: Hyper) -> StepResult:
     set_hyperparams(state.optimizer, hp.lr, hp.wd)
     state.optimizer.zero_grad(set_to_none=True)
     loss, features = accumulate_gradients(state, batch)  # targets, context, predictor, loss, backward
-    norm = state.guard.inspect(state.optimizer, state.scaler, loss, bool(state.clip_grad), batch.measure)
+    grads = state.guard.inspect(state.optimizer, state.scaler, loss, bool(state.clip_grad), batch.measure)
     if state.clip_grad:
-        torch.nn.utils.clip_grad_norm_(state.model.encoder.parameters(), state.clip_grad)
+        clip_context_gradients(state, grads)
     skip = state.guard.skip(state.scaler)
     optimizer_step(state.optimizer, state.scaler, skip)
     ema_update(*state.nets.ema_pairs(), hp.momentum, skip)
-    return StepResult(loss, norm, features)
+    return StepResult(loss, grads.norm if grads is not None else None, features)
+
+
+def clip_context_gradients(state: TrainState, grads: Gradients | None) -> None:
+    """The context encoder's gradients cut to a total norm of `clip_grad`, from the norms the
+    guard took (where it took them); under FSDP, by torch's clip_grad_norm_ over the shards."""
+    encoder = state.model.encoder.parameters()
+    if state.nets.sharded:
+        torch.nn.utils.clip_grad_norm_(encoder, state.clip_grad)
+        return
+    (grads or Gradients.of(state.model.encoder.parameters())).clip_(encoder, state.clip_grad)
 
 
 def accumulate_gradients(state: TrainState, batch: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -147,35 +157,21 @@ def gather_targets(tokens: torch.Tensor, tgt_idx: torch.Tensor) -> torch.Tensor:
     return tokens[batch, tgt_idx]
 
 
-EMA_CHUNK = 2**18  # elements of the online weights copied at a time by a guarded EMA update (1 MiB)
-
-
 @torch.no_grad()
 def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], momentum: float,
                skip: torch.Tensor | None = None) -> None:
-    """f̄_θ <- m f̄_θ + (1 - m) f_θ, in place and in fp32, over matching lists of weights;
-    where `skip` (a flag on the device) is 1, f̄_θ stays as it is. The guarded form computes
-    the same bits as the plain one when it does not skip: m f̄_θ, then + (1 - m) (1 · f_θ)."""
+    """f̄_θ <- m f̄_θ + (1 - m) f_θ, in place and in fp32, over matching lists of weights, in a
+    few foreach operators whatever the number of weights; where `skip` (a flag on the device)
+    is 1, f̄_θ stays as it is: m becomes 1 and the added weight 0. The guarded form adds
+    f_θ · ((1 - m) · (1 - skip)) in one fused multiply-add: the bits of the plain form when it
+    does not skip (tests/train/test_step.py checks both on this machine's kernels)."""
     if skip is None:
         torch._foreach_mul_(target, momentum)
         torch._foreach_add_(target, online, alpha=1.0 - momentum)
         return
     torch._foreach_mul_(target, torch.where(skip > 0, 1.0, momentum).to(target[0].dtype))
-    keep = (1 - skip).to(online[0].dtype)
-    for part in _chunks(online, EMA_CHUNK):  # the copies of f_θ, a few at a time
-        torch._foreach_add_(target[part], torch._foreach_mul(online[part], keep), alpha=1.0 - momentum)
-
-
-def _chunks(tensors: list[torch.Tensor], limit: int):
-    """Slices of consecutive `tensors` of at most `limit` elements each (a larger tensor alone)."""
-    start, size = 0, 0
-    for i, t in enumerate(tensors):
-        if i > start and size + t.numel() > limit:
-            yield slice(start, i)
-            start, size = i, 0
-        size += t.numel()
-    if start < len(tensors):
-        yield slice(start, len(tensors))
+    weight = ((1 - skip) * (1.0 - momentum)).to(online[0].dtype)
+    torch._foreach_addcmul_(target, online, [weight] * len(online))
 
 
 def single_process_state(model: JEPA, autocast, precision: str = "fp32", lr: float = 1e-3,

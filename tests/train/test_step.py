@@ -9,7 +9,7 @@ from torch.torch_version import TorchVersion
 from stoptool.masks import MaskSampler
 from stoptool.models.jepa import build_jepa
 from stoptool.train.distributed import Nets
-from stoptool.train.guard import NonFiniteLoss
+from stoptool.train.guard import Gradients, NonFiniteLoss
 from stoptool.train.optim import make_optimizer, make_scaler, param_groups, use_fused_like
 from stoptool.train.runtime import autocast_factory
 from stoptool.train.schedules import Hyper
@@ -72,6 +72,38 @@ def test_ema_momentum_one_keeps_target_fixed(tiny_cfg):
     before = [p.clone() for p in model.target_encoder.parameters()]
     ema_update(*Nets.plain(model).ema_pairs(), 1.0)
     assert all(torch.equal(b, a) for b, a in zip(before, model.target_encoder.parameters()))
+
+
+@pytest.mark.parametrize("momentum", [0.996, 0.9995, 0.5])
+def test_guarded_ema_is_the_plain_one_when_it_does_not_skip(momentum):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(64, 48), (48,), (3, 16, 16), (1,)]
+    target = [torch.randn(s, generator=gen) for s in shapes]
+    online = [torch.randn(s, generator=gen) for s in shapes]
+    plain, guarded, skipped = ([t.clone() for t in target] for _ in range(3))
+    ema_update(plain, online, momentum)
+    ema_update(guarded, online, momentum, torch.zeros((), dtype=torch.long))
+    ema_update(skipped, online, momentum, torch.ones((), dtype=torch.long))
+    assert all(torch.equal(a, b) for a, b in zip(plain, guarded))
+    assert all(torch.equal(a, b) for a, b in zip(target, skipped))
+    assert not torch.equal(plain[0], target[0])
+
+
+def test_clipping_from_the_guards_norms_is_torchs(tiny_cfg):
+    """Gradients.clip_ scales as clip_grad_norm_ does, over a subset of the parameters."""
+    def grads(seed):
+        torch.manual_seed(seed)
+        model = build_jepa(tiny_cfg().model)
+        loss = sum((p * p).sum() for p in model.parameters() if p.requires_grad)
+        loss.backward()
+        return model
+    ours, ref = grads(0), grads(0)
+    Gradients.of(ours.parameters()).clip_(list(ours.encoder.parameters()), 0.5)
+    torch.nn.utils.clip_grad_norm_(ref.encoder.parameters(), 0.5)
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+    assert Gradients.of(ours.encoder.parameters()).norm.item() == pytest.approx(0.5, rel=1e-5)
 
 
 def test_weight_decay_skips_biases_and_1d(tiny_cfg):
