@@ -110,39 +110,73 @@ def brute_force_knn(x_train, y_train, x_test, k, temperature, classes):
     return out
 
 
-@pytest.mark.parametrize("features", ["whitened", "raw"])
-def test_knn_equals_brute_force(features):
-    rng = np.random.default_rng(4)
-    mix = rng.normal(size=(8, 8)) * np.logspace(0, -3, 8)[:, None]  # correlated, unequal variances
-    x_tr = (rng.normal(size=(120, 8)) @ mix + 5.0).astype(np.float32)
-    y_tr = rng.integers(0, 7, 120)
-    x_te = (rng.normal(size=(40, 8)) @ mix + 5.0).astype(np.float32)
-    y_te = rng.integers(0, 7, 40)
-    fast = knn_scores(x_tr, y_tr, x_te, 7, k=20, temperature=0.07, features=features, chunk=16)
-    ref = brute_force_knn(*((whiten_by_definition(x_tr, x_te)[0], y_tr, whiten_by_definition(x_tr, x_te)[1])
-                            if features == "whitened" else (x_tr, y_tr, x_te)), 20, 0.07, 7)
+def correlated(seed, n_train=120, n_test=40, dim=8, classes=7):
+    """Features with correlated dimensions of very unequal variance around a shared offset."""
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(dim, dim)) * np.logspace(0, -3, dim)[:, None]
+    x_tr = (rng.normal(size=(n_train, dim)) @ mix + 5.0).astype(np.float32)
+    x_te = (rng.normal(size=(n_test, dim)) @ mix + 5.0).astype(np.float32)
+    return x_tr, rng.integers(0, classes, n_train), x_te, rng.integers(0, classes, n_test)
+
+
+def test_raw_knn_is_dinos_weighted_vote():
+    """features="raw": cosine on the features as they come, k = 20 neighbours each voting
+    exp(cos / 0.07) for its class (DINO's k-NN), computed one image at a time in plain Python."""
+    x_tr, y_tr, x_te, y_te = correlated(4)
+    fast = knn_scores(x_tr, y_tr, x_te, 7, k=20, temperature=0.07, features="raw", chunk=16)
+    ref = brute_force_knn(x_tr, y_tr, x_te, 20, 0.07, 7)
     np.testing.assert_allclose(fast, ref, rtol=1e-4)
-    res = knn_probe(x_tr, y_tr, x_te, y_te, 7, features=features)
-    assert res["top1"] == topk_accuracy(ref, y_te, 1)
-    assert res["top5"] == topk_accuracy(ref, y_te, 5)
-    assert res["params"] == {"k": 20, "temperature": 0.07, "features": features}
+    res = knn_probe(x_tr, y_tr, x_te, y_te, 7, features="raw")
+    assert res["top1"] == topk_accuracy(ref, y_te, 1) and res["top5"] == topk_accuracy(ref, y_te, 5)
+    assert res["params"] == {"k": 20, "temperature": 0.07, "features": "raw"}
 
 
-def test_whitened_knn_ignores_a_shared_vector_rotations_and_scale():
-    """The votes depend on the features' arrangement only: adding one vector to every feature,
-    rotating them all and scaling them all changes nothing, where it changes the raw cosine."""
+def test_whitened_knn_is_the_same_vote_on_pca_whitened_features():
+    x_tr, y_tr, x_te, y_te = correlated(4)
+    fast = knn_scores(x_tr, y_tr, x_te, 7, k=20, temperature=0.07, chunk=16)  # the default
+    w_tr, w_te = whiten_by_definition(x_tr, x_te)
+    ref = brute_force_knn(w_tr, y_tr, w_te, 20, 0.07, 7)
+    np.testing.assert_allclose(fast, ref, rtol=1e-4)
+    res = knn_probe(x_tr, y_tr, x_te, y_te, 7)
+    assert res["top1"] == topk_accuracy(ref, y_te, 1) and res["top5"] == topk_accuracy(ref, y_te, 5)
+    assert res["params"] == {"k": 20, "temperature": 0.07, "features": "whitened"}
+
+
+def _shift(x, rng):
+    return x + rng.normal(size=x.shape[1]) * 40.0  # one vector added to every feature
+
+
+def _rotate(x, rng):
+    return x @ np.linalg.qr(rng.normal(size=(x.shape[1], x.shape[1])))[0]
+
+
+def _scale(x, rng):
+    return x * 7.0
+
+
+def _stretch(x, rng):
+    return x * rng.uniform(0.3, 3.0, x.shape[1])  # each dimension by its own factor
+
+
+@pytest.mark.parametrize("move, exact, raw_too", [
+    (_shift, True, False), (_rotate, True, True), (_scale, True, True), (_stretch, False, False)])
+def test_whitened_knn_predictions_survive_moving_every_feature_alike(move, exact, raw_too):
+    """Adding one vector to every feature, rotating or scaling them all leaves the whitened
+    k-NN's votes as they were; scaling each dimension by its own factor, its predictions (the
+    votes move a little: the ridge is a share of the largest direction). The raw cosine is
+    unmoved only by rotations and a common scale."""
     x_tr, y_tr, x_te, _ = separable(seed=5, n_train=300, n_test=100, dim=12)
     rng = np.random.default_rng(6)
-    rotation, _ = np.linalg.qr(rng.normal(size=(12, 12)))
-    shift = rng.normal(size=12) * 40.0
-
-    def moved(x):
-        return ((x @ rotation) * 7.0 + shift).astype(np.float32)
-
-    for features, same in (("whitened", True), ("raw", False)):
-        a = knn_scores(x_tr, y_tr, x_te, CLASSES, features=features)
-        b = knn_scores(moved(x_tr), y_tr, moved(x_te), CLASSES, features=features)
-        assert np.allclose(a, b, rtol=1e-3) == same, features
+    moved = move(np.vstack([x_tr, x_te]).astype(np.float64), rng).astype(np.float32)
+    m_tr, m_te = moved[: len(x_tr)], moved[len(x_tr):]
+    a = knn_scores(x_tr, y_tr, x_te, CLASSES)
+    b = knn_scores(m_tr, y_tr, m_te, CLASSES)
+    assert (a.argmax(1) == b.argmax(1)).all()
+    if exact:
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+    raw_a = knn_scores(x_tr, y_tr, x_te, CLASSES, features="raw")
+    raw_b = knn_scores(m_tr, y_tr, m_te, CLASSES, features="raw")
+    assert np.allclose(raw_a, raw_b, rtol=1e-3, atol=1e-3) == raw_too
 
 
 def test_whitened_knn_finds_the_class_where_a_few_large_directions_hide_it():

@@ -107,6 +107,28 @@ def test_online_knn_equals_probe_knn_on_the_saved_weights(tiny_cfg, labelled, tm
     assert summary["alarms"] == []  # a healthy run raises none
 
 
+def test_online_knn_uses_the_configured_features(tiny_cfg, labelled, tmp_path):
+    """knn_features=raw: the run's k-NN is DINO's (the probe's with --knn-features raw, on the
+    same weights), and the run's config says so."""
+    result = pretrain(_tiny(tiny_cfg, tmp_path / "r", dataset=str(labelled), eval_every=1,
+                            knn_features="raw"))
+    assert "knn_features: raw" in (tmp_path / "r" / "config.yaml").read_text().splitlines()
+    rows = [json.loads(r) for r in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "knn_top1" in r][-1]
+    args = ["--dataset", str(labelled), "--method", "knn", "--precision", "fp32", "--no-cache", "-q"]
+    probed = {}
+    for features in ("raw", "whitened"):
+        out = tmp_path / f"{features}.json"
+        run = runner.invoke(app, ["probe", str(result.checkpoint), *args, "--knn-features", features,
+                                  "--out", str(out)])
+        assert run.exit_code == 0, run.output
+        row = json.loads(out.read_text())["results"][0]
+        assert row["params"]["features"] == features
+        probed[features] = (row["top1"], row["top5"])
+    assert (last["knn_top1"], last["knn_top5"]) == probed["raw"]
+    assert probed["whitened"] != probed["raw"]  # on these weights the two tell apart
+
+
 def test_health_metrics_are_logged_with_their_names(tiny_cfg, tmp_path):
     pretrain(_tiny(tiny_cfg, tmp_path / "r", batch_size=16, steps=4, eval_every=0, clip_grad=0.5))
     rows = [json.loads(r) for r in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
