@@ -15,13 +15,16 @@ spreads its variance: adding a vector to every feature, rotating or scaling them
 unchanged. `features="raw"` is DINO's k-NN as published (cosine on the features as they come).
 """
 
+from typing import get_args
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stoptool.options import KNN_FEATURES, KnnFeatures
 from stoptool.probe.metrics import accuracies
 
-FEATURES = ("whitened", "raw")
+FEATURES = get_args(KnnFeatures)
 EPS = 1e-3  # of the largest principal standard deviation, added to each (a ridge)
 CHUNK_ROWS = 65536  # rows of the bank at a time for its covariance (bounded memory at ImageNet size)
 
@@ -45,7 +48,7 @@ def whitening(x_train: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, to
 
 
 def knn_scores(x_train, y_train, x_test, num_classes: int, k: int = 20, temperature: float = 0.07,
-               features: str = "whitened", chunk: int = 1024,
+               features: str = KNN_FEATURES, chunk: int = 1024,
                device: str | torch.device = "cpu") -> np.ndarray:
     """Class votes [N_test, C]."""
     if features not in FEATURES:
@@ -73,7 +76,7 @@ def knn_scores(x_train, y_train, x_test, num_classes: int, k: int = 20, temperat
 
 
 def knn_probe(x_train, y_train, x_test, y_test, num_classes: int, k: int = 20,
-              temperature: float = 0.07, features: str = "whitened",
+              temperature: float = 0.07, features: str = KNN_FEATURES,
               device: str | torch.device = "cpu") -> dict:
     scores = knn_scores(x_train, y_train, x_test, num_classes, k, temperature, features, device=device)
     result = accuracies(scores, y_test, num_classes)
