@@ -60,13 +60,15 @@ class ProbeReport:
         return f"probe {i['encoder']} ({i['which']}, {i['arch']} @ {i['img_size']}px) on {i['dataset']}"
 
     def table(self) -> list[tuple[str, ...]]:
-        """One row per method, as the table shows it (top-1 and top-5 in %)."""
+        """One row per method, as the table shows it (top-1 and top-5 in %; the k-NN's features
+        named)."""
         out = []
         for r in self.rows:
             top5 = f"{100 * r['top5']:.2f}" if r["top5"] is not None else "-"
             train = f"{r['train']}" + (f" ({r['fraction']:g})" if r["fraction"] < 1 else "")
             top1 = f"{100 * r['top1']:.2f}"
-            out.append((r["method"], r["layers"], train, str(r["test"]), str(r["dim"]), top1, top5,
+            method = r["method"] + (f" ({knn_features_of(r)})" if r["method"] == "knn" else "")
+            out.append((method, r["layers"], train, str(r["test"]), str(r["dim"]), top1, top5,
                         f"{r['seconds']:.1f}"))
         return out
 

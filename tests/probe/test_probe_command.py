@@ -258,6 +258,7 @@ def test_knn_features_are_chosen_recorded_and_kept_apart_in_the_json(tmp_path, f
     assert probe(*args, cache_dir=tmp_path / "c").exit_code == 0
     result = probe(*args, "--knn-features", "raw", cache_dir=tmp_path / "c")
     assert result.exit_code == 0, result.output
+    assert "knn (raw)" in result.stdout
     rows = {r["params"]["features"]: r for r in json.loads(out.read_text())["results"]}
     assert set(rows) == {"whitened", "raw"}
     cached = [np.load(f) for f in sorted((tmp_path / "c").rglob("*.npz"), key=lambda f: f.stat().st_mtime)]
