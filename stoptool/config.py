@@ -34,10 +34,13 @@ from stoptool.models.archs import (
     parse_arch,
 )
 from stoptool.options import (
+    KNN_FEATURES,
+    KNN_FEATURES_HELP,
     PAIR,
     Attention,
     Decode,
     Interpolation,
+    KnnFeatures,
     Precision,
     as_flat,
     build,
@@ -214,6 +217,8 @@ class WatchConfig:
                                       default_text="the pretraining set's own labelled splits")
     eval_max_images: int = option(10000, "Images of each split (bank and test) the online k-NN uses, a "
                                   "seeded sample when there are more.", positive=True)
+    knn_features: KnnFeatures = option(KNN_FEATURES, "Features of the online k-NN, as probe's "
+                                       "--knn-features: " + KNN_FEATURES_HELP)
     log: str = option("jsonl,csv,tensorboard", "Loggers, comma-separated: jsonl, csv, tensorboard, wandb "
                       "(WANDB_MODE=offline works).")
 
@@ -289,6 +294,7 @@ RESUMABLE_CHANGES = {
     "eval_every",  # what is watched, not what is trained
     "eval_dataset",
     "eval_max_images",
+    "knn_features",
     "log",
     "accum_steps",  # the same update, in micro-batches
     "checkpoint_every",

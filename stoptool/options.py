@@ -23,6 +23,11 @@ Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Attention = Literal["auto", "sdpa", "math"]
 Interpolation = Literal["bilinear", "bicubic"]
 Decode = Literal["cpu", "gpu"]
+# The k-NN's features (stoptool/probe/knn.py); one default for `probe --method knn` and the online k-NN.
+KnnFeatures = Literal["whitened", "raw"]
+KNN_FEATURES = "whitened"
+KNN_FEATURES_HELP = ("whitened: PCA-whitened by the training split, then cosine (tracks the logistic "
+                     "probe) | raw: cosine on the features as they come, DINO's k-NN as published.")
 PAIR = tuple[float, float]
 
 

@@ -39,7 +39,7 @@ from stoptool.errors import UserError, plural
 from stoptool.io.checkpoint import LATEST, read_meta
 from stoptool.io.paths import check_writable, write_text_atomic
 from stoptool.options import build, option
-from stoptool.probe.config import ProbeConfig
+from stoptool.probe.config import ProbeConfig, knn_features_of
 from stoptool.runs import PROBE_FILE, RunLock, RunState, parse_assignment, read_json, run_state
 
 SECTIONS = ("base", "grid", "probe", "description")
@@ -249,11 +249,12 @@ def _safe(text: str) -> str:
 
 def probe_metrics(run_dir: Path) -> dict[str, float]:
     """The probe's results of a run as metrics in percent: `logreg_top1`, `knn_top5`, ...
-    (`_last4` and `_f0.1` mark other layers and label fractions)."""
+    (`_last4` and `_f0.1` mark other layers and label fractions, `knn_raw` DINO's k-NN)."""
     found = read_json(run_dir / PROBE_FILE) or {}
     out = {}
     for r in found.get("results", []):
-        name = r["method"] + ("" if r.get("layers", "last") == "last" else f"_{r['layers']}")
+        name = r["method"] + ("_raw" if knn_features_of(r) == "raw" else "")
+        name += "" if r.get("layers", "last") == "last" else f"_{r['layers']}"
         name += "" if r.get("fraction", 1) >= 1 else f"_f{r['fraction']:g}"
         for top in ("top1", "top5"):
             if r.get(top) is not None:

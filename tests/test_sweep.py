@@ -249,3 +249,17 @@ def test_a_parallel_sweep_gives_each_run_a_directory_of_its_own_and_holds_its_ow
     with RunLock(plan.out, "sweep"):
         with pytest.raises(UserError, match=f"is being written by pid {os.getpid()}"):
             run_sweep(plan)
+
+
+def test_probe_metrics_name_the_raw_knn_apart(tmp_path):
+    """A run's probe file with both k-NN rows: the default (whitened) is `knn`, DINO's raw
+    cosine `knn_raw`; a k-NN row from before the choice existed was raw."""
+    rows = [{"method": "knn", "layers": "last", "fraction": 1.0, "top1": 0.97, "top5": None,
+             "params": {"features": "whitened"}},
+            {"method": "knn", "layers": "last", "fraction": 1.0, "top1": 0.55, "top5": None,
+             "params": {"features": "raw"}},
+            {"method": "knn", "layers": "last4", "fraction": 1.0, "top1": 0.50, "top5": None, "params": {}},
+            {"method": "logreg", "layers": "last", "fraction": 1.0, "top1": 0.95, "top5": None, "params": {}}]
+    (tmp_path / sweep_module.PROBE_FILE).write_text(json.dumps({"results": rows}))
+    assert sweep_module.probe_metrics(tmp_path) == pytest.approx(
+        {"knn_top1": 97.0, "knn_raw_top1": 55.0, "knn_raw_last4_top1": 50.0, "logreg_top1": 95.0})

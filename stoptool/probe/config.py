@@ -9,7 +9,7 @@ from stoptool.errors import UserError
 from stoptool.io.checkpoint import resolve_checkpoint
 from stoptool.io.paths import check_file
 from stoptool.models.archs import Init
-from stoptool.options import Precision, check_fields, option
+from stoptool.options import KNN_FEATURES, KNN_FEATURES_HELP, KnnFeatures, Precision, check_fields, option
 
 METHODS = ("logreg", "linear", "knn")
 LAYERS = ("last", "last4")
@@ -43,6 +43,7 @@ class ProbeConfig:
         "last", "last: average-pooled last block | last4: the last four blocks' pools concatenated.")
     method: Literal[METHODS + ("all",)] = option(
         "logreg", "logreg (scikit-learn) | linear (torch, GPU) | knn (cosine, k=20) | all.")
+    knn_features: KnnFeatures = option(KNN_FEATURES, "Features of --method knn: " + KNN_FEATURES_HELP)
     img_size: int | None = option(
         None, "Evaluation image size (resize + centre crop).", positive=True,
         default_text="the checkpoint's; with --random-init, as pretrain: 8 patches a side for patches of "
@@ -81,3 +82,9 @@ class ProbeConfig:
 
     def methods(self) -> tuple[str, ...]:
         return METHODS if self.method == "all" else (self.method,)
+
+
+def knn_features_of(row: dict) -> str | None:
+    """A probe result row's k-NN features (None for the other methods); k-NN rows written before
+    there was a choice were raw."""
+    return row.get("params", {}).get("features", "raw") if row["method"] == "knn" else None

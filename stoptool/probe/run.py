@@ -27,7 +27,7 @@ from stoptool.errors import UserError
 from stoptool.io.paths import check_writable, write_report
 from stoptool.models.archs import check_img_size, default_img_size, default_init
 from stoptool.models.encoder import build_encoder
-from stoptool.probe.config import ProbeConfig
+from stoptool.probe.config import ProbeConfig, knn_features_of
 from stoptool.probe.features import (
     Features,
     cache_key,
@@ -60,13 +60,15 @@ class ProbeReport:
         return f"probe {i['encoder']} ({i['which']}, {i['arch']} @ {i['img_size']}px) on {i['dataset']}"
 
     def table(self) -> list[tuple[str, ...]]:
-        """One row per method, as the table shows it (top-1 and top-5 in %)."""
+        """One row per method, as the table shows it (top-1 and top-5 in %; the k-NN's features
+        named)."""
         out = []
         for r in self.rows:
             top5 = f"{100 * r['top5']:.2f}" if r["top5"] is not None else "-"
             train = f"{r['train']}" + (f" ({r['fraction']:g})" if r["fraction"] < 1 else "")
             top1 = f"{100 * r['top1']:.2f}"
-            out.append((r["method"], r["layers"], train, str(r["test"]), str(r["dim"]), top1, top5,
+            method = r["method"] + (f" ({knn_features_of(r)})" if r["method"] == "knn" else "")
+            out.append((method, r["layers"], train, str(r["test"]), str(r["dim"]), top1, top5,
                         f"{r['seconds']:.1f}"))
         return out
 
@@ -271,7 +273,8 @@ def run_probe(cfg: ProbeConfig, progress: Callable[[str, int, int], None] | None
             res = linear_probe(x_train, y_train, f_test.x, f_test.y, num_classes, seed=cfg.seed,
                                device=device)
         else:
-            res = knn_probe(x_train, y_train, f_test.x, f_test.y, num_classes, device=device)
+            res = knn_probe(x_train, y_train, f_test.x, f_test.y, num_classes, features=cfg.knn_features,
+                            device=device)
         rows.append({
             "method": method, "layers": cfg.layers, "fraction": cfg.fraction, "seed": cfg.seed,
             "precision": precision, "train": int(len(y_train)), "test": int(len(f_test.y)),
@@ -297,8 +300,9 @@ def run_probe(cfg: ProbeConfig, progress: Callable[[str, int, int], None] | None
 
 def _row_key(row: dict) -> tuple:
     """What makes two rows different measurements: a new seed (another label subset, another
-    init of the linear probe) or precision adds a row instead of replacing one."""
-    return row["method"], row["layers"], row["fraction"], row.get("seed"), row.get("precision")
+    init of the linear probe), precision or k-NN features adds a row instead of replacing one."""
+    return (row["method"], row["layers"], row["fraction"], row.get("seed"), row.get("precision"),
+            knn_features_of(row))
 
 
 def write_json(path: Path, info: dict, rows: list[dict]) -> None:

@@ -11,7 +11,9 @@
   jump (over 3× the median of the last 20 logged losses), a non-finite loss, data-bound steps
   (the step waits on the loader for more than half its time).
 - Online k-NN: `stoptool probe --method knn`'s protocol (target encoder, evaluation transform,
-  last layer pooled, cosine, k = 20, T = 0.07) on a bounded, seeded sample of a labelled set.
+  last layer pooled, cosine, k = 20, T = 0.07) with its features (`knn_features`: whitened by
+  the bank unless set to raw; see `probe/knn.py` for why) on a bounded, seeded sample of a
+  labelled set.
 """
 
 import statistics
@@ -27,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from stoptool.data.datasets import ArrayDataset, ImageDataset, has_labelled_splits
 from stoptool.errors import UserError
+from stoptool.options import KNN_FEATURES
 from stoptool.probe.features import EvalImages, collate_eval
 from stoptool.probe.knn import knn_probe
 from stoptool.probe.run import ProbeConfig, open_splits
@@ -113,6 +116,7 @@ class EvalSet:
     test_idx: np.ndarray
     num_classes: int
     name: str
+    features: str = KNN_FEATURES  # of the k-NN: whitened | raw
 
 
 def sample(n: int, most: int, seed: int) -> np.ndarray:
@@ -166,7 +170,7 @@ def online_knn(nets: Nets, ev: EvalSet, img_size: int, autocast, device, world: 
         x_test, y_test = extract(nets, ev.test, ev.test_idx, img_size, autocast, device, world)
     finally:
         target.train(was_training)
-    res = knn_probe(x_train, y_train, x_test, y_test, ev.num_classes, device=device)
+    res = knn_probe(x_train, y_train, x_test, y_test, ev.num_classes, features=ev.features, device=device)
     out = {"knn_top1": res["top1"]}
     if res["top5"] is not None:
         out["knn_top5"] = res["top5"]
@@ -259,7 +263,8 @@ def online_eval(cfg, data, world: World, device: torch.device, precision: str,
     train, test, name = splits
     seed = cfg.runtime.seed
     evalset = EvalSet(train, test, sample(len(train), w.eval_max_images, seed),
-                      sample(len(test), w.eval_max_images, seed + 1), len(train.classes), name)
+                      sample(len(test), w.eval_max_images, seed + 1), len(train.classes), name,
+                      w.knn_features)
     eval_precision = resolve_precision(cfg.runtime.precision, device, fp16=False)
     attn = (attention_impl(cfg.runtime.attn, device, eval_precision, training=False),
             attention_impl(cfg.runtime.attn, device, precision, training=True))

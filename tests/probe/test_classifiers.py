@@ -1,5 +1,5 @@
 """The three probes on synthetic features: separable -> ~1, shuffled labels -> chance;
-k-NN against a brute-force reference."""
+k-NN (whitened and raw) against a brute-force reference written from the definition."""
 
 import numpy as np
 import pytest
@@ -88,6 +88,18 @@ def test_features_too_large_for_the_gpu_are_sent_a_minibatch_at_a_time(monkeypat
     assert streamed["top1"] == whole["top1"] and streamed["top5"] == whole["top5"]
 
 
+def whiten_by_definition(x_train, x_test, eps=1e-3):
+    """PCA whitening by the training split, from its singular value decomposition (the code
+    under test uses the covariance's eigenvectors): minus the mean, each principal direction
+    over its standard deviation plus eps × the largest."""
+    x_train, x_test = np.asarray(x_train, np.float64), np.asarray(x_test, np.float64)
+    mean = x_train.mean(0)
+    _, s, vt = np.linalg.svd(x_train - mean, full_matrices=False)
+    std = s / np.sqrt(len(x_train))
+    w = vt.T / (std + eps * std[0])
+    return (x_train - mean) @ w, (x_test - mean) @ w
+
+
 def brute_force_knn(x_train, y_train, x_test, k, temperature, classes):
     """One test image at a time, in plain Python, straight from the definition."""
     out = np.zeros((len(x_test), classes))
@@ -98,18 +110,92 @@ def brute_force_knn(x_train, y_train, x_test, k, temperature, classes):
     return out
 
 
-def test_knn_equals_brute_force():
-    rng = np.random.default_rng(4)
-    x_tr = rng.normal(size=(120, 8)).astype(np.float32)
-    y_tr = rng.integers(0, 7, 120)
-    x_te = rng.normal(size=(40, 8)).astype(np.float32)
-    y_te = rng.integers(0, 7, 40)
-    fast = knn_scores(x_tr, y_tr, x_te, 7, k=20, temperature=0.07, chunk=16)
+def correlated(seed, n_train=120, n_test=40, dim=8, classes=7):
+    """Features with correlated dimensions of very unequal variance around a shared offset."""
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(dim, dim)) * np.logspace(0, -3, dim)[:, None]
+    x_tr = (rng.normal(size=(n_train, dim)) @ mix + 5.0).astype(np.float32)
+    x_te = (rng.normal(size=(n_test, dim)) @ mix + 5.0).astype(np.float32)
+    return x_tr, rng.integers(0, classes, n_train), x_te, rng.integers(0, classes, n_test)
+
+
+def test_raw_knn_is_dinos_weighted_vote():
+    """features="raw": cosine on the features as they come, k = 20 neighbours each voting
+    exp(cos / 0.07) for its class (DINO's k-NN), computed one image at a time in plain Python."""
+    x_tr, y_tr, x_te, y_te = correlated(4)
+    fast = knn_scores(x_tr, y_tr, x_te, 7, k=20, temperature=0.07, features="raw", chunk=16)
     ref = brute_force_knn(x_tr, y_tr, x_te, 20, 0.07, 7)
     np.testing.assert_allclose(fast, ref, rtol=1e-4)
+    res = knn_probe(x_tr, y_tr, x_te, y_te, 7, features="raw")
+    assert res["top1"] == topk_accuracy(ref, y_te, 1) and res["top5"] == topk_accuracy(ref, y_te, 5)
+    assert res["params"] == {"k": 20, "temperature": 0.07, "features": "raw"}
+
+
+def test_whitened_knn_is_the_same_vote_on_pca_whitened_features():
+    x_tr, y_tr, x_te, y_te = correlated(4)
+    fast = knn_scores(x_tr, y_tr, x_te, 7, k=20, temperature=0.07, chunk=16)  # the default
+    w_tr, w_te = whiten_by_definition(x_tr, x_te)
+    ref = brute_force_knn(w_tr, y_tr, w_te, 20, 0.07, 7)
+    np.testing.assert_allclose(fast, ref, rtol=1e-4)
     res = knn_probe(x_tr, y_tr, x_te, y_te, 7)
-    assert res["top1"] == topk_accuracy(ref, y_te, 1)
-    assert res["top5"] == topk_accuracy(ref, y_te, 5)
+    assert res["top1"] == topk_accuracy(ref, y_te, 1) and res["top5"] == topk_accuracy(ref, y_te, 5)
+    assert res["params"] == {"k": 20, "temperature": 0.07, "features": "whitened"}
+
+
+def _shift(x, rng):
+    return x + rng.normal(size=x.shape[1]) * 40.0  # one vector added to every feature
+
+
+def _rotate(x, rng):
+    return x @ np.linalg.qr(rng.normal(size=(x.shape[1], x.shape[1])))[0]
+
+
+def _scale(x, rng):
+    return x * 7.0
+
+
+def _stretch(x, rng):
+    return x * rng.uniform(0.3, 3.0, x.shape[1])  # each dimension by its own factor
+
+
+@pytest.mark.parametrize("move, exact, raw_too", [
+    (_shift, True, False), (_rotate, True, True), (_scale, True, True), (_stretch, False, False)])
+def test_whitened_knn_predictions_survive_moving_every_feature_alike(move, exact, raw_too):
+    """Adding one vector to every feature, rotating or scaling them all leaves the whitened
+    k-NN's votes as they were; scaling each dimension by its own factor, its predictions (the
+    votes move a little: the ridge is a share of the largest direction). The raw cosine is
+    unmoved only by rotations and a common scale."""
+    x_tr, y_tr, x_te, _ = separable(seed=5, n_train=300, n_test=100, dim=12)
+    rng = np.random.default_rng(6)
+    moved = move(np.vstack([x_tr, x_te]).astype(np.float64), rng).astype(np.float32)
+    m_tr, m_te = moved[: len(x_tr)], moved[len(x_tr):]
+    a = knn_scores(x_tr, y_tr, x_te, CLASSES)
+    b = knn_scores(m_tr, y_tr, m_te, CLASSES)
+    assert (a.argmax(1) == b.argmax(1)).all()
+    if exact:
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+    raw_a = knn_scores(x_tr, y_tr, x_te, CLASSES, features="raw")
+    raw_b = knn_scores(m_tr, y_tr, m_te, CLASSES, features="raw")
+    assert np.allclose(raw_a, raw_b, rtol=1e-3, atol=1e-3) == raw_too
+
+
+def test_whitened_knn_finds_the_class_where_a_few_large_directions_hide_it():
+    """Features as an average-pooled encoder can give: a large mean shared by every image and
+    two directions of large variance that carry no class, the class in small directions. The
+    raw cosine sees the large directions and lands near chance; whitened, it finds the class."""
+    rng = np.random.default_rng(7)
+    means = rng.normal(0, 1, (CLASSES, 10))
+
+    def draw(n):
+        y = rng.integers(0, CLASSES, n)
+        small = 0.05 * (means[y] + 0.3 * rng.normal(size=(n, 10)))  # the class, at a 20th of the scale
+        large = rng.normal(size=(n, 2)) * 3.0  # no class in it
+        return (np.hstack([small, large]) + 20.0).astype(np.float32), y
+
+    (x_tr, y_tr), (x_te, y_te) = draw(600), draw(300)
+    raw = knn_probe(x_tr, y_tr, x_te, y_te, CLASSES, features="raw")["top1"]
+    whitened = knn_probe(x_tr, y_tr, x_te, y_te, CLASSES)["top1"]
+    assert raw < 0.3 and whitened > 0.9, (raw, whitened)
 
 
 def test_topk_accuracy():

@@ -247,6 +247,32 @@ def test_subset_lines_naming_no_image_get_a_note_and_a_count_in_the_results(tmp_
     assert (doc["train_images"], doc["subset_lines"], doc["subset_unmatched"]) == (4, 5, 1)
 
 
+def test_knn_features_are_chosen_recorded_and_kept_apart_in_the_json(tmp_path, folder):
+    """--knn-features raw is DINO's k-NN on the same cached features; the row says which it is,
+    and a raw row joins the default's (whitened) instead of replacing it."""
+    from stoptool.probe.knn import knn_probe
+
+    out = tmp_path / "r.json"
+    args = ["--random-init", "--arch", "vit_t2", "--dataset", str(folder), "--method", "knn",
+            "--out", str(out)]
+    assert probe(*args, cache_dir=tmp_path / "c").exit_code == 0
+    result = probe(*args, "--knn-features", "raw", cache_dir=tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    assert "knn (raw)" in result.stdout
+    rows = {r["params"]["features"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"whitened", "raw"}
+    cached = [np.load(f) for f in sorted((tmp_path / "c").rglob("*.npz"), key=lambda f: f.stat().st_mtime)]
+    train, test = (c for c in cached if len(c["y"]) == 24), (c for c in cached if len(c["y"]) == 12)
+    train, test = next(train), next(test)
+    for features, row in rows.items():
+        expected = knn_probe(train["x"], train["y"], test["x"], test["y"], 3, features=features)
+        assert row["top1"] == expected["top1"], features
+    bad = probe(*args, "--knn-features", "zca", cache_dir=tmp_path / "c")
+    assert bad.exit_code == 2
+    assert bad.stderr.strip().endswith(
+        "knn_features must be one of whitened, raw, got 'zca' (--knn-features)")
+
+
 def test_a_folder_without_train_and_val_is_explained(tmp_path, folder):
     result = probe("--random-init", "--arch", "vit_t2", "--dataset", str(folder / "train"),
                    "--out", str(tmp_path / "r.json"), cache_dir=tmp_path / "c")

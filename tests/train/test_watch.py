@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from stoptool.cli import app
+from stoptool.probe.knn import knn_probe
 from stoptool.train.pretrain import pretrain
 from stoptool.train.watch import Alarms, feature_std, rankme, sample
 
@@ -102,8 +103,31 @@ def test_online_knn_equals_probe_knn_on_the_saved_weights(tiny_cfg, labelled, tm
     assert probed.exit_code == 0, probed.output
     row = json.loads((tmp_path / "p.json").read_text())["results"][0]
     assert evals[-1]["knn_top1"] == row["top1"] and evals[-1]["knn_top5"] == row["top5"]
+    assert row["params"]["features"] == "whitened"  # the probe's k-NN, which the online one is
+    assert "knn_features: whitened" in (tmp_path / "r" / "config.yaml").read_text().splitlines()
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["alarms"] == []  # a healthy run raises none
+
+
+def test_online_knn_uses_the_configured_features(tiny_cfg, labelled, tmp_path):
+    """knn_features=raw: the online k-NN's top-1/top-5 are the probe k-NN's with raw features on
+    the encoder's features, not the whitened one's (the default, checked end to end above)."""
+    from stoptool.models.jepa import build_jepa
+    from stoptool.train.distributed import Nets, World
+    from stoptool.train.watch import extract, online_eval
+
+    cfg = _tiny(tiny_cfg, tmp_path / "r", dataset=str(labelled), eval_every=1, knn_features="raw")
+    world, cpu = World(), torch.device("cpu")
+    ev = online_eval(cfg, None, world, cpu, "fp32")
+    torch.manual_seed(0)
+    nets = Nets.plain(build_jepa(cfg.model))
+    got = ev(nets)
+    s = ev.evalset
+    x_tr, y_tr = extract(nets, s.train, s.train_idx, ev.img_size, ev.autocast, cpu, world)
+    x_te, y_te = extract(nets, s.test, s.test_idx, ev.img_size, ev.autocast, cpu, world)
+    same, unlike = (knn_probe(x_tr, y_tr, x_te, y_te, 6, features=f) for f in ("raw", "whitened"))
+    assert (got["knn_top1"], got["knn_top5"]) == (same["top1"], same["top5"])
+    assert (unlike["top1"], unlike["top5"]) != (same["top1"], same["top5"])  # the two tell apart here
 
 
 def test_health_metrics_are_logged_with_their_names(tiny_cfg, tmp_path):
