@@ -32,6 +32,7 @@ from stoptool.evaluate.table import EvaluateReport
 from stoptool.io.checkpoint import resolve_checkpoint
 from stoptool.io.paths import check_file, check_writable, write_report, write_text_atomic
 from stoptool.io.timm_source import check_source, is_timm, load_timm
+from stoptool.options import KNN_FEATURES
 from stoptool.probe.config import ProbeConfig
 from stoptool.probe.features import (
     Features,
@@ -227,6 +228,8 @@ def result_key(store: FeatureStore, found: Found, cfg: EvaluateConfig) -> str:
               "img_size": store.model.img_size, "precision": store.precision, "seed": cfg.seed,
               "lr": cfg.lr, "weight_decay": cfg.weight_decay, "head_batch_size": cfg.head_batch_size,
               "mean": list(store.model.mean), "std": list(store.model.std)}
+    if cfg.protocol == "knn":  # the k-NN's features (results written before it was whitened differ)
+        fields["knn_features"] = KNN_FEATURES
     fields["task"].pop("column")
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
