@@ -228,7 +228,7 @@ def result_key(store: FeatureStore, found: Found, cfg: EvaluateConfig) -> str:
               "img_size": store.model.img_size, "precision": store.precision, "seed": cfg.seed,
               "lr": cfg.lr, "weight_decay": cfg.weight_decay, "head_batch_size": cfg.head_batch_size,
               "mean": list(store.model.mean), "std": list(store.model.std)}
-    if cfg.protocol == "knn":  # the k-NN's features (results written before it was whitened differ)
+    if found.task.protocol == "knn":  # the k-NN's features (results written before it was whitened differ)
         fields["knn_features"] = KNN_FEATURES
     fields["task"].pop("column")
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
