@@ -126,7 +126,8 @@ def test_data_bench_refuses_gpu_decoding_without_a_gpu():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--what", "all"], "what must be one of train, extract, masks, data, finetune, got 'all' (--what)"),
+        (["--what", "all"],
+         "what must be one of train, extract, masks, data, finetune, host, got 'all' (--what)"),
         (["--attn", "flash"], "attn must be one of auto, sdpa, math, got 'flash' (--attn)"),
         (["--arch", "vit_b16", "--img-size", "100"], "not a positive multiple of the patch size"),
         (["--steps", "0"], "steps must be positive, got 0 (--steps)"),

@@ -1,7 +1,8 @@
 """Run by tests/train/test_distributed.py under torchrun (CPU processes, gloo): each rank takes
-its part of a fixed batch through the data-parallel context encoder + predictor (DDP; FSDP with
-`fsdp` as second argument; hybrid FSDP over 2 groups of 2 with `hsdp`, on 4 processes), and
-rank 0 saves the averaged gradients, whole, to the file named on the command line."""
+its part of a fixed batch through the data-parallel context encoder + predictor, for each mode
+of the comma-separated second argument in turn, each on a model of its own (`ddp`; `fsdp`;
+`hsdp`: hybrid FSDP over 2 groups of 2, on 4 processes), and rank 0 saves the averaged
+gradients, whole, to OUT_DIR/MODE.safetensors (OUT_DIR: the first argument)."""
 
 import sys
 
@@ -36,9 +37,17 @@ def config() -> PretrainConfig:
     ).validate()
 
 
-def main(out: str, mode: str = "ddp") -> None:
+def main(out: str, modes: str = "ddp") -> None:
     world = world_from_env()
     device = init_world(world, torch.device("cpu"))
+    for mode in modes.split(","):
+        grads = averaged_gradients(world, device, mode)
+        if world.main:
+            save_file(grads, f"{out}/{mode}.safetensors")
+    leave_world(world)
+
+
+def averaged_gradients(world, device, mode: str) -> dict[str, torch.Tensor]:
     cfg = config()
     torch.manual_seed(0)
     model = build_jepa(cfg.model).train()
@@ -56,11 +65,8 @@ def main(out: str, mode: str = "ddp") -> None:
     else:
         nets = wrap_networks(model, world, device)
     jepa_loss(nets, mine, autocast_factory(device, "fp32")).backward()
-    grads = {f"{part}.{name}": whole(p.grad) for part in ("encoder", "predictor")
-             for name, p in getattr(model, part).named_parameters() if p.grad is not None}
-    if world.main:
-        save_file(grads, out)
-    leave_world(world)
+    return {f"{part}.{name}": whole(p.grad) for part in ("encoder", "predictor")
+            for name, p in getattr(model, part).named_parameters() if p.grad is not None}
 
 
 if __name__ == "__main__":

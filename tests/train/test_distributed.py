@@ -134,15 +134,24 @@ def _torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-@pytest.mark.parametrize("mode, nproc", [("ddp", 2), ("fsdp", 2), ("hsdp", 4)])
-def test_processes_average_to_the_one_process_gradient(tmp_path, mode, nproc):
+@pytest.fixture(scope="module")
+def averaged(tmp_path_factory) -> Path:
+    """The averaged gradients of each mode: DDP and FSDP in one launch of 2 processes, hybrid
+    FSDP in one of 4."""
+    out = tmp_path_factory.mktemp("grads")
+    for modes, nproc in (("ddp,fsdp", 2), ("hsdp", 4)):
+        proc = _torchrun(str(HERE / "ddp_grads.py"), str(out), modes, nproc=nproc)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "hsdp"])
+def test_processes_average_to_the_one_process_gradient(averaged, mode):
     """Each rank's part of a batch, gradients averaged by DDP (or reduce-scattered by FSDP and
     gathered back; with hybrid sharding, 2 groups of 2, reduce-scattered in a group and
     all-reduced between them) = the whole batch in one process (σ = 0, the same masks: the
     loss is a mean over equal parts)."""
-    out = tmp_path / "grads.safetensors"
-    proc = _torchrun(str(HERE / "ddp_grads.py"), str(out), mode, nproc=nproc)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = averaged / f"{mode}.safetensors"
     sys.path.insert(0, str(HERE))
     try:
         from ddp_grads import config, fixed_batch
@@ -171,11 +180,12 @@ def launches(tmp_path_factory):
     with DDP on 2."""
     root = tmp_path_factory.mktemp("torchrun")
     runs = {}
+    # the online k-NN (sharded over the processes) where a test reads it: DDP and FSDP on 2
+    quiet = ["--eval-every", "0"]
+    hsdp = ["--fsdp", "--shard-group", "2", "--accum-steps", "2", *quiet]
     for mode, nproc, flags, stops in (("ddp", 2, [], ("4", "6")), ("fsdp", 2, ["--fsdp"], ("6",)),
-                                      ("ddp4", 4, [], ("6",)),
-                                      ("hsdp", 4, ["--fsdp", "--shard-group", "2", "--accum-steps", "2"],
-                                       ("4", "6")),
-                                      ("ddp-accum", 2, ["--accum-steps", "2"], ("6",))):
+                                      ("ddp4", 4, quiet, ("6",)), ("hsdp", 4, hsdp, ("4", "6")),
+                                      ("ddp-accum", 2, ["--accum-steps", "2", *quiet], ("6",))):
         run = root / mode
         launch = ["-m", "stoptool", "pretrain", *TINY, "--a-l1", "1e-4", *flags, "--out", str(run)]
         runs[mode] = {"run": run}
@@ -233,7 +243,7 @@ def test_fsdp_trains_the_same_weights_as_ddp_and_writes_whole_tensors(launches, 
         return [json.loads(r) for r in (launches[name]["run"] / METRICS).read_text().splitlines()]
 
     # a resumed run evaluates at the end of each launch, an uninterrupted one at its end alone:
-    # the k-NN is compared where both ran it
+    # the k-NN is compared where both ran it (FSDP and DDP on 2; the 4-process runs leave it off)
     for a, b in zip(rows(mode), rows(ddp_mode), strict=True):
         assert a["step"] == b["step"]
         for key in ("loss", "A_norm", "mask_token_norm", "knn_top1"):
@@ -241,7 +251,8 @@ def test_fsdp_trains_the_same_weights_as_ddp_and_writes_whole_tensors(launches, 
                 # a neighbour's vote may flip under 1e-6 changes of the features: one image in the eval set
                 near = pytest.approx(b[key], rel=1e-5, abs=0.01 if key == "knn_top1" else 0)
                 assert a[key] == (b[key] if exact else near), key
-    assert "knn_top1" in rows(mode)[-1] and "knn_top1" in rows(ddp_mode)[-1]
+    if exact:
+        assert "knn_top1" in rows(mode)[-1] and "knn_top1" in rows(ddp_mode)[-1]
 
 
 @pytest.mark.parametrize("mode, whole_mode", [("ddp-accum", "ddp"), ("hsdp", "ddp4")])
