@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from timm.layers import use_reentrant_ckpt
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -302,8 +303,9 @@ class Nets:
         operator, which spares the engine's per-weight AccumulateGrad (a `detach` each, a
         tenth of a step's operators at ViT-B's depth); the same numbers land in `.grad`. Under
         torchrun DDP and FSDP reduce the gradients from hooks on those AccumulateGrads, so there
-        it is `loss.backward()` itself."""
-        if self.world.distributed:
+        it is `loss.backward()` itself, and so it is with timm's reentrant recomputation
+        (`TIMM_REENTRANT_CKPT=1`), which `autograd.grad` cannot run through."""
+        if self.world.distributed or (use_reentrant_ckpt() and self.model.encoder.grad_checkpointing):
             loss.backward()
             return
         params = [p for p in self.model.parameters() if p.requires_grad]
