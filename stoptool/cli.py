@@ -6,6 +6,7 @@ import functools
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import typer
@@ -133,29 +134,38 @@ def pretrain(
     if print_config:
         sys.stdout.write(cfg.to_yaml())
         return
-    from stoptool.train.distributed import world_from_env
-    from stoptool.train.fit import Interrupted
     from stoptool.train.pretrain import pretrain as run_pretrain
 
-    main_rank = world_from_env().main  # under torchrun, rank 0 alone reports
-    if main_rank:
-        _note_slow_bf16(cfg.runtime.precision, cfg.runtime.device)
-    with _ProgressBar(quiet or not main_rank) as bar:
-        try:
-            notify = _note if main_rank else None
-            result = run_pretrain(cfg, resume=resume, progress=bar.update, notify=notify)
-        except Interrupted as stop:
-            bar.stop()
-            if main_rank:
-                err_console.print(stop.line("pretrain"), highlight=False, markup=False, soft_wrap=True)
-            raise typer.Exit(128 + stop.signum) from None
-    if not main_rank:
+    result = _train_launch("pretrain", partial(run_pretrain, cfg, resume=resume), quiet, cfg.runtime.precision,
+                           cfg.runtime.device)
+    if result is None:
         return
     if result.already_done:
         _say(f"run in {result.run_dir} is already complete at step {result.step}; "
              "use --steps/--epochs to go further or --no-resume to start over")
         return
     print_table("pretrain", result.rows())
+
+
+def _train_launch(command: str, run, quiet: bool, precision: str, device: str):
+    """One launch of a training command: `run(progress=, notify=)` behind a progress bar, an
+    interrupt told in one line (exit 128 + signal); under torchrun rank 0 alone reports, and
+    the other ranks get None."""
+    from stoptool.train.distributed import world_from_env
+    from stoptool.train.fit import Interrupted
+
+    main_rank = world_from_env().main
+    if main_rank:
+        _note_slow_bf16(precision, device)
+    with _ProgressBar(quiet or not main_rank, label=command) as bar:
+        try:
+            result = run(progress=bar.update, notify=_note if main_rank else None)
+        except Interrupted as stop:
+            bar.stop()
+            if main_rank:
+                err_console.print(stop.line(command), highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit(128 + stop.signum) from None
+    return result if main_rank else None
 
 
 def _say(text: str) -> None:
@@ -653,21 +663,9 @@ def finetune(
         sys.stdout.write((cfg.for_arch(describe_source(cfg)[0]) if known else cfg).to_yaml())
         return
     from stoptool.finetune.run import finetune as run_finetune
-    from stoptool.train.distributed import world_from_env
-    from stoptool.train.fit import Interrupted
 
-    main_rank = world_from_env().main  # under torchrun, rank 0 alone reports
-    if main_rank:
-        _note_slow_bf16(cfg.precision, cfg.device)
-    with _ProgressBar(quiet or not main_rank, label="finetune") as bar:
-        try:
-            result = run_finetune(cfg, resume=resume, progress=bar.update, notify=_note if main_rank else None)
-        except Interrupted as stop:
-            bar.stop()
-            if main_rank:
-                err_console.print(stop.line("finetune"), highlight=False, markup=False, soft_wrap=True)
-            raise typer.Exit(128 + stop.signum) from None
-    if not main_rank:
+    result = _train_launch("finetune", partial(run_finetune, cfg, resume=resume), quiet, cfg.precision, cfg.device)
+    if result is None:
         return
     if result.already_done:
         _say(f"run in {result.run_dir} is already complete at step {result.step}; its weights evaluated again "

@@ -20,10 +20,9 @@ from stoptool.flops import train_step_flops
 from stoptool.io.checkpoint import LATEST, read_meta
 from stoptool.io.paths import check_writable, write_report, write_text_atomic
 from stoptool.masks import MaskSampler
-from stoptool.runs import CONFIG, SUMMARY, RunClock, RunLock, schedule_steps
+from stoptool.runs import CONFIG, SUMMARY, RunClock, schedule_steps
 from stoptool.train.checkpointer import Checkpointer
 from stoptool.train.distributed import (
-    any_rank,
     check_batch,
     check_fsdp_support,
     check_same_step,
@@ -32,6 +31,7 @@ from stoptool.train.distributed import (
     init_world,
     leave_world,
     replicas_agree,
+    run_lock,
     sum_over_ranks,
     world_from_env,
 )
@@ -129,7 +129,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = True, progress=None, notify=Non
 def _pretrain(cfg: PretrainConfig, resume, progress, notify, world, device, precision) -> RunResult:
     start = time.perf_counter()
     run_dir = _run_dir(cfg)
-    with _run_lock(run_dir, world, device, notify), _resumable_on_write_failure(run_dir):
+    with run_lock(run_dir, "pretrain", world, device, notify), _resumable_on_write_failure(run_dir):
         return _train(cfg, resume, progress, notify, world, device, precision, start)
 
 
@@ -181,29 +181,6 @@ def _train(cfg: PretrainConfig, resume, progress, notify, world, device, precisi
     facts = {"precision": precision, "workers": workers, "alarms": report.watch.alarms.fired,
              "stall_s": round(ckpt.longest_stall_s, 4)}
     return _finish(cfg, plan, state, fitted, step, clock, facts, notify)
-
-
-@contextmanager
-def _run_lock(run_dir: Path, world, device, notify) -> Iterator[None]:
-    """The run directory, held by process 0 for the whole launch (see `runs.RunLock`): a second
-    launch into it is refused at once, in every process of it."""
-    lock = RunLock(run_dir, "pretrain") if world.main else None
-    refused = None
-    if lock is not None:
-        try:
-            note = lock.acquire()
-            if note and notify:
-                notify(note)
-        except UserError as err:
-            refused = err
-    if any_rank((refused is not None,), world, device)[0]:
-        raise refused or UserError(f"process 0 could not take the run directory '{run_dir}' (its message "
-                                   "says why)")
-    try:
-        yield
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 @contextmanager
