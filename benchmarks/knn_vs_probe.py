@@ -56,10 +56,12 @@ VARIANTS = ("raw", "centred", "standardised", "whitened")
 
 
 def seeds_of(text: str) -> list[int]:
-    if "-" in text:
-        a, b = text.split("-")
-        return list(range(int(a), int(b) + 1))
-    return [int(s) for s in text.split(",")]
+    """`0-7`, `0,3,5` or both: `1,4-7`."""
+    seeds = []
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        seeds += list(range(int(a), int(b or a) + 1))
+    return seeds
 
 
 def train(seed: int, run_dir: Path, items: list[str]) -> dict:
