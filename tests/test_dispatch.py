@@ -14,7 +14,7 @@ from stoptool.train.step import StepInputs, jepa_loss
 
 # docs/performance.md, "What a step asks of the host": ViT-B/16's 12 blocks (vit_t2 at 16 px)
 # with the paper's 6-block predictor, eager fp32, batch 2
-STATED_OPS = 1501
+STATED_OPS = 1367
 
 
 def _step(**kw):

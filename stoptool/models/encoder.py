@@ -15,7 +15,7 @@ from torch import nn
 
 from stoptool.errors import UserError
 from stoptool.models.archs import INITS, check_img_size, default_init, parse_arch
-from stoptool.models.blocks import Block
+from stoptool.models.blocks import Block, run_blocks
 from stoptool.models.pos_embed import sincos_2d
 
 
@@ -87,7 +87,7 @@ def encode(model: VisionTransformer, images: torch.Tensor, keep: torch.Tensor | 
     if model.grad_checkpointing and torch.is_grad_enabled():
         x = checkpoint_seq(model.blocks, x)
     else:
-        x = model.blocks(x)
+        x = run_blocks(model.blocks, x)
     return model.norm(x)
 
 

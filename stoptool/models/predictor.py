@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from stoptool.models.archs import Covariance, NoiseOn, PredPos
-from stoptool.models.blocks import Block
+from stoptool.models.blocks import Block, run_blocks
 from stoptool.models.encoder import init_like_released_code
 from stoptool.models.pos_embed import sincos_2d
 
@@ -127,10 +127,10 @@ class Predictor(nn.Module):
         ctx = ctx.unsqueeze(1).expand(-1, M, -1, -1).reshape(B * M, -1, self.pred_dim)
         masked = self.masked_tokens(tgt_idx.reshape(B * M, K)).to(ctx.dtype)
         x = torch.cat([ctx, masked], dim=1)
-        for block in self.predictor_blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            for block in self.predictor_blocks:
                 x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+        else:
+            x = run_blocks(self.predictor_blocks, x)
         x = self.predictor_proj(self.predictor_norm(x[:, -K:]))
         return x.reshape(B, M, K, self.embed_dim)
