@@ -9,6 +9,7 @@ scaling.
 import resource
 import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from functools import partial
 
@@ -147,7 +148,9 @@ MODEL_KEYS = ("arch", "img_size", "batch_size", "sigma", "pred_width", "pred_dep
 def _host(result: dict, run, compiled: bool, graphs_before: int) -> dict:
     """`bench --what host`: one step's operators counted by origin (`stoptool/dispatch.py`), the
     host ms a step (the timed steps above), and with --compile the graphs it ran."""
-    with result.pop("labelled"):
+    labelled = result.pop("labelled")
+    # a compiled step is counted as it runs: the labels' hooks inside it would make it compile again
+    with nullcontext() if compiled else labelled:
         counted = count_ops(run)
     result.update(ops_per_step=counted.total, ops_by_group=counted.by_group,
                   ops_by_name=dict(list(counted.by_op.items())[:12]))
