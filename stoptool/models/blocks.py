@@ -31,13 +31,14 @@ class Block(TimmBlock):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         without_idle_dropout(self)
-        a = self.attn
+        a, idle = self.attn, nn.Identity()
         # the plain block (no layer scale, stochastic depth, gate or norms inside the attention):
-        # what stoptool builds; anything else runs timm's forward
-        self.flat = all(isinstance(m, nn.Identity) for m in (self.ls1, self.ls2, self.drop_path1,
-                                                             self.drop_path2, a.q_norm, a.k_norm, a.norm,
-                                                             a.proj_drop, self.mlp.drop1, self.mlp.drop2,
-                                                             self.mlp.norm)) and a.gate is None
+        # what stoptool builds; anything else, or a timm whose modules differ, runs timm's forward
+        parts = (self.ls1, self.ls2, self.drop_path1, self.drop_path2, a.q_norm, a.k_norm,
+                 getattr(a, "norm", idle), a.proj_drop, self.mlp.drop1, self.mlp.drop2,
+                 getattr(self.mlp, "norm", idle))
+        self.flat = (all(isinstance(m, nn.Identity) for m in parts) and getattr(a, "gate", None) is None
+                     and a.num_heads * a.head_dim == a.qkv.out_features // 3)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 tokens: tuple[int, int] | None = None) -> torch.Tensor:
@@ -59,7 +60,7 @@ class Block(TimmBlock):
             o = F.scaled_dot_product_attention(q, k, v, dropout_p=a.attn_drop.p if self.training else 0.0)
         else:
             o = ((q * a.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
-        x = x + a.proj(o.transpose(1, 2).reshape(B * N, a.attn_dim))
+        x = x + a.proj(o.transpose(1, 2).reshape(B * N, a.num_heads * a.head_dim))
         return x + self.mlp.fc2(self.mlp.act(self.mlp.fc1(self.norm2(x))))
 
 
