@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -134,15 +135,74 @@ def _torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+@dataclass
+class Job:
+    """One job of a shared launch, as every process ran it: its exit codes and its output (all
+    processes', as torchrun would show them)."""
+    codes: list[int]
+    stdout: str
+    stderr: str
+
+
+def _launch(spec: Path, jobs: list[dict], nproc: int) -> list[Job]:
+    """`jobs` in one torchrun launch of `nproc` processes (tests/train/torchrun_jobs.py)."""
+    spec.write_text(json.dumps(jobs))
+    proc = _torchrun(str(HERE / "torchrun_jobs.py"), str(spec), nproc=nproc)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    done = []
+    for i in range(len(jobs)):
+        stems = [Path(f"{spec}.{i}.rank{r}") for r in range(nproc)]
+        done.append(Job([int(s.with_name(s.name + ".code").read_text()) for s in stems],
+                        "".join(s.with_name(s.name + ".out").read_text() for s in stems),
+                        "".join(s.with_name(s.name + ".err").read_text() for s in stems)))
+    return done
+
+
 @pytest.fixture(scope="module")
-def averaged(tmp_path_factory) -> Path:
-    """The averaged gradients of each mode: DDP and FSDP in one launch of 2 processes, hybrid
-    FSDP in one of 4."""
-    out = tmp_path_factory.mktemp("grads")
-    for modes, nproc in (("ddp,fsdp", 2), ("hsdp", 4)):
-        proc = _torchrun(str(HERE / "ddp_grads.py"), str(out), modes, nproc=nproc)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-    return out
+def torchrun_runs(tmp_path_factory) -> dict:
+    """Every torchrun job of this module in two launches, one of 2 processes and one of 4.
+
+    The averaged gradients of each mode (tests/train/ddp_grads.py): DDP and FSDP on 2 processes,
+    hybrid FSDP on 4.
+
+    The same tiny run under torchrun: DDP and FSDP on 2 processes, DDP and hybrid FSDP (2 groups
+    of 2, a 2-D mesh) on 4. DDP on 2 and hybrid FSDP on 4 run 4 steps, then resume to 6; the two
+    others run their 6 steps at once: each resumed run has an uninterrupted one to be compared
+    with (every process's noise stream included). Hybrid FSDP takes its batches in 2
+    micro-batches, and so does a sixth run, DDP on 2 for 6 steps, to be compared with DDP on 2."""
+    root = tmp_path_factory.mktemp("torchrun")
+    grads = root / "grads"
+    grads.mkdir()
+    # the online k-NN (sharded over the processes) where a test reads it: DDP and FSDP on 2
+    quiet = ["--eval-every", "0"]
+    hsdp = ["--fsdp", "--shard-group", "2", "--accum-steps", "2", *quiet]
+    plan = {2: [("ddp", [], ("4", "6")), ("fsdp", ["--fsdp"], ("6",)),
+                ("ddp-accum", ["--accum-steps", "2", *quiet], ("6",))],
+            4: [("ddp4", quiet, ("6",)), ("hsdp", hsdp, ("4", "6"))]}
+    runs = {}
+    for nproc, modes in plan.items():
+        jobs, names = [{"grads": [str(grads), "ddp,fsdp" if nproc == 2 else "hsdp"]}], ["grads"]
+        for mode, flags, stops in modes:
+            run = root / mode
+            runs[mode] = {"run": run}
+            for steps in stops:
+                argv = ["pretrain", *TINY, "--a-l1", "1e-4", *flags, "--out", str(run), "--steps", steps]
+                at_4 = [str(run / "summary.json"), str(root / f"{mode}.summary_at_4.json")]
+                copy = [at_4] if steps == "4" else []
+                jobs.append({"argv": argv, "copy": copy})
+                names.append(mode)
+        for name, job in zip(names, _launch(root / f"jobs{nproc}.json", jobs, nproc)):
+            assert job.codes == [0] * nproc, (name, job.stderr[-2000:])
+            if name != "grads":
+                runs[name].setdefault("first", job)
+    for mode in ("ddp", "hsdp"):
+        runs[mode]["summary_at_4"] = json.loads((root / f"{mode}.summary_at_4.json").read_text())
+    return {"grads": grads, "runs": runs}
+
+
+@pytest.fixture(scope="module")
+def averaged(torchrun_runs) -> Path:
+    return torchrun_runs["grads"]
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "hsdp"])
@@ -171,31 +231,8 @@ def test_processes_average_to_the_one_process_gradient(averaged, mode):
 
 
 @pytest.fixture(scope="module")
-def launches(tmp_path_factory):
-    """The same tiny run under torchrun: DDP and FSDP on 2 processes, DDP and hybrid FSDP (2
-    groups of 2, a 2-D mesh) on 4. DDP on 2 and hybrid FSDP on 4 run 4 steps, then resume to
-    6; the two others run their 6 steps in one launch: each resumed run has an uninterrupted
-    one to be compared with (every process's noise stream included). Hybrid FSDP takes its
-    batches in 2 micro-batches, and so does a sixth run, DDP on 2 for 6 steps, to be compared
-    with DDP on 2."""
-    root = tmp_path_factory.mktemp("torchrun")
-    runs = {}
-    # the online k-NN (sharded over the processes) where a test reads it: DDP and FSDP on 2
-    quiet = ["--eval-every", "0"]
-    hsdp = ["--fsdp", "--shard-group", "2", "--accum-steps", "2", *quiet]
-    for mode, nproc, flags, stops in (("ddp", 2, [], ("4", "6")), ("fsdp", 2, ["--fsdp"], ("6",)),
-                                      ("ddp4", 4, quiet, ("6",)), ("hsdp", 4, hsdp, ("4", "6")),
-                                      ("ddp-accum", 2, ["--accum-steps", "2", *quiet], ("6",))):
-        run = root / mode
-        launch = ["-m", "stoptool", "pretrain", *TINY, "--a-l1", "1e-4", *flags, "--out", str(run)]
-        runs[mode] = {"run": run}
-        for steps in stops:
-            proc = _torchrun(*launch, "--steps", steps, nproc=nproc)
-            assert proc.returncode == 0, proc.stderr[-2000:]
-            runs[mode].setdefault("first", proc)
-            if steps == "4":
-                runs[mode]["summary_at_4"] = json.loads((run / "summary.json").read_text())
-    return runs
+def launches(torchrun_runs):
+    return torchrun_runs["runs"]
 
 
 def test_torchrun_pretrain_writes_one_run_and_resumes(launches):
