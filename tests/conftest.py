@@ -8,6 +8,14 @@ import pytest
 # width. A COLUMNS exported by the caller's shell would override the width each test's
 # CliRunner asks for (and wrap the paths and digests the tests look for): drop it first.
 os.environ.pop("COLUMNS", None)
+# Each of xdist's test processes (one a core) computes on one thread, and so do the processes it
+# starts: the tiny models of the tests gain nothing from a second thread, and two processes of
+# two threads each on two cores lose most of their time waiting for each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)  # where torch was loaded before this file
 
 from stoptool.config import PretrainConfig, config_from_dict
 
