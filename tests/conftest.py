@@ -20,6 +20,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 from stoptool.config import PretrainConfig, config_from_dict
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: the cores this process may run on, at most 8 (each test process holds torch
+    and its models: a few hundred MB)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return min(cores, 8)
+
+
 def tiny_config(**kw) -> PretrainConfig:
     """vit_t2 at 16 px (an 8×8 grid) with a one-block predictor 48 wide."""
     base = dict(
