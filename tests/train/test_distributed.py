@@ -149,13 +149,12 @@ def _launch(spec: Path, jobs: list[dict], nproc: int) -> list[Job]:
     spec.write_text(json.dumps(jobs))
     proc = _torchrun(str(HERE / "torchrun_jobs.py"), str(spec), nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    done = []
-    for i in range(len(jobs)):
-        stems = [Path(f"{spec}.{i}.rank{r}") for r in range(nproc)]
-        done.append(Job([int(s.with_name(s.name + ".code").read_text()) for s in stems],
-                        "".join(s.with_name(s.name + ".out").read_text() for s in stems),
-                        "".join(s.with_name(s.name + ".err").read_text() for s in stems)))
-    return done
+
+    def each_rank(i: int, ext: str) -> list[str]:
+        return [Path(f"{spec}.{i}.rank{r}.{ext}").read_text() for r in range(nproc)]
+
+    return [Job([int(c) for c in each_rank(i, "code")], "".join(each_rank(i, "out")),
+                "".join(each_rank(i, "err"))) for i in range(len(jobs))]
 
 
 @pytest.fixture(scope="module")
