@@ -18,16 +18,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # where torch was loaded before this file
 
 from stoptool.config import PretrainConfig, config_from_dict
+from stoptool.data.prepare import available_cpus
 
 
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: the cores this process may run on, at most 8 (each test process holds torch
     and its models: a few hundred MB)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return min(cores, 8)
+    return min(available_cpus(), 8)
 
 
 def tiny_config(**kw) -> PretrainConfig:
