@@ -34,6 +34,7 @@ from stoptool.errors import UserError, plural
 from stoptool.models.encoder import encode
 from stoptool.models.jepa import JEPA, predict
 from stoptool.runs import RunLock
+from stoptool.train.weight_copies import WeightCopies, add_into_grad, usable
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -276,6 +277,7 @@ class Nets:
         self.model, self.world, self.sharded = model, world, sharded
         self.online = online  # (images, ctx_idx, tgt_idx) -> (prediction, ‖A‖₁)
         self._target = target
+        self.copies: WeightCopies | None = None  # see `keep_weight_copies`
 
     @classmethod
     def plain(cls, model: JEPA) -> "Nets":
@@ -308,21 +310,29 @@ class Nets:
         if self.world.distributed or (use_reentrant_ckpt() and self.model.encoder.grad_checkpointing):
             loss.backward()
             return
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self.model.parameters() if p.requires_grad]  # (in `weights_for_step`, copies)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        fresh, held, adding = [], [], []
-        for p, g in zip(params, grads, strict=True):
-            if g is None:  # (a weight the loss does not reach keeps its gradient, as backward leaves it)
-                continue
-            if p.grad is None:
-                fresh.append((p, g))
-            else:
-                held.append(p.grad)
-                adding.append(g)
-        for p, g in fresh:
-            p.grad = g
-        if held:  # the micro-batches after the first add theirs
-            torch._foreach_add_(held, adding)
+        add_into_grad(params, grads, self.copies)
+
+    def keep_weight_copies(self, dtype: torch.dtype) -> bool:
+        """Run each step's networks on `dtype` copies of the weights autocast would cast,
+        cast once a step (`train.weight_copies`), where that is autocast's arithmetic and the
+        gradients come back through `backward` above; whether they do. `compile_forward`
+        drops them: a compiled step fuses the casts itself."""
+        reentrant = use_reentrant_ckpt() and self.model.encoder.grad_checkpointing
+        if not usable(dtype, self.world.distributed, reentrant):
+            return False
+        m = self.model
+        self.copies = WeightCopies((m.encoder, m.predictor, m.target_encoder), dtype)
+        return True
+
+    def weights_for_step(self) -> AbstractContextManager:
+        """The context a step's forward and backward run in: on the low-precision copies,
+        cast from the weights once, where they are kept; else as the weights are."""
+        if self.copies is None:
+            return nullcontext()
+        self.copies.refresh()
+        return self.copies.swapped()
 
     def no_sync(self) -> AbstractContextManager:
         """Backward passes inside keep their gradients in this process (micro-batches before a

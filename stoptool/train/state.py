@@ -15,7 +15,7 @@ from stoptool.io.checkpoint import Checkpoint, load_checkpoint, optimizer_state
 from stoptool.models.jepa import JEPA, build_jepa
 from stoptool.train.distributed import World, own_rng_states, shard_optimizer_state, wrap_networks
 from stoptool.train.optim import make_optimizer, make_scaler, use_fused_like
-from stoptool.train.runtime import prepare_model
+from stoptool.train.runtime import DTYPES, prepare_model
 from stoptool.train.step import TrainState, compile_forward
 
 
@@ -63,6 +63,7 @@ def build_state(cfg: PretrainConfig, model: JEPA, saved: Checkpoint | None, worl
     if prepared.compile_failure and notify:
         notify(f"torch.compile is unavailable here, running eagerly ({prepared.compile_failure})")
     nets = wrap_networks(model, world, device, rt.fsdp, rt.shard_group)
+    nets.keep_weight_copies(DTYPES[precision])  # where it is autocast's arithmetic, cast once a step
     if rt.fsdp and not world.distributed and notify:
         notify("fsdp shards the weights across the processes of a torchrun launch; "
                "one process holds them all")

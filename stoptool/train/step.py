@@ -99,13 +99,14 @@ def accumulate_gradients(state: TrainState, batch: StepInputs) -> tuple[torch.Te
     forward = state.forward or partial(loss_and_features, state.nets, state.autocast, state.a_l1)
     parts = zip(*(t.chunk(n) for t in (batch.images, batch.ctx_idx, batch.tgt_idx)), strict=True)
     total, pooled = None, []
-    for i, part in enumerate(parts):
-        with state.nets.no_sync() if i < n - 1 else nullcontext():
-            loss, features = forward(*part)
-            state.nets.backward(state.scaler.scale(loss / n if n > 1 else loss))
-        if batch.measure:
-            pooled.append(features.detach())
-        total = loss.detach() if total is None else total + loss.detach()
+    with state.nets.weights_for_step():  # (in bf16 and fp16, in one process: cast once for all parts)
+        for i, part in enumerate(parts):
+            with state.nets.no_sync() if i < n - 1 else nullcontext():
+                loss, features = forward(*part)
+                state.nets.backward(state.scaler.scale(loss / n if n > 1 else loss))
+            if batch.measure:
+                pooled.append(features.detach())
+            total = loss.detach() if total is None else total + loss.detach()
     features = (pooled[0] if n == 1 else torch.cat(pooled)) if batch.measure else None
     return state.nets.mean(total / n if n > 1 else total), features
 
@@ -124,6 +125,7 @@ def compile_forward(state: TrainState, dynamic: bool | None = None) -> None:
     """Compile the step's forward (both encoders, the predictor, the loss) and so its
     backward as one graph each, instead of block by block; `dynamic=False` keeps one graph per
     mask shape (bucketed masks meet few). `train.fit.compile_guard` undoes it on a failure."""
+    state.nets.copies = None  # the compiled step fuses autocast's casts into its kernels
     state.forward = runtime.compiled(partial(loss_and_features, state.nets, state.autocast, state.a_l1),
                                      dynamic=dynamic)
 
@@ -179,5 +181,7 @@ def single_process_state(model: JEPA, autocast, precision: str = "fp32", lr: flo
     """A TrainState for `model` in this process alone (bench, tests): plain networks, a fresh
     AdamW; `options` are TrainState's a_l1 and clip_grad."""
     device = next(model.parameters()).device
-    return TrainState(model, make_optimizer(model, lr, wd), make_scaler(device, precision),
-                      Nets.plain(model), autocast, **options)
+    nets = Nets.plain(model)
+    nets.keep_weight_copies(runtime.DTYPES[precision])
+    return TrainState(model, make_optimizer(model, lr, wd), make_scaler(device, precision), nets, autocast,
+                      **options)
