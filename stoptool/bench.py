@@ -104,6 +104,7 @@ def bench(cfg: BenchConfig) -> dict:
         "attn": prepared.attn,
         "torch_threads": torch.get_num_threads(),
         "compiled": prepared.compiled,
+        "cuda_graphs": cfg.cuda_graphs and prepared.compiled and device.type == "cuda",
     }
     if prepared.compile_failure:
         result["compile_failed"] = prepared.compile_failure
@@ -210,7 +211,8 @@ def _train_work(cfg: BenchConfig, pcfg, model, prepared: Prepared, images):
     state = single_process_state(model, prepared.autocast, prepared.precision, lr=1e-4, wd=0.04,
                                  accum_steps=cfg.accum_steps)
     if prepared.compiled:
-        compile_forward(state, dynamic=False if cfg.mask_bucket else None)
+        compile_forward(state, dynamic=False if cfg.mask_bucket else None,
+                        cuda_graphs=cfg.cuda_graphs and images.device.type == "cuda")  # (a CPU: none)
     hp = Hyper(1e-4, 0.04, 0.996)
     model.train()
     shapes, facts = set(), {}

@@ -188,6 +188,10 @@ class RuntimeConfig:
     compile: bool = option(False, "torch.compile the whole step's forward (both encoders, the predictor, the "
                            "loss) as one graph, and so its backward; falls back to eager, with a note, where "
                            "it fails.")
+    cuda_graphs: bool = option(False, "With compile, on a GPU: replay the compiled step as CUDA graphs "
+                               "(torch.compile's reduce-overhead mode; one graph per mask shape: use "
+                               "masks.bucket). Experimental: not yet run on a GPU. A CPU compiles as "
+                               "without it.")
     grad_checkpoint: bool = option(False, "Recompute activations to save memory.")
     fsdp: bool = option(False, "Under torchrun, shard weights, gradients and optimizer state across the "
                         "processes (FSDP) instead of a whole replica in each (DDP); bf16 or fp32, not with "
@@ -203,6 +207,8 @@ class RuntimeConfig:
             raise UserError("out is empty: give a run directory, or leave it out for the default", key="out")
         if self.fsdp and self.compile:
             raise UserError("fsdp and compile do not go together: drop one of them", key="fsdp")
+        if self.cuda_graphs and not self.compile:
+            raise UserError("cuda_graphs replays the compiled step: add --compile", key="cuda_graphs")
 
 
 LOGGERS = ("jsonl", "csv", "tensorboard", "wandb")
@@ -288,6 +294,7 @@ RESUMABLE_CHANGES = {
     "log_every",
     "save_every",
     "compile",
+    "cuda_graphs",
     "grad_checkpoint",
     "fsdp",  # checkpoints hold whole tensors either way
     "shard_group",
@@ -482,6 +489,7 @@ class BenchConfig:
     grad_checkpoint: bool = like(RuntimeConfig, "grad_checkpoint", help="Recompute activations.")
     compile: bool = like(RuntimeConfig, "compile", help="torch.compile the work timed: a training step's "
                          "forward whole (and so its backward), or the encoder's blocks for --what extract.")
+    cuda_graphs: bool = like(RuntimeConfig, "cuda_graphs")
     threads: int | None = option(None, "torch threads.", positive=True, default_text="all cores")
     vary_masks: bool = option(False, "Train: draw new masks every step, as a run does (their sampling is "
                               "timed too), and report the distinct mask shapes met and the graphs compiled.")
@@ -492,6 +500,8 @@ class BenchConfig:
         check_fields(self)
         if self.devices != 1 and not self.config:
             raise UserError("devices splits a preset's batch: give a preset with --config too", key="devices")
+        if self.cuda_graphs and not self.compile:
+            raise UserError("cuda_graphs replays the compiled step: add --compile", key="cuda_graphs")
         if self.batch_size % self.accum_steps:
             raise UserError(f"batch_size {self.batch_size} does not split into accum_steps "
                             f"{self.accum_steps} equal micro-batches: make it a multiple", key="accum_steps")
@@ -500,8 +510,8 @@ class BenchConfig:
 
 # What `bench --config` takes from the preset (over bench's own defaults).
 BENCH_FROM_PRESET = ("arch", "img_size", "sigma", "pred_width", "pred_depth", "precision", "device", "attn",
-                     "grad_checkpoint", "compile", "crop_scale", "hflip", "blur", "gray", "interpolation",
-                     "decode")
+                     "grad_checkpoint", "compile", "cuda_graphs", "crop_scale", "hflip", "blur", "gray",
+                     "interpolation", "decode")
 
 
 def bench_config(flags: dict[str, Any]) -> BenchConfig:

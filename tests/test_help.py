@@ -19,6 +19,13 @@ CHANGED = {
                             "splits; else digits",
 }
 
+# Options added since the record, each with its reason: (command, flags) -> default.
+ADDED = {
+    # the compiled step replayed as CUDA graphs (experimental, for a GPU)
+    ("bench", "--cuda-graphs --no-cuda-graphs"): "off",
+    ("pretrain", "--cuda-graphs --no-cuda-graphs"): "off",
+}
+
 
 def _default(param) -> str:
     """The default as help states it: its "(default: ...)" text, else the parameter's own value
@@ -56,6 +63,9 @@ def test_every_command_lists_the_options_and_defaults_it_had():
     for (command, flags), default in CHANGED.items():
         assert before[command][flags]["default"] != default  # (a change the record does not hold yet)
         before[command][flags]["default"] = default
+    for (command, flags), default in ADDED.items():
+        assert flags not in before[command]
+        before[command][flags] = {"kind": "option", "default": default}
     assert set(before) <= set(now)
     for command, options in before.items():
         assert now[command] == options, command

@@ -170,10 +170,24 @@ def is_compile_failure(err: BaseException) -> bool:
     return type(err).__module__.startswith(("torch._dynamo", "torch._inductor"))
 
 
-def compiled(fn: Callable, dynamic: bool | None = None) -> Callable:
+def compiled(fn: Callable, dynamic: bool | None = None, cuda_graphs: bool = False) -> Callable:
     """torch.compile(fn): how a training step's forward and backward are compiled, as one
-    graph (`dynamic=False`: one graph per shape, for bucketed masks)."""
-    return torch.compile(fn, dynamic=dynamic)
+    graph (`dynamic=False`: one graph per shape, for bucketed masks).
+
+    `cuda_graphs` (a GPU's): torch.compile's reduce-overhead mode, which records each graph's
+    kernels once and replays them with one launch. Each call is marked as a new step of the
+    graphs, and its outputs (tensors) are copied out of the graphs' memory, which the next
+    replay writes over. Not yet run on a GPU (no GPU was lent for it); on a CPU the mode
+    compiles as without it."""
+    if not cuda_graphs:
+        return torch.compile(fn, dynamic=dynamic)
+    graphs = torch.compile(fn, dynamic=dynamic, mode="reduce-overhead")
+
+    def replayed(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return tuple(t.clone() for t in graphs(*args))
+
+    return replayed
 
 
 def eager_on_compile_failure(run, undo, on_failure):

@@ -81,6 +81,9 @@ def build_state(cfg: PretrainConfig, model: JEPA, saved: Checkpoint | None, worl
             scaler.load_state_dict(saved.meta["grad_scaler"])  # else the scale starts over, and overflows
     state = TrainState(model, optimizer, scaler, nets, prepared.autocast, cfg.model.a_l1, cfg.optim.clip_grad,
                        cfg.optim.accum_steps)
+    if rt.cuda_graphs and device.type != "cuda" and notify:
+        notify(f"cuda_graphs replays a step on a GPU; on {device.type} the step is compiled without them")
     if rt.compile:  # the whole forward and backward; bucketed masks: one graph per shape
-        compile_forward(state, dynamic=False if cfg.masks.bucket else None)
+        compile_forward(state, dynamic=False if cfg.masks.bucket else None,
+                        cuda_graphs=rt.cuda_graphs and device.type == "cuda")
     return state, rt.compile

@@ -121,13 +121,14 @@ def loss_and_features(nets: Nets, autocast, a_l1: float, images: torch.Tensor, c
     return loss, stats["target_features"][0]
 
 
-def compile_forward(state: TrainState, dynamic: bool | None = None) -> None:
+def compile_forward(state: TrainState, dynamic: bool | None = None, cuda_graphs: bool = False) -> None:
     """Compile the step's forward (both encoders, the predictor, the loss) and so its
     backward as one graph each, instead of block by block; `dynamic=False` keeps one graph per
-    mask shape (bucketed masks meet few). `train.fit.compile_guard` undoes it on a failure."""
+    mask shape (bucketed masks meet few); `cuda_graphs` replays them as CUDA graphs (see
+    `runtime.compiled`). `train.fit.compile_guard` undoes it on a failure."""
     state.nets.copies = None  # the compiled step fuses autocast's casts into its kernels
     state.forward = runtime.compiled(partial(loss_and_features, state.nets, state.autocast, state.a_l1),
-                                     dynamic=dynamic)
+                                     dynamic=dynamic, cuda_graphs=cuda_graphs)
 
 
 def jepa_loss(nets: Nets, batch: StepInputs, autocast, a_l1: float = 0.0, stats: dict | None = None):
