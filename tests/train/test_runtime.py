@@ -89,7 +89,7 @@ def test_compile_failure_in_a_training_step_falls_back_to_eager(tiny_cfg, tmp_pa
     import stoptool.train.runtime as runtime_module
     from stoptool.train.pretrain import pretrain
 
-    def failing_compile(fn, dynamic=None):
+    def failing_compile(fn, dynamic=None, cuda_graphs=False):
         def fail(*args, **kwargs):
             raise FakeInductorError("ImportError: kernel.so: file too short")
 
