@@ -322,8 +322,8 @@ class Nets:
         reentrant = use_reentrant_ckpt() and self.model.encoder.grad_checkpointing
         if not usable(dtype, self.world.distributed, reentrant):
             return False
-        m = self.model
-        self.copies = WeightCopies((m.encoder, m.predictor, m.target_encoder), dtype)
+        m = self.model  # (A is read outside its layer too: OnlineNet's l1 penalty takes it in fp32)
+        self.copies = WeightCopies((m.encoder, m.predictor, m.target_encoder), dtype, keep=(m.predictor.A,))
         return True
 
     def weights_for_step(self) -> AbstractContextManager:

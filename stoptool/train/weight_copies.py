@@ -14,8 +14,11 @@ process the step can instead keep a low-precision copy of each of those weights:
 
 The arithmetic is autocast's, bit for bit: the same weights rounded the same way, the same
 low-precision gradients, widened exactly (`tests/train/test_weight_copies.py`). Only the
-weights autocast would cast are copied: those of `nn.Linear` and `nn.Conv2d`. The fp32
-weights stay the model's: the optimizer, the EMA and checkpoints never see a copy.
+weights autocast would cast are copied: those of `nn.Linear` and `nn.Conv2d`, less any the
+step also reads outside the layer's call (StoP's A, whose l1 penalty is taken in fp32). The
+fp32 weights stay the model's: the optimizer, the EMA and checkpoints never see a copy. The
+copies live from step to step (2 bytes a copied weight); the widened gradients are made each
+step, as the engine makes them, and `zero_grad` frees them.
 
 Not used where gradients leave through the engine's per-weight hooks (DDP, FSDP, timm's
 reentrant recomputation: they would land in the copies), or where the step is compiled (the
@@ -37,21 +40,24 @@ def usable(dtype: torch.dtype, distributed: bool, reentrant_recompute: bool) -> 
 
 
 class WeightCopies:
-    """A low-precision copy of each linear's and convolution's weight and bias in `modules`."""
+    """A low-precision copy of each linear's and convolution's weight and bias in `modules`,
+    but for those in `keep` (weights the step also reads outside their layer's call)."""
 
-    def __init__(self, modules: Iterable[nn.Module], dtype: torch.dtype):
+    def __init__(self, modules: Iterable[nn.Module], dtype: torch.dtype, keep: Iterable[torch.Tensor] = ()):
+        kept = {id(t) for t in keep}
         self._slots = []  # (module, attribute, fp32 weight, copy)
         for root in modules:
             for module in root.modules():
                 if not isinstance(module, CAST_BY_AUTOCAST):
                     continue
                 for name, weight in module.named_parameters(recurse=False):
+                    if id(weight) in kept:
+                        continue
                     copy = torch.empty_like(weight, dtype=dtype).requires_grad_(weight.requires_grad)
                     self._slots.append((module, name, weight, copy))
         self._weights = [s[2] for s in self._slots]
         self._copies = [s[3] for s in self._slots]
         self._weight_of = {id(s[3]): s[2] for s in self._slots}
-        self._grads = {}  # id(fp32 weight) -> the buffer its gradient is widened into, kept from step to step
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -76,20 +82,14 @@ class WeightCopies:
         """The fp32 weight a copy was cast from; any other tensor is its own."""
         return self._weight_of.get(id(tensor), tensor)
 
-    def grad_buffer(self, weight: torch.Tensor) -> torch.Tensor:
-        buffer = self._grads.get(id(weight))
-        if buffer is None:  # the layout of the weight, as the engine gives a .grad
-            buffer = self._grads[id(weight)] = torch.empty_like(weight)
-        return buffer
-
 
 def add_into_grad(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None],
                   copies: WeightCopies | None = None) -> None:
-    """Each gradient added into its weight's `.grad`, as `loss.backward()` leaves it, in at most
-    two foreach operators: where `.grad` is None it becomes the gradient (a copy's, widened
-    into a kept buffer), else the gradient is added. A None gradient (a weight the loss does
-    not reach) leaves `.grad` as it is. `params` may hold `copies`' copies in place of weights."""
-    widen_into, widen_from, held, adding = [], [], [], []
+    """Each gradient added into its weight's `.grad`, as `loss.backward()` leaves it, in a few
+    foreach operators: where `.grad` is None it becomes the gradient (a copy's, widened to the
+    weight's dtype), else the gradient is added. A None gradient (a weight the loss does not
+    reach) leaves `.grad` as it is. `params` may hold `copies`' copies in place of weights."""
+    narrow, widen, held, adding = [], [], [], []
     for p, g in zip(params, grads, strict=True):
         if g is None:
             continue
@@ -100,10 +100,16 @@ def add_into_grad(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor |
         elif weight is p:
             weight.grad = g
         else:
-            weight.grad = copies.grad_buffer(weight)
-            widen_into.append(weight.grad)
-            widen_from.append(g)
-    if widen_into:
-        torch._foreach_copy_(widen_into, widen_from)
+            narrow.append(g)
+            widen.append(weight)
+    if widen:
+        # fp32 tensors laid out like the weights, made in one operator (an out-of-place foreach
+        # operator allocates its results), outside autograd; the copy overwrites them with the
+        # gradients, exactly
+        with torch.no_grad():
+            widened = torch._foreach_mul(widen, 0.0)
+            torch._foreach_copy_(widened, narrow)
+        for weight, grad in zip(widen, widened, strict=True):
+            weight.grad = grad
     if held:
         torch._foreach_add_(held, adding)

@@ -59,6 +59,7 @@ def _assert_same(a, b, seen_a, seen_b):
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
             assert torch.equal(p.grad, q.grad) and p.grad.stride() == q.grad.stride(), name
+            assert not p.grad.requires_grad and p.grad.dtype == torch.float32, name  # a plain fp32 gradient
         sa, sb = a.optimizer.state.get(p), b.optimizer.state.get(q)
         assert (sa is None) == (sb is None), name
         if sa is not None:
@@ -69,7 +70,8 @@ def _assert_same(a, b, seen_a, seen_b):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_steps_on_copies_are_autocasts_steps_bit_for_bit(tiny_cfg, precision):
     cfg = tiny_cfg(sigma=0.25, pred_depth=2)
-    a, b = _states(cfg, precision, clip_grad=1.0, accum_steps=2)  # micro-batches add into .grad
+    # micro-batches add into .grad; StoP's l1 penalty reads A, a linear's weight, outside the layer
+    a, b = _states(cfg, precision, clip_grad=1.0, accum_steps=2, a_l1=1e-3)
     batches = _batches(cfg, 3)
     seen_a, seen_b = _run(a, batches), _run(b, batches)
     assert seen_a[0][0] != seen_a[-1][0]  # the weights moved between steps, and the copies with them
