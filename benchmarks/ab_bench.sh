@@ -7,7 +7,8 @@
 # tree's folder, with PYTHONPATH=TREE: Python puts the current folder first on its path, ahead
 # of PYTHONPATH, so a run started elsewhere (in a checkout installed in editable mode, say)
 # would import that checkout's stoptool instead. The first line of each run names the file
-# it imported.
+# it imported. Relative paths in ARGS (--config FILE, a data set's folder) resolve inside each
+# tree, so give absolute ones.
 set -euo pipefail
 a=$(realpath "$1") b=$(realpath "$2") out=$3 rounds=$4
 shift 5

@@ -104,13 +104,14 @@ def bench(cfg: BenchConfig) -> dict:
         "attn": prepared.attn,
         "torch_threads": torch.get_num_threads(),
         "compiled": prepared.compiled,
-        "cuda_graphs": cfg.cuda_graphs and prepared.compiled and device.type == "cuda",
+        "cuda_graphs": (cfg.cuda_graphs and prepared.compiled and device.type == "cuda"
+                        and cfg.what != "extract"),  # (a training step's, as --what train and host time it)
     }
     if prepared.compile_failure:
         result["compile_failed"] = prepared.compile_failure
 
     def compile_failed(reason: str) -> None:
-        result.update(compiled=False, compile_failed=reason)
+        result.update(compiled=False, cuda_graphs=False, compile_failed=reason)
 
     images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
     work = _extract_work if cfg.what == "extract" else _train_work

@@ -189,9 +189,9 @@ class RuntimeConfig:
                            "loss) as one graph, and so its backward; falls back to eager, with a note, where "
                            "it fails.")
     cuda_graphs: bool = option(False, "With compile, on a GPU: replay the compiled step as CUDA graphs "
-                               "(torch.compile's reduce-overhead mode; one graph per mask shape: use "
-                               "masks.bucket). Experimental: not yet run on a GPU. A CPU compiles as "
-                               "without it.")
+                               "(torch.compile's reduce-overhead mode; one graph per mask shape, so it "
+                               "needs masks.bucket, and accum_steps 1). Experimental: not yet run on a GPU. "
+                               "A CPU compiles as without it.")
     grad_checkpoint: bool = option(False, "Recompute activations to save memory.")
     fsdp: bool = option(False, "Under torchrun, shard weights, gradients and optimizer state across the "
                         "processes (FSDP) instead of a whole replica in each (DDP); bf16 or fp32, not with "
@@ -209,6 +209,18 @@ class RuntimeConfig:
             raise UserError("fsdp and compile do not go together: drop one of them", key="fsdp")
         if self.cuda_graphs and not self.compile:
             raise UserError("cuda_graphs replays the compiled step: add --compile", key="cuda_graphs")
+
+
+def check_cuda_graphs(accum_steps: int, mask_bucket: int) -> None:
+    """What CUDA-graph replay of the step needs: one backward a step (a replay writes over the
+    gradients of the one before it) and few mask shapes (one graph each)."""
+    if accum_steps > 1:
+        raise UserError(f"cuda_graphs replays one backward a step: accum_steps {accum_steps} would have "
+                        "each micro-batch overwrite the last one's gradients; drop one of them",
+                        key="cuda_graphs")
+    if not mask_bucket:
+        raise UserError("cuda_graphs records a graph for each mask shape: round the context lengths "
+                        "with masks.bucket (--mask-bucket 8, say)", key="cuda_graphs")
 
 
 LOGGERS = ("jsonl", "csv", "tensorboard", "wandb")
@@ -276,6 +288,8 @@ class PretrainConfig:
         for section in (self.model, self.data, self.optim, self.runtime, self.watch):
             section.validate()
         self.mask_config().validate()  # the masks on this image's patch grid
+        if self.runtime.cuda_graphs:
+            check_cuda_graphs(self.optim.accum_steps, self.masks.bucket)
         return self
 
 
@@ -502,6 +516,8 @@ class BenchConfig:
             raise UserError("devices splits a preset's batch: give a preset with --config too", key="devices")
         if self.cuda_graphs and not self.compile:
             raise UserError("cuda_graphs replays the compiled step: add --compile", key="cuda_graphs")
+        if self.cuda_graphs and self.what in ("train", "host"):
+            check_cuda_graphs(self.accum_steps, self.mask_bucket if self.vary_masks else 1)
         if self.batch_size % self.accum_steps:
             raise UserError(f"batch_size {self.batch_size} does not split into accum_steps "
                             f"{self.accum_steps} equal micro-batches: make it a multiple", key="accum_steps")

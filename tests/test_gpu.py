@@ -137,8 +137,11 @@ def test_cuda_graphs_replay_the_eager_steps_losses_in_bf16(tiny_cfg, tmp_path):
     assert _close(losses["eager"], losses["graphs"]), losses
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or not gpu_has_bf16(torch.device("cuda")),
+                    reason="needs a GPU with bf16")
 def test_a_bf16_step_on_weight_copies_matches_autocasts_on_the_gpu(tiny_cfg):
-    """The weights cast once a step (train.weight_copies) against autocast's casts, on the GPU."""
+    """The weights cast once a step (train.weight_copies) against autocast's casts, on the GPU:
+    the same losses and weights up to the order of the GPU's atomic adds."""
     from stoptool.masks import MaskSampler
     from stoptool.models.jepa import build_jepa
     from stoptool.train.runtime import autocast_factory
@@ -148,7 +151,7 @@ def test_a_bf16_step_on_weight_copies_matches_autocasts_on_the_gpu(tiny_cfg):
     cfg = tiny_cfg(device="cuda", precision="bf16", pred_depth=2)
     sampler, gen = MaskSampler(cfg.mask_config()), torch.Generator().manual_seed(0)
     batches = [(torch.randn(8, 3, 16, 16, generator=gen), *sampler(8, gen)) for _ in range(3)]
-    losses = []
+    losses, weights = [], []
     for copies in (True, False):
         torch.manual_seed(0)
         model = build_jepa(cfg.model).cuda().train()
@@ -162,7 +165,10 @@ def test_a_bf16_step_on_weight_copies_matches_autocasts_on_the_gpu(tiny_cfg):
             step = StepInputs(images.cuda(), ctx.cuda(), tgt.cuda())
             out.append(train_step(state, step, Hyper(1e-3, 0.04, 0.99)).loss.item())
         losses.append(out)
+        weights.append({k: v.cpu() for k, v in model.state_dict().items() if v.is_floating_point()})
     assert _close(losses[1], losses[0]), losses
+    assert all(v.dtype == torch.float32 for v in weights[0].values())  # no copy left in a module
+    assert _gap(weights[0], weights[1]) < 1e-4, _gap(weights[0], weights[1])
 
 
 def test_the_command_line_trains_and_probes_on_the_gpu(tmp_path):

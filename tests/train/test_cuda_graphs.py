@@ -37,6 +37,16 @@ def test_cuda_graphs_without_compile_is_refused(tiny_cfg):
         BenchConfig(cuda_graphs=True).validate()
     with pytest.raises(UserError, match="add --compile"):
         tiny_cfg(cuda_graphs=True)
+    # a replay writes over the last one's gradients, and records a graph per mask shape
+    with pytest.raises(UserError, match="accum_steps 2 would have each micro-batch overwrite"):
+        tiny_cfg(compile=True, cuda_graphs=True, mask_bucket=8, accum_steps=2)
+    with pytest.raises(UserError, match="round the context lengths with masks.bucket"):
+        tiny_cfg(compile=True, cuda_graphs=True)
+    with pytest.raises(UserError, match="accum_steps 2"):
+        BenchConfig(compile=True, cuda_graphs=True, batch_size=8, accum_steps=2).validate()
+    with pytest.raises(UserError, match="masks.bucket"):
+        BenchConfig(compile=True, cuda_graphs=True, vary_masks=True).validate()
+    BenchConfig(compile=True, cuda_graphs=True).validate()  # one fixed batch: one mask shape
 
 
 def test_on_a_cpu_the_step_is_compiled_without_graphs_and_says_so(tiny_cfg, monkeypatch):
@@ -47,7 +57,7 @@ def test_on_a_cpu_the_step_is_compiled_without_graphs_and_says_so(tiny_cfg, monk
         return fn  # run eagerly: what is checked is the request
 
     monkeypatch.setattr(runtime, "compiled", record)
-    cfg = tiny_cfg(compile=True, cuda_graphs=True)
+    cfg = tiny_cfg(compile=True, cuda_graphs=True, mask_bucket=8)
     notes = []
     state, compiled = build_state(cfg, build_jepa(cfg.model), None, World(), torch.device("cpu"), "fp32",
                                   notes.append)
