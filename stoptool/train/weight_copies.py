@@ -9,8 +9,8 @@ process the step can instead keep a low-precision copy of each of those weights:
   (the copies serve all of the step's micro-batches; the weights change only after them);
 - `swapped` runs the networks on the copies (autocast casts nothing already in its dtype),
   forward and backward, so that a block recomputed in the backward reads them too;
-- the backward takes the copies' gradients, and `add_into_grad` widens them into the fp32
-  weights' `.grad` in one foreach operator.
+- the backward takes the copies' gradients, and `add_into_grad` widens them into fp32
+  `.grad` tensors in two foreach operators (one makes the tensors, one fills them).
 
 The arithmetic is autocast's, bit for bit: the same weights rounded the same way, the same
 low-precision gradients, widened exactly (`tests/train/test_weight_copies.py`). Only the
