@@ -207,13 +207,13 @@ class RuntimeConfig:
             raise UserError("out is empty: give a run directory, or leave it out for the default", key="out")
         if self.fsdp and self.compile:
             raise UserError("fsdp and compile do not go together: drop one of them", key="fsdp")
-        if self.cuda_graphs and not self.compile:
-            raise UserError("cuda_graphs replays the compiled step: add --compile", key="cuda_graphs")
 
 
-def check_cuda_graphs(accum_steps: int, mask_bucket: int) -> None:
-    """What CUDA-graph replay of the step needs: one backward a step (a replay writes over the
-    gradients of the one before it) and few mask shapes (one graph each)."""
+def check_cuda_graphs(compile: bool, accum_steps: int, mask_bucket: int) -> None:
+    """What CUDA-graph replay of the step needs: a compiled step, one backward a step (a replay
+    writes over the gradients of the one before it) and few mask shapes (one graph each)."""
+    if not compile:
+        raise UserError("cuda_graphs replays the compiled step: add --compile", key="cuda_graphs")
     if accum_steps > 1:
         raise UserError(f"cuda_graphs replays one backward a step: accum_steps {accum_steps} would have "
                         "each micro-batch overwrite the last one's gradients; drop one of them",
@@ -289,7 +289,7 @@ class PretrainConfig:
             section.validate()
         self.mask_config().validate()  # the masks on this image's patch grid
         if self.runtime.cuda_graphs:
-            check_cuda_graphs(self.optim.accum_steps, self.masks.bucket)
+            check_cuda_graphs(self.runtime.compile, self.optim.accum_steps, self.masks.bucket)
         return self
 
 
@@ -514,10 +514,10 @@ class BenchConfig:
         check_fields(self)
         if self.devices != 1 and not self.config:
             raise UserError("devices splits a preset's batch: give a preset with --config too", key="devices")
-        if self.cuda_graphs and not self.compile:
-            raise UserError("cuda_graphs replays the compiled step: add --compile", key="cuda_graphs")
-        if self.cuda_graphs and self.what in ("train", "host"):
-            check_cuda_graphs(self.accum_steps, self.mask_bucket if self.vary_masks else 1)
+        if self.cuda_graphs:  # a fixed batch meets one mask shape; extraction has no backward
+            step = self.what in ("train", "host")
+            check_cuda_graphs(self.compile, self.accum_steps if step else 1,
+                              self.mask_bucket if step and self.vary_masks else 1)
         if self.batch_size % self.accum_steps:
             raise UserError(f"batch_size {self.batch_size} does not split into accum_steps "
                             f"{self.accum_steps} equal micro-batches: make it a multiple", key="accum_steps")
