@@ -121,8 +121,9 @@ class FinetuneConfig:
                                 "lr × layer_decay^d (1: none).", positive=True, high=1)
     clip_grad: float | None = option(None, "Clip the gradient norm to this (0 or none: no clipping).", low=0,
                                      default_text="no clipping")
-    by_size: dict = option({}, "Values by the encoder's size letter (t, s, b, l, h, g), e.g. {b: {drop_path: "
-                           "0.1}}: they apply over the preset's own once the arch is known.", cli=False)
+    by_size: dict = option({}, "Values by the encoder's size letter (n, t, s, b, l, h, g), e.g. "
+                           "{b: {drop_path: 0.1}}: they apply over the preset's own once the arch is known.",
+                           cli=False)
     # -- runtime
     out: str | None = like(RuntimeConfig, "out", default_text="runs/finetune-<data>-<source>")
     seed: int = like(RuntimeConfig, "seed", help="Seed of the head, the data order, the augmentation, the "

@@ -33,8 +33,9 @@ from stoptool.models.archs import parse_arch
 
 # A registered timm name per size letter; the shape keyword arguments make it the right network.
 TIMM_NAMES = {
-    "t": "vit_tiny_patch16_224", "s": "vit_small_patch16_224", "b": "vit_base_patch16_224",
-    "l": "vit_large_patch16_224", "h": "vit_huge_patch14_224", "g": "vit_giant_patch14_224",
+    "n": "vit_tiny_patch16_224", "t": "vit_tiny_patch16_224", "s": "vit_small_patch16_224",
+    "b": "vit_base_patch16_224", "l": "vit_large_patch16_224", "h": "vit_huge_patch14_224",
+    "g": "vit_giant_patch14_224",
 }
 
 
@@ -57,7 +58,7 @@ def timm_model_args(arch: str, img_size: int, num_classes: int = 0) -> tuple[str
     """A registered model name and the keyword arguments that make it this encoder (with a
     linear head of `num_classes` outputs: the fine-tuned classifier)."""
     spec, patch = parse_arch(arch)
-    size = {"t": "tiny", "s": "small", "b": "base", "l": "large", "h": "huge", "g": "giant"}
+    size = {"n": "nano", "t": "tiny", "s": "small", "b": "base", "l": "large", "h": "huge", "g": "giant"}
     letter = arch[len("vit_")]
     exact = f"vit_{size[letter]}_patch{patch}_{img_size}"
     try:

@@ -17,8 +17,12 @@ class ArchSpec:
     mlp_ratio: float = 4.0
 
 
-# Widths, depths and heads of the ViT family (the size letter of the arch name).
+# Widths, depths and heads of the ViT family (the size letter of the arch name). `n` (nano) is
+# stoptool's own, not a paper size: 4 blocks 96 wide, for smoke tests of a pipeline and for the
+# test suite, a few times cheaper a step than ViT-T. Each size has a width of its own (checkpoint
+# import names the size by its width).
 ARCHS: dict[str, ArchSpec] = {
+    "n": ArchSpec(96, 4, 3),
     "t": ArchSpec(192, 12, 3),
     "s": ArchSpec(384, 12, 6),
     "b": ArchSpec(768, 12, 12),
@@ -27,7 +31,7 @@ ARCHS: dict[str, ArchSpec] = {
     "g": ArchSpec(1408, 40, 16, 48 / 11),
 }
 
-_ARCH_RE = re.compile(r"^vit_([tsblhg])(\d+)$")
+_ARCH_RE = re.compile(rf"^vit_([{''.join(ARCHS)}])(\d+)$")
 
 
 def parse_arch(name: str) -> tuple[ArchSpec, int]:

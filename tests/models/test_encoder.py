@@ -7,7 +7,8 @@ import timm
 import torch
 
 from stoptool.errors import UserError
-from stoptool.models.archs import parse_arch
+from stoptool.io.official import infer_arch
+from stoptool.models.archs import ARCHS, parse_arch
 from stoptool.models.encoder import build_encoder, encode
 from stoptool.models.pos_embed import sincos_2d
 
@@ -73,6 +74,17 @@ def test_context_encoder_sees_only_kept_patches():
 def test_unknown_arch_is_a_user_error(name):
     with pytest.raises(UserError, match="unknown arch"):
         parse_arch(name)
+
+
+def test_each_size_has_a_width_of_its_own_and_nano_is_four_narrow_blocks(tmp_path):
+    """Import names a checkpoint's size by its width alone; the smoke-test size `n` is 4 blocks
+    96 wide, and a state dict of it is named back as vit_n."""
+    widths = [spec.width for spec in ARCHS.values()]
+    assert len(set(widths)) == len(widths)
+    model = build_encoder("vit_n2", 16)
+    assert len(model.blocks) == 4 and model.embed_dim == 96 and model.blocks[0].attn.num_heads == 3
+    assert infer_arch(model.state_dict(), tmp_path / "enc.pth") == ("vit_n2", 16)
+    assert infer_arch(build_encoder("vit_t2", 16).state_dict(), tmp_path / "enc.pth") == ("vit_t2", 16)
 
 
 def test_image_size_must_divide_by_patch():
