@@ -28,9 +28,9 @@ def pytest_xdist_auto_num_workers(config):
 
 
 def tiny_config(**kw) -> PretrainConfig:
-    """vit_t2 at 16 px (an 8×8 grid) with a one-block predictor 48 wide."""
+    """vit_n2 at 16 px (an 8×8 grid) with a one-block predictor 48 wide."""
     base = dict(
-        arch="vit_t2",
+        arch="vit_n2",
         img_size=16,
         pred_width=48,
         pred_depth=1,

@@ -14,7 +14,7 @@ from stoptool.flops import encoder_flops, train_step_flops
 runner = CliRunner(env={"COLUMNS": "200"})
 TINY = [
     "--arch",
-    "vit_t2",
+    "vit_n2",
     "--img-size",
     "16",
     "--batch-size",
@@ -40,7 +40,7 @@ def test_train_bench_json(tmp_path):
     assert result.exit_code == 0, result.output
     r = json.loads(out.read_text())
     assert r["img_per_s_min"] <= r["img_per_s"] <= r["img_per_s_max"]
-    expected = train_step_flops("vit_t2", 16, 48, 1, r["context_tokens"], r["target_tokens"], 4).total
+    expected = train_step_flops("vit_n2", 16, 48, 1, r["context_tokens"], r["target_tokens"], 4).total
     assert r["flops_per_image"] == expected
     assert r["achieved_flops"] == pytest.approx(expected * r["img_per_s"])
     assert r["share_of_matmul_rate"] == pytest.approx(r["achieved_flops"] / r["matmul_flops"])
@@ -51,7 +51,7 @@ def test_train_bench_json(tmp_path):
 def test_train_bench_defaults_to_what_pretrain_runs(tmp_path):
     """Without size or predictor flags the bench times the step `stoptool pretrain` would run."""
     out = tmp_path / "d.json"
-    args = ["bench", "--arch", "vit_t2", "--batch-size", "2", "--steps", "1", "--warmup", "0"]
+    args = ["bench", "--arch", "vit_n2", "--batch-size", "2", "--steps", "1", "--warmup", "0"]
     result = runner.invoke(app, [*args, "--repeats", "1", "--precision", "fp32", "--json", str(out)])
     assert result.exit_code == 0, result.output
     r = json.loads(out.read_text())
@@ -63,7 +63,7 @@ def test_extract_bench_counts_a_forward(tmp_path):
     out = tmp_path / "e.json"
     result = runner.invoke(app, ["bench", *TINY, "--what", "extract", "--json", str(out)])
     assert result.exit_code == 0, result.output
-    assert json.loads(out.read_text())["flops_per_image"] == encoder_flops("vit_t2", 16)
+    assert json.loads(out.read_text())["flops_per_image"] == encoder_flops("vit_n2", 16)
 
 
 def test_mask_bench(tmp_path):
@@ -104,7 +104,7 @@ def shards(image_folder, tmp_path_factory):
 def test_data_bench_times_the_input_pipeline_alone(source, image_folder, shards, tmp_path):
     dataset = {"digits": "digits", "folder": str(image_folder), "shards": str(shards)}[source]
     out = tmp_path / "d.json"
-    result = runner.invoke(app, ["bench", "--what", "data", "--dataset", dataset, "--arch", "vit_t2",
+    result = runner.invoke(app, ["bench", "--what", "data", "--dataset", dataset, "--arch", "vit_n2",
                                  "--img-size", "16", "--batch-size", "4", "--steps", "2", "--repeats", "2",
                                  "--hflip", "0.5", "--json", str(out)])
     assert result.exit_code == 0, result.output
@@ -152,7 +152,7 @@ def test_the_matmul_rate_is_measured_on_products_of_at_most_a_second(seconds_at_
 
 
 TINY_PRESET = {
-    "arch": "vit_t2", "img_size": 16, "pred_width": 48, "pred_depth": 1, "num_targets": 2,
+    "arch": "vit_n2", "img_size": 16, "pred_width": 48, "pred_depth": 1, "num_targets": 2,
     "dataset": "digits", "epochs": 2, "batch_size": 8, "precision": "fp32", "device": "cpu",
 }
 TIMING = ["--steps", "1", "--warmup", "1", "--repeats", "2"]
@@ -167,8 +167,8 @@ def test_bench_config_times_the_presets_step_and_projects_its_schedule(tmp_path)
     r = json.loads(out.read_text())
     # the preset's model, masks and batch were timed
     timed = (r["arch"], r["img_size"], r["pred_width"], r["pred_depth"], r["batch_size"])
-    assert timed == ("vit_t2", 16, 48, 1, 8)
-    counted = train_step_flops("vit_t2", 16, 48, 1, r["context_tokens"], r["target_tokens"], 2)  # 2 targets
+    assert timed == ("vit_n2", 16, 48, 1, 8)
+    counted = train_step_flops("vit_n2", 16, 48, 1, r["context_tokens"], r["target_tokens"], 2)  # 2 targets
     assert r["flops_per_image"] == counted.total
     # digits: 1,347 training images, 168 steps of 8 an epoch, 2 epochs
     assert (r["dataset_images"], r["iterations_per_epoch"], r["schedule_steps"]) == (1347, 168, 336)
@@ -247,7 +247,7 @@ def test_bench_with_new_masks_every_step_counts_the_shapes_met_and_splits_micro_
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     r = json.loads(out.read_text())
-    cfg = config_from_dict({"arch": "vit_t2", "img_size": 16, "pred_width": 48, "pred_depth": 1})
+    cfg = config_from_dict({"arch": "vit_n2", "img_size": 16, "pred_width": 48, "pred_depth": 1})
     sampler, gen = MaskSampler(cfg.mask_config()), torch.Generator().manual_seed(0)
     draws = [sampler(4, gen) for _ in range(1 + 1 + 3 * 2)]
     assert r["mask_shapes"] == len({(c.shape[1], t.shape[2]) for c, t in draws}) >= 2

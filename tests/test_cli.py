@@ -14,7 +14,7 @@ from stoptool.cli import app
 runner = CliRunner(env={"COLUMNS": "400"})
 TINY = [
     "--arch",
-    "vit_t2",
+    "vit_n2",
     "--img-size",
     "16",
     "--pred-width",
@@ -41,10 +41,10 @@ def test_tiny_pretrain_writes_the_run_directory(tmp_path):
     assert str(out / "latest.safetensors") in result.output
     info = runner.invoke(app, ["info", str(out / "latest.safetensors")])
     assert info.exit_code == 0
-    for text in ("vit_t2", "sigma", "0.25", "step", "encoder params"):
+    for text in ("vit_n2", "sigma", "0.25", "step", "encoder params"):
         assert text in info.output
     meta = json.loads(runner.invoke(app, ["info", str(out / "latest.safetensors"), "--json"]).stdout)
-    assert [meta[k] for k in ("arch", "img_size", "patch", "sigma", "step")] == ["vit_t2", 16, 2, 0.25, 2]
+    assert [meta[k] for k in ("arch", "img_size", "patch", "sigma", "step")] == ["vit_n2", 16, 2, 0.25, 2]
     # the run directory itself stands for its latest checkpoint
     assert runner.invoke(app, ["info", str(out)]).output == info.output
     exported = runner.invoke(app, ["export", str(out), str(tmp_path / "enc.safetensors")])

@@ -15,12 +15,12 @@ from stoptool.cli import app
 from stoptool.train.runtime import cpu_has_fast_bf16
 
 runner = CliRunner(env={"COLUMNS": "400"})
-TINY = ["--arch", "vit_t2", "--img-size", "16", "--pred-width", "48", "--pred-depth", "1",
+TINY = ["--arch", "vit_n2", "--img-size", "16", "--pred-width", "48", "--pred-depth", "1",
         "--batch-size", "8", "--precision", "fp32", "--device", "cpu", "--workers", "0", "-q",
         "--eval-every", "0"]  # the online k-NN has tests of its own (tests/train/test_watch.py)
 
 
-@pytest.mark.parametrize("command", [["pretrain", *TINY], ["probe", "--random-init", "--arch", "vit_t2"]])
+@pytest.mark.parametrize("command", [["pretrain", *TINY], ["probe", "--random-init", "--arch", "vit_n2"]])
 def test_a_dataset_path_that_does_not_exist_is_named_as_a_path(tmp_path, command):
     missing = str(tmp_path / "data" / "imagenet")
     result = runner.invoke(app, [*command, "--dataset", missing, "--out", str(tmp_path / "out")])
@@ -160,13 +160,13 @@ def test_a_resume_with_another_arch_names_the_arch_before_what_the_new_arch_impl
 
     run = tmp_path / "run"
     cfg = tiny_cfg(out=str(run))
-    meta = {"kind": "pretrain", "arch": "vit_t2", "img_size": 16, "step": 3, "iterations_per_epoch": 168,
+    meta = {"kind": "pretrain", "arch": "vit_n2", "img_size": 16, "step": 3, "iterations_per_epoch": 168,
             "config": cfg.to_dict()}
     save_checkpoint(run / LATEST, Checkpoint(meta, {"w": torch.zeros(1)}))
     for arch in ("vit_t4", "vit_s2"):
         result = runner.invoke(app, ["pretrain", *TINY, "--arch", arch, "--out", str(run)])
         assert result.exit_code == 2
-        assert result.stderr == (f"error: '{run / LATEST}' holds a run with arch='vit_t2', not '{arch}': "
+        assert result.stderr == (f"error: '{run / LATEST}' holds a run with arch='vit_n2', not '{arch}': "
                                  "pass --no-resume to start over there, or --out for a new run directory\n")
     fresh = runner.invoke(app, ["pretrain", *TINY, "--arch", "vit_t4", "--out", str(run), "--no-resume"])
     assert fresh.exit_code == 2 and "patch" in fresh.stderr  # without the run, the sizes are what is wrong

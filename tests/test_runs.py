@@ -29,7 +29,7 @@ from stoptool.runs import (
 )
 
 runner = CliRunner(env={"COLUMNS": "400"})
-TINY = ["--arch", "vit_t2", "--img-size", "16", "--pred-width", "48", "--pred-depth", "1",
+TINY = ["--arch", "vit_n2", "--img-size", "16", "--pred-width", "48", "--pred-depth", "1",
         "--batch-size", "8", "--precision", "fp32", "--eval-every", "0", "--log", "jsonl", "--device", "cpu",
         "-q"]
 HOLD = ("import sys, time; from stoptool.runs import RunLock; RunLock(sys.argv[1], 'pretrain').acquire(); "
@@ -161,7 +161,7 @@ def plant_run(run_dir, step: int | None, epochs: int = 4, probe_step: int | None
     config = {"epochs": epochs, "steps": None, "sigma": 0.25, "seed": 0}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     if step is not None:
-        meta = {"kind": "pretrain", "arch": "vit_t2", "img_size": 16, "step": step, "iterations_per_epoch": 1,
+        meta = {"kind": "pretrain", "arch": "vit_n2", "img_size": 16, "step": step, "iterations_per_epoch": 1,
                 "config": config}
         save_checkpoint(run_dir / LATEST, Checkpoint(meta, {"w": torch.zeros(1)}))
     if stopped or (step is not None and step >= epochs):

@@ -40,7 +40,7 @@ def folder(tmp_path_factory) -> Path:
 
 
 def tiny_base(folder: Path) -> dict:
-    return dict(arch="vit_t2", img_size=16, pred_width=48, pred_depth=1, batch_size=8, steps=2,
+    return dict(arch="vit_n2", img_size=16, pred_width=48, pred_depth=1, batch_size=8, steps=2,
                 precision="fp32", device="cpu", workers=0, eval_every=0, log="jsonl", log_every=1,
                 dataset=str(folder))
 
@@ -73,7 +73,7 @@ def test_the_grid_expands_as_a_product_into_named_run_directories(tmp_path, fold
     assert names[-1] == "pred_pos=learned,sigma=0.25,seed=2"
     last = plan.runs[-1].cfg
     assert (last.model.pred_pos, last.model.sigma, last.runtime.seed) == ("learned", 0.25, 2)
-    assert (last.model.arch, last.model.pred_width) == ("vit_t2", 48)  # from base
+    assert (last.model.arch, last.model.pred_width) == ("vit_n2", 48)  # from base
     assert Path(last.runtime.out) == tmp_path / "out" / names[-1]
     # lists, paths and other characters become a name any file system takes
     grid = {"crop_scale": [[0.5, 1.0]], "dataset": [str(folder)]}

@@ -65,7 +65,7 @@ def test_probe_takes_it_by_name_and_other_splits_are_refused():
 
 
 def test_pretrain_on_it_records_the_data_set(tmp_path):
-    args = ["pretrain", "--dataset", "count", "--arch", "vit_t2", "--img-size", "16", "--pred-width",
+    args = ["pretrain", "--dataset", "count", "--arch", "vit_n2", "--img-size", "16", "--pred-width",
             "48", "--pred-depth", "1", "--batch-size", "8", "--precision", "fp32", "--steps", "1",
             "--eval-every", "0", "-q", "--out", str(tmp_path / "run")]
     result = CliRunner().invoke(app, args)

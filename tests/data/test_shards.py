@@ -147,7 +147,7 @@ def test_a_missing_or_cut_shard_is_one_clear_error(prepared, tmp_path):
     with pytest.raises(UserError, match=r"shard '.*train-000001.tar' of the prepared set is missing"):
         ShardDataset(copy, "train")
     out = tmp_path / "run"
-    result = runner.invoke(app, ["pretrain", "--dataset", str(copy), "--arch", "vit_t2", "--img-size", "16",
+    result = runner.invoke(app, ["pretrain", "--dataset", str(copy), "--arch", "vit_n2", "--img-size", "16",
                                  "--device", "cpu", "--out", str(out)])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert "missing" in result.output and not out.exists()
@@ -158,7 +158,7 @@ def test_a_missing_or_cut_shard_is_one_clear_error(prepared, tmp_path):
         ShardDataset(copy, "train")
 
 
-TINY = ["--arch", "vit_t2", "--img-size", "16", "--pred-width", "48", "--pred-depth", "1",
+TINY = ["--arch", "vit_n2", "--img-size", "16", "--pred-width", "48", "--pred-depth", "1",
         "--batch-size", "8", "--epochs", "2", "--device", "cpu", "--precision", "fp32", "--workers", "0",
         "--eval-every", "0", "--log-every", "1"]
 

@@ -27,10 +27,10 @@ from stoptool.train.checkpointer import model_tensors
 from stoptool.train.pretrain import model_meta
 
 runner = CliRunner()
-ARCH_PAIRS = [("vit_t2", 16), ("vit_s4", 32)]  # 3 and 6 heads: the query/key/value split differs
+ARCH_PAIRS = [("vit_n2", 16), ("vit_s4", 32)]  # 3 and 6 heads: the query/key/value split differs
 
 
-def make_checkpoint(path, arch="vit_t2", img=16, sigma=0.25):
+def make_checkpoint(path, arch="vit_n2", img=16, sigma=0.25):
     """A pretrain checkpoint whose target encoder has drifted from the context encoder."""
     cfg = config_from_dict(dict(arch=arch, img_size=img, pred_width=48, pred_depth=1, sigma=sigma,
                                 epochs=2)).validate()
@@ -135,10 +135,10 @@ def test_timm_local_dir_equals_the_timm_file_and_stoptools_encoder(tmp_path, run
 
 def test_the_timm_folder_loads_strictly(tmp_path, runs):
     """A weights file missing a tensor must fail in timm, not load a half-random model."""
-    out = export_folder(runs["vit_t2"][0], tmp_path / "hf", to="hf").out
+    out = export_folder(runs["vit_n2"][0], tmp_path / "hf", to="hf").out
     tensors = load_file(out / "model.safetensors")
     del tensors["blocks.3.attn.qkv.weight"]
-    save_checkpoint(out / "model.safetensors", Checkpoint({"arch": "vit_t2", "img_size": 16}, tensors))
+    save_checkpoint(out / "model.safetensors", Checkpoint({"arch": "vit_n2", "img_size": 16}, tensors))
     with pytest.raises(RuntimeError, match=r"blocks\.3\.attn\.qkv\.weight"):
         timm.create_model(f"local-dir:{out}", pretrained=True)
 
@@ -150,7 +150,7 @@ def test_uploaded_as_it_is_the_folder_loads_through_hf_hub(tmp_path, runs, monke
 
     import huggingface_hub.constants
 
-    out = export_folder(runs["vit_t2"][0], tmp_path / "hf", to="hf", push=None).out
+    out = export_folder(runs["vit_n2"][0], tmp_path / "hf", to="hf", push=None).out
     repo, commit = tmp_path / "cache" / "models--acme--stop-tiny", "0" * 40
     (repo / "snapshots" / commit).mkdir(parents=True)
     (repo / "refs").mkdir()
@@ -161,7 +161,7 @@ def test_uploaded_as_it_is_the_folder_loads_through_hf_hub(tmp_path, runs, monke
     hub = timm.create_model("hf-hub:acme/stop-tiny", pretrained=True, cache_dir=str(tmp_path / "cache"))
     x = images(16)
     with torch.no_grad():
-        expected = encode(runs["vit_t2"][1].target_encoder, x).mean(1)
+        expected = encode(runs["vit_n2"][1].target_encoder, x).mean(1)
         torch.testing.assert_close(hub.eval()(x), expected, rtol=1e-6, atol=1e-6)
 
 
@@ -218,10 +218,10 @@ def test_every_arch_size_maps_onto_ijepa_model(letter, ijepa_model, monkeypatch)
 def test_ijepa_models_own_names_are_read(ijepa_model):
     """transformers 5 names its modules otherwise than its files (layers.{i}.attention.q_proj):
     a state dict taken from the model itself maps onto timm's, with the same features."""
-    facts = {"arch": "vit_t2", "img_size": 16}
+    facts = {"arch": "vit_n2", "img_size": 16}
     torch.manual_seed(0)
-    theirs = ijepa_model(ijepa_config(facts, encoder_shapes("vit_t2", 16))).eval()
-    timm_model = timm.models.vision_transformer.VisionTransformer(**timm_kwargs("vit_t2", 16)).eval()
+    theirs = ijepa_model(ijepa_config(facts, encoder_shapes("vit_n2", 16))).eval()
+    timm_model = timm.models.vision_transformer.VisionTransformer(**timm_kwargs("vit_n2", 16)).eval()
     timm_model.load_state_dict(ijepa_to_timm(theirs.state_dict()))  # strict: every key, no other
     x = images(16)
     with torch.no_grad():
@@ -229,10 +229,10 @@ def test_ijepa_models_own_names_are_read(ijepa_model):
 
 
 def test_names_map_there_and_back_exactly():
-    state = {k: torch.randn(v.shape) for k, v in encoder_shapes("vit_t2", 16).items()}
+    state = {k: torch.randn(v.shape) for k, v in encoder_shapes("vit_n2", 16).items()}
     there = timm_to_ijepa(state)
     assert has_ijepa_names(there) and not has_ijepa_names(state)
-    assert "encoder.layer.11.attention.attention.value.bias" in there
+    assert "encoder.layer.3.attention.attention.value.bias" in there
     back = ijepa_to_timm({f"ijepa.{k}": v for k, v in there.items()})  # IJepaForImageClassification's
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
 
@@ -242,7 +242,7 @@ def test_names_map_there_and_back_exactly():
 
 @pytest.mark.parametrize("to", ["hf", "transformers"])
 def test_export_import_round_trip_keeps_features_and_facts(tmp_path, runs, to):
-    path, model = runs["vit_t2"]
+    path, model = runs["vit_n2"]
     folder = export_folder(path, tmp_path / to, to=to).out
     result = runner.invoke(app, ["import", str(folder), str(tmp_path / "back.safetensors")])
     assert result.exit_code == 0, result.output
@@ -250,7 +250,7 @@ def test_export_import_round_trip_keeps_features_and_facts(tmp_path, runs, to):
     meta = loaded.meta
     assert meta["source_layout"] == f"{'timm' if to == 'hf' else 'transformers'}-folder"
     facts = (meta["arch"], meta["img_size"], meta["sigma"], meta["step"], meta["epoch"])
-    assert facts == ("vit_t2", 16, 0.25, 5, 1)
+    assert facts == ("vit_n2", 16, 0.25, 5, 1)
     assert loaded.model.predictor is None
     x = images(16)
     with torch.no_grad():
@@ -258,7 +258,7 @@ def test_export_import_round_trip_keeps_features_and_facts(tmp_path, runs, to):
 
 
 def test_a_context_encoder_folder_comes_back_as_the_context_encoder(tmp_path, runs):
-    path, model = runs["vit_t2"]
+    path, model = runs["vit_n2"]
     folder = export_folder(path, tmp_path / "ctx", to="hf", which="context").out
     res = import_checkpoint(folder, tmp_path / "back.safetensors")
     assert res.parts == ["encoder"] and res.meta["which"] == "context"
@@ -268,7 +268,7 @@ def test_a_context_encoder_folder_comes_back_as_the_context_encoder(tmp_path, ru
 
 
 def test_info_describes_both_folders(tmp_path, runs):
-    path, _ = runs["vit_t2"]
+    path, _ = runs["vit_n2"]
     export_folder(path, tmp_path / "hf", to="hf", license="mit")
     export_folder(path, tmp_path / "tf", to="transformers")
     wide = CliRunner(env={"COLUMNS": "300"})
@@ -276,11 +276,11 @@ def test_info_describes_both_folders(tmp_path, runs):
                                  ("tf", "transformers IJepaModel folder", "not stated")):
         result = wide.invoke(app, ["info", str(tmp_path / name)])
         assert result.exit_code == 0, result.output
-        for text in (kind, "vit_t2", "0.25", "target", licensed, "digits", "model.safetensors"):
+        for text in (kind, "vit_n2", "0.25", "target", licensed, "digits", "model.safetensors"):
             assert text in result.output, (name, text, result.output)
     shown = json.loads(wide.invoke(app, ["info", str(tmp_path / "tf"), "--json"]).stdout)
     assert shown["layout"] == "transformers" and shown["meta"]["step"] == 5
-    assert shown["params"] == sum(t.numel() for t in encoder_shapes("vit_t2", 16).values())
+    assert shown["params"] == sum(t.numel() for t in encoder_shapes("vit_n2", 16).values())
 
 
 # -- the model card -------------------------------------------------------------------------
@@ -315,7 +315,7 @@ def test_model_card_holds_the_checkpoint_facts_and_this_encoders_probe_results(t
     front = front_matter(card)
     assert front["library_name"] == "timm" and front["license"] == "mit"
     assert {"stop", "ijepa"} <= set(front["tags"])
-    for fact in ("StoP (σ = 0.25)", "ViT-T/2", "16 × 16 px", "digits (1,797 images, 10 classes)",
+    for fact in ("StoP (σ = 0.25)", "ViT-N/2", "16 × 16 px", "digits (1,797 images, 10 classes)",
                  "| steps | 5 |", "| epochs | 1 of 2 |", "target encoder", "run.safetensors",
                  f"| {data} | knn | last | 100 % ({train:,}) | {100 * top1:.1f} % |",
                  "arXiv", "2308.00566", 'timm.create_model("hf-hub:ORG/NAME"'):
@@ -327,7 +327,7 @@ def test_model_card_holds_the_checkpoint_facts_and_this_encoders_probe_results(t
     code = code.replace("hf-hub:ORG/NAME", f"local-dir:{tmp_path / 'hf'}")
     scope: dict = {}
     exec(code, scope)
-    assert scope["features"].shape == (1, 192) and scope["tokens"].shape == (1, 64, 192)
+    assert scope["features"].shape == (1, 96) and scope["tokens"].shape == (1, 64, 96)
 
 
 def test_an_ijepa_card_says_ijepa_and_states_no_license_unless_given(tmp_path, ijepa_model):
@@ -345,7 +345,7 @@ def test_an_ijepa_card_says_ijepa_and_states_no_license_unless_given(tmp_path, i
 
 
 def test_bad_requests_are_one_line_errors_and_write_nothing(tmp_path, runs, monkeypatch):
-    run = str(runs["vit_t2"][0])
+    run = str(runs["vit_n2"][0])
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
@@ -387,12 +387,12 @@ def test_a_failure_while_writing_leaves_nothing_behind(tmp_path, runs, monkeypat
 
     monkeypatch.setattr(hub, "write_timm_folder", broken)
     with pytest.raises(OSError, match="disk full"):
-        export_folder(runs["vit_t2"][0], tmp_path / "hf", to="hf")
+        export_folder(runs["vit_n2"][0], tmp_path / "hf", to="hf")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_force_replaces_our_files_and_keeps_the_others(tmp_path, runs):
-    path, model = runs["vit_t2"]
+    path, model = runs["vit_n2"]
     out = tmp_path / "clone"
     (out / ".git").mkdir(parents=True)
     (out / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
@@ -434,7 +434,7 @@ def test_push_uploads_the_whole_folder_and_a_failure_says_how_to_retry(tmp_path,
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
     FakeHub.calls, FakeHub.fail = [], None
-    run = str(runs["vit_t2"][0])
+    run = str(runs["vit_n2"][0])
     result = runner.invoke(app, ["export", run, "--to", "hf", str(tmp_path / "hf"),
                                  "--push", "acme/stop-tiny"])
     assert result.exit_code == 0, result.output
@@ -454,7 +454,7 @@ def test_foreign_transformers_weights_import_without_a_folder(tmp_path, runs):
     """A bare IJepaModel state dict (the .safetensors of a Hub repository) imports too."""
     from safetensors.torch import save_file
 
-    path, model = runs["vit_t2"]
+    path, model = runs["vit_n2"]
     state = timm_to_ijepa(load_checkpoint(path).part("target_encoder"))
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "ijepa.safetensors"))
     res = import_checkpoint(tmp_path / "ijepa.safetensors", tmp_path / "back.safetensors")

@@ -49,14 +49,14 @@ def test_probe_prints_a_table_and_writes_json_beside_the_checkpoint(tmp_path, fo
     ckpt = make_ckpt(tmp_path / "run" / "latest.safetensors", tiny_cfg)
     result = probe(str(ckpt), "--dataset", str(folder), "--method", "all", cache_dir=tmp_path / "c")
     assert result.exit_code == 0, result.output
-    for text in ("method", "logreg", "linear", "knn", "top-1", "192", "24", "12"):
+    for text in ("method", "logreg", "linear", "knn", "top-1", "96", "24", "12"):
         assert text in result.stdout
     out = tmp_path / "run" / f"latest.probe-{folder.name}.json"
     doc = json.loads(out.read_text())
-    assert doc["arch"] == "vit_t2" and doc["which"] == "target" and doc["classes"] == 3
+    assert doc["arch"] == "vit_n2" and doc["which"] == "target" and doc["classes"] == 3
     rows = {r["method"]: r for r in doc["results"]}
     assert set(rows) == {"logreg", "linear", "knn"}
-    assert all(rows[m]["train"] == 24 and rows[m]["test"] == 12 and rows[m]["dim"] == 192 for m in rows)
+    assert all(rows[m]["train"] == 24 and rows[m]["test"] == 12 and rows[m]["dim"] == 96 for m in rows)
     assert all(rows[m]["top5"] is None for m in rows)  # 3 classes: no top-5
     # brightness tells the classes apart: the linear probes get them (chance is 1/3)
     assert rows["logreg"]["top1"] >= 0.9 and rows["linear"]["top1"] >= 0.9, rows
@@ -68,7 +68,7 @@ def test_probe_prints_a_table_and_writes_json_beside_the_checkpoint(tmp_path, fo
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     assert {(r["method"], r["layers"], r["dim"]) for r in doc["results"]} >= {
-        ("logreg", "last", 192), ("logreg", "last4", 768)}
+        ("logreg", "last", 96), ("logreg", "last4", 384)}
     # a run directory stands for its latest checkpoint
     result = probe(str(tmp_path / "run"), "--dataset", str(folder), "--fraction", "0.5",
                    cache_dir=tmp_path / "c")
@@ -135,7 +135,7 @@ def test_cache_key_covers_layers_split_and_image_size(tmp_path, folder, tiny_cfg
 
 def test_random_init_and_fraction(tmp_path, folder):
     out = tmp_path / "ri.json"
-    result = probe("--random-init", "--arch", "vit_t2", "--img-size", "16", "--dataset", str(folder),
+    result = probe("--random-init", "--arch", "vit_n2", "--img-size", "16", "--dataset", str(folder),
                    "--fraction", "0.5", "--out", str(out), cache_dir=tmp_path / "c")
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
@@ -159,24 +159,24 @@ def test_train_and_val_dirs_with_subset(tmp_path, folder, tiny_cfg):
     "args, message",
     [
         (["/no/such/ckpt.safetensors"], "checkpoint '/no/such/ckpt.safetensors' does not exist"),
-        (["--random-init", "--arch", "vit_t2", "--dataset", "imagenet-x"], "unknown dataset 'imagenet-x'"),
-        (["--random-init", "--arch", "vit_t2", "--fraction", "0"],
+        (["--random-init", "--arch", "vit_n2", "--dataset", "imagenet-x"], "unknown dataset 'imagenet-x'"),
+        (["--random-init", "--arch", "vit_n2", "--fraction", "0"],
          "fraction must be in (0, 1], got 0.0 (--fraction)"),
-        (["--random-init", "--arch", "vit_t2", "--fraction", "1.5"],
+        (["--random-init", "--arch", "vit_n2", "--fraction", "1.5"],
          "fraction must be in (0, 1], got 1.5 (--fraction)"),
-        (["--random-init", "--arch", "vit_t2", "--layers", "all"],
+        (["--random-init", "--arch", "vit_n2", "--layers", "all"],
          "layers must be one of last, last4, got 'all' (--layers)"),
-        (["--random-init", "--arch", "vit_t2", "--method", "svm"],
+        (["--random-init", "--arch", "vit_n2", "--method", "svm"],
          "method must be one of logreg, linear, knn, all, got 'svm' (--method)"),
         (["--random-init"], "random_init needs an arch (e.g. vit_t4) (--arch)"),
-        (["--random-init", "--arch", "vit_t2", "--init", "xavier"],
+        (["--random-init", "--arch", "vit_n2", "--init", "xavier"],
          "init must be one of released, timm, got 'xavier' (--init)"),
         ([], "give a checkpoint to probe"),
-        (["--random-init", "--arch", "vit_t2", "--img-size", "15"],
+        (["--random-init", "--arch", "vit_n2", "--img-size", "15"],
          "not a positive multiple of the patch size 2"),
-        (["--random-init", "--arch", "vit_t2", "--img-size", "0"],
+        (["--random-init", "--arch", "vit_n2", "--img-size", "0"],
          "img_size must be positive, got 0 (--img-size)"),
-        (["--random-init", "--arch", "vit_t2", "--dataset", "cifar10", "--data-root", "{tmp}"],
+        (["--random-init", "--arch", "vit_n2", "--dataset", "cifar10", "--data-root", "{tmp}"],
          "CIFAR-10 not found: put cifar-10-python.tar.gz"),
     ],
 )
@@ -204,7 +204,7 @@ def test_a_file_where_a_directory_belongs_exits_2_before_extraction(tmp_path, fo
     if "--dataset" not in args:
         args += ["--dataset", str(folder)]
     args += ["--out", str(tmp_path / "r.json")]
-    result = runner.invoke(app, ["probe", "--random-init", "--arch", "vit_t2", *args])
+    result = runner.invoke(app, ["probe", "--random-init", "--arch", "vit_n2", *args])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: " + message.replace("{file}", str(afile)))
@@ -217,7 +217,7 @@ def test_a_single_class_data_set_exits_2_before_extraction(tmp_path, folder):
     for i, src in enumerate(sorted((folder / "train" / "dark").iterdir())[:3]):
         (train / f"{i}.png").write_bytes(src.read_bytes())
         (val / f"{i}.png").write_bytes(src.read_bytes())
-    result = probe("--random-init", "--arch", "vit_t2", "--dataset", str(tmp_path),
+    result = probe("--random-init", "--arch", "vit_n2", "--dataset", str(tmp_path),
                    "--out", str(tmp_path / "r.json"), cache_dir=tmp_path / "c")
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: a probe needs at least 2 classes; the training split has 1"
@@ -227,7 +227,7 @@ def test_a_single_class_data_set_exits_2_before_extraction(tmp_path, folder):
 def test_subset_naming_no_image_exits_2(tmp_path, folder):
     subset = tmp_path / "s.txt"
     subset.write_text("no_such_image.JPEG\n")
-    result = probe("--random-init", "--arch", "vit_t2", "--dataset", str(folder), "--subset", str(subset),
+    result = probe("--random-init", "--arch", "vit_n2", "--dataset", str(folder), "--subset", str(subset),
                    "--out", str(tmp_path / "r.json"), cache_dir=tmp_path / "c")
     assert result.exit_code == 2
     assert "names no image" in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -238,7 +238,7 @@ def test_subset_lines_naming_no_image_get_a_note_and_a_count_in_the_results(tmp_
     subset = tmp_path / "1percent.txt"
     subset.write_text("dark0.png\nmid3.png\nlight1.png\nlight2.png\nn01440764_10026.JPEG\n")
     out = tmp_path / "r.json"
-    result = probe("--random-init", "--arch", "vit_t2", "--dataset", str(folder), "--subset", str(subset),
+    result = probe("--random-init", "--arch", "vit_n2", "--dataset", str(folder), "--subset", str(subset),
                    "--method", "knn", "--out", str(out), cache_dir=tmp_path / "c")
     assert result.exit_code == 0, result.output
     assert result.stderr == (f"note: 1 of 5 lines of the subset file '{subset}' name no image under "
@@ -253,7 +253,7 @@ def test_knn_features_are_chosen_recorded_and_kept_apart_in_the_json(tmp_path, f
     from stoptool.probe.knn import knn_probe
 
     out = tmp_path / "r.json"
-    args = ["--random-init", "--arch", "vit_t2", "--dataset", str(folder), "--method", "knn",
+    args = ["--random-init", "--arch", "vit_n2", "--dataset", str(folder), "--method", "knn",
             "--out", str(out)]
     assert probe(*args, cache_dir=tmp_path / "c").exit_code == 0
     result = probe(*args, "--knn-features", "raw", cache_dir=tmp_path / "c")
@@ -274,7 +274,7 @@ def test_knn_features_are_chosen_recorded_and_kept_apart_in_the_json(tmp_path, f
 
 
 def test_a_folder_without_train_and_val_is_explained(tmp_path, folder):
-    result = probe("--random-init", "--arch", "vit_t2", "--dataset", str(folder / "train"),
+    result = probe("--random-init", "--arch", "vit_n2", "--dataset", str(folder / "train"),
                    "--out", str(tmp_path / "r.json"), cache_dir=tmp_path / "c")
     assert result.exit_code == 2 and "needs train/ and val/" in result.stderr
 
@@ -290,7 +290,7 @@ def test_init_is_for_random_init_only(tmp_path, tiny_cfg):
 def test_random_init_baseline_is_drawn_like_pretrain(init, tiny_cfg):
     torch.manual_seed(0)
     built = build_jepa(tiny_cfg(init=init).model).target_encoder
-    cfg = probe_run.ProbeConfig(random_init=True, arch="vit_t2", img_size=16, init=init)
+    cfg = probe_run.ProbeConfig(random_init=True, arch="vit_n2", img_size=16, init=init)
     enc = probe_run.load_encoder(cfg)
     for (name, a), (_, b) in zip(built.state_dict().items(), enc.net.state_dict().items()):
         assert torch.equal(a, b), name
@@ -304,12 +304,12 @@ def test_checkpoint_probe_at_image_size_0_is_refused(tmp_path, tiny_cfg):
     assert not (tmp_path / "r.json").exists()
 
 
-@pytest.mark.parametrize("arch", ["vit_t2", "vit_t4", "vit_t8"])
+@pytest.mark.parametrize("arch", ["vit_n2", "vit_t4", "vit_t8"])
 def test_random_init_baseline_uses_pretrains_default_image_size(arch):
     from stoptool.config import ModelConfig
 
     enc = probe_run.load_encoder(probe_run.ProbeConfig(random_init=True, arch=arch))
-    expected = {"vit_t2": 16, "vit_t4": 32, "vit_t8": 224}[arch]
+    expected = {"vit_n2": 16, "vit_t4": 32, "vit_t8": 224}[arch]
     assert enc.img_size == ModelConfig(arch=arch).img_size == expected
 
 

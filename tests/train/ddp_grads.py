@@ -33,7 +33,7 @@ def fixed_batch(cfg: PretrainConfig, n: int) -> StepInputs:
 
 def config() -> PretrainConfig:
     return config_from_dict(
-        dict(arch="vit_t2", img_size=16, pred_width=48, pred_depth=1, sigma=0.0, precision="fp32")
+        dict(arch="vit_n2", img_size=16, pred_width=48, pred_depth=1, sigma=0.0, precision="fp32")
     ).validate()
 
 

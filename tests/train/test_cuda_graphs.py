@@ -63,7 +63,7 @@ def test_on_a_cpu_the_step_is_compiled_without_graphs_and_says_so(tiny_cfg, monk
                                   notes.append)
     assert compiled and state.forward is not None and asked == [False]
     assert notes == ["cuda_graphs replays a step on a GPU; on cpu the step is compiled without them"]
-    result = bench(BenchConfig(arch="vit_t2", img_size=16, batch_size=2, pred_depth=1, pred_width=48,
+    result = bench(BenchConfig(arch="vit_n2", img_size=16, batch_size=2, pred_depth=1, pred_width=48,
                                precision="fp32", compile=True, cuda_graphs=True, steps=1, warmup=0,
                                repeats=1))
     assert asked == [False, False] and result["compiled"] and result["cuda_graphs"] is False

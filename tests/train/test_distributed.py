@@ -29,7 +29,7 @@ from stoptool.train.step import jepa_loss
 
 HERE = Path(__file__).parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-TINY = ["--arch", "vit_t2", "--img-size", "16", "--batch-size", "16", "--pred-width", "48"]
+TINY = ["--arch", "vit_n2", "--img-size", "16", "--batch-size", "16", "--pred-width", "48"]
 TINY += ["--pred-depth", "1", "--precision", "fp32", "--log-every", "2", "--workers", "0", "-q"]
 TINY += ["--device", "cpu"]  # gloo processes, also on a machine with one GPU
 TINY += ["--eval-max-images", "128"]  # the online k-NN on a sample of digits, sharded over the processes

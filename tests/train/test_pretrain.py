@@ -36,7 +36,7 @@ def test_run_directory_contents(tiny_cfg, image_folder, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert {"loss", "lr", "wd", "momentum", "A_norm", "mask_token_norm", "img_per_s"} <= rows[0].keys()
     meta = load_checkpoint(run / "latest.safetensors").meta
-    assert meta["step"] == 6 and meta["arch"] == "vit_t2" and meta["sigma"] == 0.25
+    assert meta["step"] == 6 and meta["arch"] == "vit_n2" and meta["sigma"] == 0.25
     assert meta["config"]["dataset"] == str(image_folder)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["skipped_images"] > 0  # the broken file was skipped, not fatal

@@ -107,7 +107,7 @@ def test_compile_failure_in_a_training_step_falls_back_to_eager(tiny_cfg, tmp_pa
 def test_eager_on_compile_failure_leaves_other_errors_alone():
     from stoptool.train.runtime import eager_on_compile_failure
 
-    model = build_encoder("vit_t2", 8)
+    model = build_encoder("vit_n2", 8)
     calls, reasons = [], []
 
     def run():

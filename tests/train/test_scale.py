@@ -104,7 +104,7 @@ def test_a_nan_between_checks_stops_the_run_with_the_weights_from_before_it(tiny
     assert [(r["step"], r["alarm"]) for r in rows if "alarm" in r] == [(4, "non_finite")]
 
 
-TINY = ["--arch", "vit_t2", "--img-size", "16", "--pred-width", "48", "--pred-depth", "1",
+TINY = ["--arch", "vit_n2", "--img-size", "16", "--pred-width", "48", "--pred-depth", "1",
         "--batch-size", "8", "--precision", "fp32", "--device", "cpu", "--workers", "0", "--eval-every", "0",
         "--log", "jsonl", "--log-every", "1", "--checkpoint-every", "1", "-q"]
 
@@ -141,7 +141,7 @@ def test_a_run_killed_at_random_points_resumes_to_the_uninterrupted_run(tmp_path
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (kills, done.stderr[-2000:])
     reference = tmp_path / "reference"
-    overrides = {"arch": "vit_t2", "img_size": 16, "pred_width": 48, "pred_depth": 1, "batch_size": 8,
+    overrides = {"arch": "vit_n2", "img_size": 16, "pred_width": 48, "pred_depth": 1, "batch_size": 8,
                  "precision": "fp32", "device": "cpu", "workers": 0, "eval_every": 0, "log": "jsonl",
                  "log_every": 1, "steps": steps, "out": str(reference)}
     pretrain(build_config(None, overrides))

@@ -212,7 +212,7 @@ def test_a_slow_loader_raises_the_data_bound_alarm(tiny_cfg, tmp_path, monkeypat
 
 
 def test_progress_in_a_pipe_is_plain_lines(labelled, tmp_path):
-    args = [sys.executable, "-m", "stoptool", "pretrain", "--dataset", str(labelled), "--arch", "vit_t2",
+    args = [sys.executable, "-m", "stoptool", "pretrain", "--dataset", str(labelled), "--arch", "vit_n2",
             "--img-size", "16",
             "--pred-width", "48", "--pred-depth", "1", "--batch-size", "16", "--steps", "4",
             "--log-every", "2", "--precision", "fp32", "--device", "cpu", "--out", str(tmp_path / "r")]

@@ -1,4 +1,4 @@
-"""Tiny pretraining runs shared by the figure tests (vit_t2, 16 px, 8×8 grid, 3 steps)."""
+"""Tiny pretraining runs shared by the figure tests (vit_n2, 16 px, 8×8 grid, 3 steps)."""
 
 import pytest
 
@@ -9,7 +9,7 @@ def _tiny_run(folder, sigma: float):
     from stoptool.train.pretrain import pretrain
 
     cfg = config_from_dict(dict(
-        arch="vit_t2", img_size=16, pred_width=48, pred_depth=1, batch_size=8, steps=3,
+        arch="vit_n2", img_size=16, pred_width=48, pred_depth=1, batch_size=8, steps=3,
         sigma=sigma, precision="fp32", workers=0, log_every=1, out=str(folder), eval_every=0,
     ))
     pretrain(cfg.validate(), resume=False)

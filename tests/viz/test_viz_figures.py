@@ -78,7 +78,7 @@ def test_similarity_of_one_checkpoint_reports_the_difference(tiny_ckpt, tmp_path
 
 def test_similarity_refuses_checkpoints_of_different_grids(tiny_ckpt, tmp_path):
     other = tmp_path / "r24"
-    args = ["pretrain", "--arch", "vit_t2", "--img-size", "24", "--pred-width", "48", "--pred-depth", "1",
+    args = ["pretrain", "--arch", "vit_n2", "--img-size", "24", "--pred-width", "48", "--pred-depth", "1",
             "--batch-size", "8", "--steps", "1", "--precision", "fp32", "--device", "cpu", "-q",
             "--eval-every", "0", "--out", other]
     assert runner.invoke(app, [str(a) for a in args]).exit_code == 0

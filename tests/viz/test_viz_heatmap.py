@@ -18,7 +18,7 @@ def setup():
     from types import SimpleNamespace
 
     torch.manual_seed(0)
-    cfg = SimpleNamespace(arch="vit_t2", img_size=16, sigma=0.5, pred_depth=1, pred_width=48,
+    cfg = SimpleNamespace(arch="vit_n2", img_size=16, sigma=0.5, pred_depth=1, pred_width=48,
                           pred_pos="sincos", noise_on="masked", cov="learned")
     model = build_jepa(cfg).eval()
     image = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(0))
