@@ -24,6 +24,7 @@ from stoptool.io.checkpoint import LATEST, read_meta
 from stoptool.io.paths import check_file
 from stoptool.masks import MaskConfig
 from stoptool.models.archs import (
+    ARCHS,
     Covariance,
     Init,
     NoiseOn,
@@ -57,8 +58,8 @@ _SMALL = "for patches of 4 px or less"
 
 @dataclass
 class ModelConfig:
-    arch: str = option("vit_t4", "Encoder: vit_{n,t,s,b,l,h,g}<patch>, e.g. vit_b16, vit_t4 (n: 4 blocks, "
-                       "a smoke-test size).")
+    arch: str = option("vit_t4", f"Encoder: vit_{{{','.join(ARCHS)}}}<patch>, e.g. vit_b16, vit_t4 (n: 4 "
+                       "blocks, a smoke-test size).")
     img_size: int | None = option(None, "Image side in pixels; a multiple of the patch size.", positive=True,
                                   default_text=f"224; 8 patches a side {_SMALL}, e.g. 32 for vit_t4")
     sigma: float = option(0.25, "StoP noise standard deviation σ; 0 is plain I-JEPA.", low=0)

@@ -121,7 +121,7 @@ class FinetuneConfig:
                                 "lr × layer_decay^d (1: none).", positive=True, high=1)
     clip_grad: float | None = option(None, "Clip the gradient norm to this (0 or none: no clipping).", low=0,
                                      default_text="no clipping")
-    by_size: dict = option({}, "Values by the encoder's size letter (n, t, s, b, l, h, g), e.g. "
+    by_size: dict = option({}, f"Values by the encoder's size letter ({', '.join(ARCHS)}), e.g. "
                            "{b: {drop_path: 0.1}}: they apply over the preset's own once the arch is known.",
                            cli=False)
     # -- runtime
