@@ -51,7 +51,8 @@ def test_train_bench_json(tmp_path):
 def test_train_bench_defaults_to_what_pretrain_runs(tmp_path):
     """Without size or predictor flags the bench times the step `stoptool pretrain` would run."""
     out = tmp_path / "d.json"
-    args = ["bench", "--arch", "vit_n2", "--batch-size", "2", "--steps", "1", "--warmup", "0"]
+    # vit_t2: 192 wide, so that the predictor's default width (96) is not the encoder's
+    args = ["bench", "--arch", "vit_t2", "--batch-size", "2", "--steps", "1", "--warmup", "0"]
     result = runner.invoke(app, [*args, "--repeats", "1", "--precision", "fp32", "--json", str(out)])
     assert result.exit_code == 0, result.output
     r = json.loads(out.read_text())

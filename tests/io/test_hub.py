@@ -218,10 +218,10 @@ def test_every_arch_size_maps_onto_ijepa_model(letter, ijepa_model, monkeypatch)
 def test_ijepa_models_own_names_are_read(ijepa_model):
     """transformers 5 names its modules otherwise than its files (layers.{i}.attention.q_proj):
     a state dict taken from the model itself maps onto timm's, with the same features."""
-    facts = {"arch": "vit_n2", "img_size": 16}
+    facts = {"arch": "vit_t2", "img_size": 16}  # 12 blocks: layer numbers of two digits
     torch.manual_seed(0)
-    theirs = ijepa_model(ijepa_config(facts, encoder_shapes("vit_n2", 16))).eval()
-    timm_model = timm.models.vision_transformer.VisionTransformer(**timm_kwargs("vit_n2", 16)).eval()
+    theirs = ijepa_model(ijepa_config(facts, encoder_shapes("vit_t2", 16))).eval()
+    timm_model = timm.models.vision_transformer.VisionTransformer(**timm_kwargs("vit_t2", 16)).eval()
     timm_model.load_state_dict(ijepa_to_timm(theirs.state_dict()))  # strict: every key, no other
     x = images(16)
     with torch.no_grad():
@@ -229,10 +229,10 @@ def test_ijepa_models_own_names_are_read(ijepa_model):
 
 
 def test_names_map_there_and_back_exactly():
-    state = {k: torch.randn(v.shape) for k, v in encoder_shapes("vit_n2", 16).items()}
+    state = {k: torch.randn(v.shape) for k, v in encoder_shapes("vit_t2", 16).items()}
     there = timm_to_ijepa(state)
     assert has_ijepa_names(there) and not has_ijepa_names(state)
-    assert "encoder.layer.3.attention.attention.value.bias" in there
+    assert "encoder.layer.11.attention.attention.value.bias" in there  # two-digit layer numbers
     back = ijepa_to_timm({f"ijepa.{k}": v for k, v in there.items()})  # IJepaForImageClassification's
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
 

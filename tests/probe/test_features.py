@@ -9,7 +9,7 @@ from stoptool.probe.features import extract_features, pooled_features
 
 def _encoder():
     torch.manual_seed(0)
-    return build_encoder("vit_n2", 16).eval()
+    return build_encoder("vit_t2", 16).eval()  # 12 blocks: the last four are not all of them
 
 
 def test_last4_is_four_times_last_and_equals_hand_concatenation():
@@ -27,9 +27,9 @@ def test_last4_is_four_times_last_and_equals_hand_concatenation():
                 pooled.append(enc.norm(h).mean(1))
         by_hand = torch.cat(pooled, dim=1)
         timm_pool = enc.forward_head(enc.forward_features(x))  # timm's own avg-pool head
-    assert last.shape == (3, 96) and last4.shape == (3, 4 * 96)
+    assert last.shape == (3, 192) and last4.shape == (3, 4 * 192)
     torch.testing.assert_close(last4, by_hand)
-    torch.testing.assert_close(last, by_hand[:, -96:])
+    torch.testing.assert_close(last, by_hand[:, -192:])
     torch.testing.assert_close(last, timm_pool, rtol=1e-4, atol=1e-5)
 
 
@@ -42,7 +42,7 @@ def test_extraction_keeps_order_labels_and_eval_mode():
     enc = _encoder().train()
     seen = []
     feats = extract_features(enc, data, 16, "last", batch_size=3, progress=lambda d, t: seen.append((d, t)))
-    assert feats.x.shape == (7, 96) and feats.x.dtype == np.float32
+    assert feats.x.shape == (7, 192) and feats.x.dtype == np.float32
     assert feats.y.tolist() == [0, 1, 2, 0, 1, 2, 0]
     assert not enc.training
     assert seen[-1] == (7, 7)

@@ -189,7 +189,7 @@ def test_a_compiled_step_is_compiled_once_per_mask_shape(tiny_cfg, monkeypatch):
     from stoptool.train.schedules import Hyper
     from stoptool.train.step import StepInputs, compile_forward, single_process_state, train_step
 
-    monkeypatch.setitem(archs.ARCHS, "t", archs.ArchSpec(48, 1, 3))
+    monkeypatch.setitem(archs.ARCHS, "n", archs.ArchSpec(48, 1, 3))
     monkeypatch.setattr(runtime, "compiled", lambda fn, dynamic=None, cuda_graphs=False: torch.compile(
         fn, dynamic=dynamic, backend="aot_eager"))
     cfg = tiny_cfg(sigma=0.0, mask_bucket=8)
