@@ -307,20 +307,24 @@ class Nets:
         torchrun DDP and FSDP reduce the gradients from hooks on those AccumulateGrads, so there
         it is `loss.backward()` itself, and so it is with timm's reentrant recomputation
         (`TIMM_REENTRANT_CKPT=1`), which `autograd.grad` cannot run through."""
-        if self.world.distributed or (use_reentrant_ckpt() and self.model.encoder.grad_checkpointing):
+        if self.world.distributed or self._recomputes_reentrant():
             loss.backward()
             return
         params = [p for p in self.model.parameters() if p.requires_grad]  # (in `weights_for_step`, copies)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         add_into_grad(params, grads, self.copies)
 
+    def _recomputes_reentrant(self) -> bool:
+        """timm's reentrant recomputation of the encoder's blocks, which `autograd.grad` cannot
+        run through."""
+        return use_reentrant_ckpt() and self.model.encoder.grad_checkpointing
+
     def keep_weight_copies(self, dtype: torch.dtype) -> bool:
         """Run each step's networks on `dtype` copies of the weights autocast would cast,
         cast once a step (`train.weight_copies`), where that is autocast's arithmetic and the
         gradients come back through `backward` above; whether they do. `compile_forward`
         drops them: a compiled step fuses the casts itself."""
-        reentrant = use_reentrant_ckpt() and self.model.encoder.grad_checkpointing
-        if not usable(dtype, self.world.distributed, reentrant):
+        if not usable(dtype, self.world.distributed, self._recomputes_reentrant()):
             return False
         m = self.model  # (A is read outside its layer too: OnlineNet's l1 penalty takes it in fp32)
         self.copies = WeightCopies((m.encoder, m.predictor, m.target_encoder), dtype, keep=(m.predictor.A,))
